@@ -1,0 +1,146 @@
+"""Typed recipe schema: YAML -> validated pydantic models with defaults.
+
+A recipe error names the key's full path and what is allowed there, e.g.
+``recipe.yaml: data.sft.fromat: unknown key (allowed: source, format, ...)``.
+``--set a.b=c`` overrides are applied to the raw YAML before validation, so they are
+checked exactly like keys written in the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from eksft.objectives import ObjectiveConfig
+
+
+class RecipeError(ValueError):
+    """A recipe that does not validate; the message names the key path and what is allowed."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Strict):
+    name: str = Field(
+        "embedded:smollm2-135m-instruct",
+        description="HF hub id, local directory, 'embedded:smollm2-135m-instruct' or 'tiny:qwen2' / 'tiny:llama'",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+
+
+class DataSource(Strict):
+    source: str = Field(
+        "embedded:arithmetic",
+        description="hub id, local .jsonl/.json/.parquet file, or 'embedded:<generator>'",
+    )
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "problem_solution", "problem_answer"] = "auto"
+    split: str = "train"
+    num_examples: int | None = Field(None, gt=0, description="first N rows (embedded generators: how many to make, default 256)")
+    seed: int = 0
+    # Rename fields of the source to the canonical ones, e.g. {problem: question}.
+    fields: dict[str, str] = Field(default_factory=dict)
+
+
+class DataConfig(Strict):
+    sft: DataSource = DataSource(source="embedded:arithmetic", num_examples=256)
+    rl: DataSource = DataSource(source="embedded:arithmetic", num_examples=256, seed=1)
+    max_length: int = Field(1024, gt=8)
+    system_prompt: str | None = None
+    # Appended to every problem when a prompt is built from {problem, ...} rows.
+    instruction: str = "Put your final answer within \\boxed{}."
+
+
+class SFTConfig(Strict):
+    objective: ObjectiveConfig = ObjectiveConfig()
+
+
+class Recipe(Strict):
+    name: str = "recipe"
+    seed: int = 0
+    output_dir: str = "runs"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    sft: SFTConfig = SFTConfig()
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a YAML recipe (or the defaults when ``path`` is None), apply ``key.path=value`` overrides, validate."""
+    where = str(path) if path else "<defaults>"
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise RecipeError(f"recipe file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise RecipeError(f"{where}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise RecipeError(f"{where}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item)
+    return validate_recipe(raw, where)
+
+
+def validate_recipe(raw: dict[str, Any], where: str = "<recipe>") -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise RecipeError(format_validation_error(e, Recipe, where)) from None
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply ``a.b.c=value`` (value parsed as YAML, so numbers and booleans get their types)."""
+    if "=" not in item:
+        raise RecipeError(f"--set expects key.path=value, got {item!r}")
+    key, _, text = item.partition("=")
+    parts = [k for k in key.strip().split(".") if k]
+    if not parts:
+        raise RecipeError(f"--set expects key.path=value, got {item!r}")
+    value = yaml.safe_load(text) if text.strip() else None
+    node = raw
+    for i, k in enumerate(parts[:-1]):
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"--set {key}: {'.'.join(parts[: i + 1])} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def format_validation_error(err: ValidationError, root: type[BaseModel], where: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = [str(x) for x in e["loc"]]
+        path = ".".join(loc) or "<top level>"
+        if e["type"] == "extra_forbidden":
+            allowed = ", ".join(_fields_at(root, loc[:-1]))
+            lines.append(f"{where}: {path}: unknown key (allowed: {allowed})")
+        elif e["type"] == "literal_error":
+            lines.append(f"{where}: {path}: {e['msg']} (got {e['input']!r})")
+        else:
+            lines.append(f"{where}: {path}: {e['msg']} (got {e['input']!r})")
+    return "\n".join(lines)
+
+
+def _fields_at(root: type[BaseModel], loc: list[str]) -> list[str]:
+    """Field names of the sub-model found by walking ``loc`` from ``root`` (for 'allowed keys' messages)."""
+    model: Any = root
+    for key in loc:
+        field = getattr(model, "model_fields", {}).get(key)
+        if field is None:
+            return []
+        model = field.annotation
+    return sorted(getattr(model, "model_fields", {}))
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,82 @@
+"""Chat-template tokenisation that trains on assistant tokens only, and counts truncation out loud.
+
+The conversation is rendered once with the tokenizer's chat template; the character span of
+each assistant turn is found by rendering the prefix up to that turn (with the generation
+prompt) and the conversation through that turn. Tokens whose characters start inside an
+assistant span get labels; every other token (system, user, role headers, padding) gets -100.
+This works for any template whose rendering of a prefix is a prefix of the whole rendering,
+which we check rather than assume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TokenizeStats:
+    examples: int = 0
+    truncated: int = 0  # examples cut at max_length (still used if they keep an assistant token)
+    dropped: int = 0  # examples with no assistant token left after truncation
+    tokens: int = 0
+    trained_tokens: int = 0
+    truncated_rows: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (
+            f"{self.examples} examples, {self.tokens} tokens ({self.trained_tokens} trained); "
+            f"truncated {self.truncated}, dropped {self.dropped} (no assistant token left)"
+        )
+
+
+def assistant_spans(tokenizer, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+    """Rendered text and the [start, end) character spans of the assistant turns (end-of-turn token included)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not (through.startswith(before) and text.startswith(through)):
+            raise ValueError(
+                "the chat template does not render conversations prefix-consistently "
+                "(e.g. it rewrites earlier turns); assistant-only masking cannot be derived from it"
+            )
+        spans.append((len(before), len(through.rstrip("\n")) if through.endswith("\n") else len(through)))
+    return text, spans
+
+
+def tokenize_conversation(tokenizer, messages: list[dict[str, str]], max_length: int) -> dict:
+    """``{"input_ids", "labels", "truncated"}``; labels are -100 outside assistant turns."""
+    text, spans = assistant_spans(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    labels = [
+        tok if any(s <= start < e for s, e in spans) else IGNORE_INDEX
+        for tok, (start, _end) in zip(ids, offsets)
+    ]
+    truncated = len(ids) > max_length
+    return {"input_ids": ids[:max_length], "labels": labels[:max_length], "truncated": truncated}
+
+
+def tokenize_dataset(tokenizer, conversations, max_length: int, origins: list[str] | None = None):
+    """Tokenise many conversations; returns ``(examples, stats)``. Examples with nothing to train are dropped and counted."""
+    stats = TokenizeStats()
+    examples = []
+    for i, messages in enumerate(conversations):
+        ex = tokenize_conversation(tokenizer, messages, max_length)
+        stats.examples += 1
+        if ex["truncated"]:
+            stats.truncated += 1
+            stats.truncated_rows.append(origins[i] if origins else str(i))
+        n_trained = sum(label != IGNORE_INDEX for label in ex["labels"])
+        if n_trained == 0:
+            stats.dropped += 1
+            continue
+        stats.tokens += len(ex["input_ids"])
+        stats.trained_tokens += n_trained
+        examples.append(ex)
+    return examples, stats

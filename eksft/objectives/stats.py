@@ -1,0 +1,163 @@
+"""Per-token entropy, KL to a reference and label log-probability, chunked over positions.
+
+Why a custom autograd Function: with V ~ 150k, a [tokens, V] float32 temporary is
+gigabytes, and plain autograd would keep the float32 softmax of every chunk alive until
+backward. Here forward gathers only the valid positions and handles `chunk_size` of them
+at a time; backward recomputes each chunk from the input logits (which the model keeps
+alive anyway) and writes the analytic gradient. So at most one chunk of [chunk, V]
+float32 temporaries exists in either direction, and the same call serves the detached
+statistics (selection) and the differentiable terms (loss): one forward, not two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100
+"""Label value of prompt and padding positions (the transformers convention)."""
+
+DEFAULT_CHUNK_ELEMENTS = 1 << 26
+"""Default chunk budget in vocabulary entries: 64M float32 = 256 MiB per temporary."""
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    """Positions per chunk for `chunk_size=None` (e.g. 441 for V=152k, 2048 for V=32k)."""
+    return max(1, DEFAULT_CHUNK_ELEMENTS // vocab_size)
+
+
+@dataclass(frozen=True)
+class TokenStats:
+    """[B, T] statistics, zero where the mask is 0; `None` where the input was not given."""
+
+    entropy: Tensor
+    kl: Tensor | None
+    label_logprob: Tensor | None
+
+
+def _log_probs(logits: Tensor, rows: tuple[Tensor, Tensor], dtype: torch.dtype) -> Tensor:
+    return torch.log_softmax(logits[rows].to(dtype), dim=-1)
+
+
+class _TokenStatsFn(torch.autograd.Function):
+    """Chunked entropy / KL / label log-prob over the positions (bi, ti) of [B, T, V] logits.
+
+    Gradients (p = softmax(z), r = log p - log q):
+      dH/dz = -p (log p + H),  dKL/dz = p (r - KL),  d log p_y/dz = onehot(y) - p.
+    The reference and the labels never receive a gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, ref_logits, labels, bi, ti, chunk_size):
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        n = bi.numel()
+        entropy = logits.new_zeros(n, dtype=dtype)
+        kl = logits.new_zeros(n, dtype=dtype) if ref_logits is not None else None
+        label_lp = logits.new_zeros(n, dtype=dtype) if labels is not None else None
+        for start in range(0, n, chunk_size):
+            sl = slice(start, start + chunk_size)
+            rows = (bi[sl], ti[sl])
+            logp = _log_probs(logits, rows, dtype)
+            p = logp.exp()
+            entropy[sl] = -(p * logp).sum(-1)
+            if kl is not None:
+                kl[sl] = (p * (logp - _log_probs(ref_logits, rows, dtype))).sum(-1)
+            if label_lp is not None:
+                label_lp[sl] = logp.gather(1, labels[sl, None]).squeeze(1)
+        ctx.save_for_backward(logits, ref_logits, labels, bi, ti, entropy, kl)
+        ctx.chunk_size = chunk_size
+        ctx.set_materialize_grads(False)
+        return entropy, kl, label_lp
+
+    @staticmethod
+    def backward(ctx, g_entropy, g_kl, g_label):
+        logits, ref_logits, labels, bi, ti, entropy, kl = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None
+        dtype = entropy.dtype
+        grad = torch.zeros_like(logits)
+        for start in range(0, bi.numel(), ctx.chunk_size):
+            sl = slice(start, start + ctx.chunk_size)
+            rows = (bi[sl], ti[sl])
+            logp = _log_probs(logits, rows, dtype)
+            inner = torch.zeros_like(logp)
+            if g_entropy is not None:
+                inner -= g_entropy[sl, None] * (logp + entropy[sl, None])
+            if g_kl is not None and kl is not None:
+                logq = _log_probs(ref_logits, rows, dtype)
+                inner += g_kl[sl, None] * (logp - logq - kl[sl, None])
+            if g_label is not None and labels is not None:
+                inner -= g_label[sl, None]
+            g = logp.exp_().mul_(inner)
+            if g_label is not None and labels is not None:
+                g.scatter_add_(1, labels[sl, None], g_label[sl, None])
+            grad[rows] = g.to(grad.dtype)
+        return grad, None, None, None, None, None
+
+
+def token_statistics(
+    logits: Tensor,
+    mask: Tensor,
+    ref_logits: Tensor | None = None,
+    labels: Tensor | None = None,
+    chunk_size: int | None = None,
+) -> TokenStats:
+    """Entropy, KL(policy || reference) and log p(label) at the positions where `mask` is 1.
+
+    logits, ref_logits: [B, T, V], any float dtype; computed in float32 (float64 inputs stay
+    float64). labels: [B, T], aligned with logits, valid wherever mask is 1. Outputs keep
+    the graph to `logits` when it requires grad (detach them for selection); the reference
+    is always a constant. Logits are assumed finite.
+    """
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be [B, T, V], got shape {tuple(logits.shape)}")
+    batch, length, vocab = logits.shape
+    if mask.shape != (batch, length):
+        raise ValueError(f"mask must be [B, T] = {(batch, length)}, got {tuple(mask.shape)}")
+    if ref_logits is not None and ref_logits.shape != logits.shape:
+        raise ValueError(f"ref_logits shape {tuple(ref_logits.shape)} != logits shape {tuple(logits.shape)}")
+    if labels is not None and labels.shape != mask.shape:
+        raise ValueError(f"labels must be [B, T] = {(batch, length)}, got {tuple(labels.shape)}")
+    chunk = default_chunk_size(vocab) if chunk_size is None else chunk_size
+    if chunk <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+
+    bi, ti = mask.bool().nonzero(as_tuple=True)
+    ref = ref_logits.detach() if ref_logits is not None else None
+    valid_labels = labels[bi, ti] if labels is not None else None
+    entropy, kl, label_lp = _TokenStatsFn.apply(logits, ref, valid_labels, bi, ti, chunk)
+
+    def to_grid(values: Tensor | None) -> Tensor | None:
+        if values is None:
+            return None
+        return values.new_zeros(batch, length).index_put((bi, ti), values)
+
+    return TokenStats(to_grid(entropy), to_grid(kl), to_grid(label_lp))
+
+
+def token_entropy_and_kl(
+    logits: Tensor, ref_logits: Tensor | None, mask: Tensor, chunk_size: int | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """Per-position policy entropy and KL(policy || reference), [B, T], zero where mask is 0.
+
+    Keeps the graph to `logits` when it requires grad; callers detach for selection.
+    `kl` is None when `ref_logits` is None. See `token_statistics` for dtypes and chunking.
+    """
+    stats = token_statistics(logits, mask, ref_logits=ref_logits, chunk_size=chunk_size)
+    return stats.entropy, stats.kl
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of `values` over mask == 1 (0 when the mask is empty), detached."""
+    mask = mask.bool()
+    return (torch.where(mask, values.detach(), 0).sum() / mask.sum().clamp(min=1)).to(torch.float32)
+
+
+def response_metrics(stats: TokenStats, mask: Tensor) -> dict[str, Tensor]:
+    """Exploration metrics over all response tokens: mean entropy, and mean KL when known."""
+    metrics = {"entropy_mean": masked_mean(stats.entropy, mask)}
+    if stats.kl is not None:
+        metrics["kl_mean"] = masked_mean(stats.kl, mask)
+    return metrics

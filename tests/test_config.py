@@ -1,0 +1,80 @@
+from pathlib import Path
+
+import pytest
+
+from eksft.config import Recipe, RecipeError, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, text):
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_and_quickstart_validate():
+    assert isinstance(load_recipe(None), Recipe)
+    r = load_recipe(ROOT / "recipes" / "quickstart.yaml")
+    assert r.model.name == "embedded:smollm2-135m-instruct"
+    assert r.sft.objective.name == "eksft"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(path):
+    load_recipe(path)
+
+
+def test_unknown_key_names_path_and_allowed_keys(tmp_path):
+    p = write(tmp_path, "data:\n  sft:\n    source: x.jsonl\n    fromat: messages\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p)
+    msg = str(e.value)
+    assert "data.sft.fromat: unknown key" in msg
+    assert "allowed: fields, format, num_examples, seed, source, split" in msg
+    assert str(p) in msg
+
+
+def test_unknown_top_level_key(tmp_path):
+    with pytest.raises(RecipeError, match=r"modle: unknown key \(allowed: data, model, name, output_dir, seed, sft\)"):
+        load_recipe(write(tmp_path, "modle:\n  name: x\n"))
+
+
+def test_wrong_type_names_key(tmp_path):
+    with pytest.raises(RecipeError, match=r"data\.max_length: Input should be a valid integer.*'lots'"):
+        load_recipe(write(tmp_path, "data:\n  max_length: lots\n"))
+
+
+def test_bad_enum_names_key_and_choices(tmp_path):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(write(tmp_path, "model:\n  dtype: float8\n"))
+    assert "model.dtype" in str(e.value) and "'bfloat16'" in str(e.value) and "'float8'" in str(e.value)
+
+
+def test_objective_errors_name_the_key():
+    with pytest.raises(RecipeError, match=r"sft\.objective\.ratio"):
+        load_recipe(None, ["sft.objective.ratio=1.5"])
+    with pytest.raises(RecipeError, match=r"sft\.objective\.combine"):
+        load_recipe(None, ["sft.objective.combine=xor"])
+
+
+def test_set_overrides_are_typed_and_validated():
+    r = load_recipe(None, ["data.max_length=512", "model.trust_remote_code=true", "sft.objective.ratio=0.1"])
+    assert r.data.max_length == 512 and r.model.trust_remote_code is True and r.sft.objective.ratio == 0.1
+    with pytest.raises(RecipeError, match=r"data\.maxlen: unknown key"):
+        load_recipe(None, ["data.maxlen=3"])
+    with pytest.raises(RecipeError, match="key.path=value"):
+        load_recipe(None, ["data.max_length"])
+
+
+def test_trust_remote_code_is_off_by_default():
+    assert load_recipe(None).model.trust_remote_code is False
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(RecipeError, match="not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(write(tmp_path, "a: [1, 2\n"))
+    with pytest.raises(RecipeError, match="top level must be a mapping"):
+        load_recipe(write(tmp_path, "- 1\n- 2\n"))
