@@ -11,7 +11,10 @@ install:
 
 quickstart: install
 	$(BIN)/eksft models prepare embedded:smollm2-135m-instruct
-	$(BIN)/eksft data preview --recipe $(RECIPE) -n 3
+	$(BIN)/eksft data preview --recipe $(RECIPE) -n 2
+	$(BIN)/eksft sft --recipe $(RECIPE)
+	$(BIN)/eksft inspect-masks --recipe $(RECIPE) -n 3 --quiet --checkpoint runs/quickstart/eksft/sft/checkpoint
+	$(BIN)/eksft generate --model runs/quickstart/eksft/sft/checkpoint "Calculate 7 + 5."
 
 test:
 	$(BIN)/python -m pytest -q --timeout 900 tests

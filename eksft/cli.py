@@ -58,6 +58,61 @@ def cmd_data_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sft(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from eksft.sft import run_sft
+
+    overrides = list(args.overrides) + ([f"sft.objective.name={args.objective}"] if args.objective else [])
+    recipe = load_recipe(args.recipe, overrides)
+    out = Path(args.output or Path(recipe.output_dir) / recipe.name / recipe.sft.objective.name / "sft")
+    final = run_sft(recipe, out)
+    print(f"[sft] checkpoint: {final}\n[sft] metrics: {out / 'metrics.jsonl'}")
+    return 0
+
+
+def cmd_inspect_masks(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from eksft.inspect_masks import run_inspect
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    out = Path(args.out or Path(recipe.output_dir) / recipe.name / "inspect" / "masks.html")
+    run_inspect(recipe, args.n, args.checkpoint, out, terminal=not args.quiet)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from eksft.data import build_prompt
+    from eksft.models import resolve_model_dir
+
+    messages = build_prompt(args.prompt, instruction=args.instruction)
+    model_dir = resolve_model_dir(args.model)
+    if args.engine == "vllm":
+        from vllm import SamplingParams
+
+        from rl.rollout import make_llm
+
+        llm = make_llm(model_dir, max_model_len=2048, seed=args.seed)
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+        for i, out in enumerate(llm.chat([messages] * args.n, params, use_tqdm=False)):
+            print(f"--- sample {i + 1} ---\n{out.outputs[0].text}")
+        return 0
+    import torch
+
+    from eksft.models import load_model
+
+    model, tok = load_model(args.model)
+    enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    torch.manual_seed(args.seed)
+    for i in range(args.n):
+        out = model.generate(**enc, max_new_tokens=args.max_tokens, do_sample=args.temperature > 0,
+                             temperature=args.temperature or None)
+        print(f"--- sample {i + 1} ---\n{tok.decode(out[0, enc['input_ids'].shape[1]:], skip_special_tokens=True)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="eksft",
@@ -92,6 +147,52 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(preview)
     preview.add_argument("-n", type=int, default=3, help="number of examples to show (default 3)")
     preview.set_defaults(func=cmd_data_preview)
+
+    sft = sub.add_parser(
+        "sft",
+        help="run the cold-start SFT stage (eksft, sft or dft objective)",
+        description="Train the recipe's model on its SFT data with a token-level objective and write an HF "
+                    "checkpoint directory (loads in transformers and vLLM), Trainer checkpoints for resuming, "
+                    "and metrics.jsonl (cross-entropy, entropy bonus, KL term, mean entropy/KL, removed fraction, "
+                    "IoU of the entropy and KL sets, tokens trained, KL ties). Rerunning resumes from the last "
+                    "Trainer checkpoint.",
+        epilog=EPILOG,
+    )
+    _add_recipe_args(sft)
+    sft.add_argument("--objective", choices=["sft", "eksft", "dft"], help="shorthand for --set sft.objective.name=...")
+    sft.add_argument("--output", "-o", help="stage directory (default: <output_dir>/<recipe name>/<objective>/sft)")
+    sft.set_defaults(func=cmd_sft)
+
+    inspect = sub.add_parser(
+        "inspect-masks",
+        help="show which tokens EKSFT removes (by entropy, KL, or both) as HTML and in the terminal",
+        description="Run the policy (--checkpoint, default: the recipe's starting model) and the reference "
+                    "(the starting model) on the first N SFT examples, apply the recipe's selection, and write an "
+                    "HTML page with each removed token coloured by why it was removed and its values on hover.",
+        epilog=EPILOG,
+    )
+    _add_recipe_args(inspect)
+    inspect.add_argument("-n", type=int, default=5, help="number of examples (default 5)")
+    inspect.add_argument("--checkpoint", "-c", help="policy checkpoint directory (default: the starting model)")
+    inspect.add_argument("--out", "-o", help="HTML path (default: <output_dir>/<recipe name>/inspect/masks.html)")
+    inspect.add_argument("--quiet", "-q", action="store_true", help="no terminal rendering")
+    inspect.set_defaults(func=cmd_inspect_masks)
+
+    gen = sub.add_parser(
+        "generate",
+        help="sample answers from a model (vLLM or transformers) for a quick check",
+        description="Format PROMPT as a math problem with the chat template and sample completions.",
+    )
+    gen.add_argument("--model", "-m", required=True, help="model name or checkpoint directory")
+    gen.add_argument("prompt", help="the problem text")
+    gen.add_argument("--engine", choices=["vllm", "hf"], default="vllm", help="vllm (default) or hf (transformers generate)")
+    gen.add_argument("--n", type=int, default=1, help="number of samples")
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--instruction", default="Put your final answer within \\boxed{}.",
+                     help="appended to the prompt (default: the recipes' boxed-answer instruction)")
+    gen.set_defaults(func=cmd_generate)
     return parser
 
 

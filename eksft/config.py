@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from eksft.objectives import ObjectiveConfig
 
@@ -56,8 +56,45 @@ class DataConfig(Strict):
     instruction: str = "Put your final answer within \\boxed{}."
 
 
+class LoraSettings(Strict):
+    enabled: bool = False
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+
+
 class SFTConfig(Strict):
+    """The cold-start stage; defaults follow the authors' script (DESIGN.md section 1)."""
+
     objective: ObjectiveConfig = ObjectiveConfig()
+    # copy: a frozen copy of the starting model; adapter: the LoRA base with adapters disabled (no second copy).
+    reference: Literal["copy", "adapter"] = "copy"
+    lora: LoraSettings = LoraSettings()
+    learning_rate: float = Field(1e-5, gt=0)
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.01, ge=0, lt=1)
+    epochs: float = Field(8, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps (overrides epochs)")
+    batch_size: int = Field(1, gt=0, description="sequences per micro-batch (per device)")
+    grad_accum: int = Field(1, gt=0)
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(0.1, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    # Objectives that need no reference (sft, dft) still log KL to the starting model every N steps (0: never).
+    kl_metric_every: int = Field(10, ge=0)
+    logging_steps: int = Field(1, gt=0)
+    save_steps: int = Field(500, gt=0)
+    save_total_limit: int | None = Field(2, gt=0)
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _adapter_needs_lora(self):
+        if self.reference == "adapter" and not self.lora.enabled:
+            raise ValueError("reference: adapter needs lora.enabled: true (the reference is the base with adapters off)")
+        return self
 
 
 class Recipe(Strict):

@@ -156,6 +156,8 @@ def test_reduction_steps_by_hand():
     assert reduction_steps("( 2 + 3 ) * 4") == ["(2 + 3) * 4", "5 * 4", "20"]
     assert reduction_steps("85 - -82 + 3") == ["85 - -82 + 3", "167 + 3", "170"]
     assert reduction_steps("2 + 3 * 4") == ["2 + 3 * 4", "2 + 12", "14"]
+    assert reduction_steps("-0 + 5") == ["-0 + 5", "0 + 5", "5"]
+    assert reduction_steps("- -8") == ["--8", "8"]
     with pytest.raises(ValueError):
         reduction_steps("2 ** 3")
 

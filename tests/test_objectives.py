@@ -291,7 +291,10 @@ def test_ratio_with_k_zero_is_plain_sft_exactly():
     assert torch.equal(grad, plain_grad)
     assert metrics["removed_fraction"].item() == 0 and metrics["entropy_bonus"].item() == 0
     expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
-    torch.testing.assert_close(plain, expected, rtol=1e-12, atol=0)
+    token_mean, _ = sft_loss(logits, labels, config=ObjectiveConfig(name="sft", aggregation="token-mean"))
+    torch.testing.assert_close(token_mean, expected, rtol=1e-12, atol=0)
+    per_seq = [torch.nn.functional.cross_entropy(logits[b], labels[b], ignore_index=IGNORE) for b in range(len(labels))]
+    torch.testing.assert_close(plain, torch.stack(per_seq).mean(), rtol=1e-12, atol=0)
 
 
 def test_cross_entropy_gradient_is_zero_on_removed_tokens():
@@ -351,7 +354,7 @@ def test_kl_term_and_gradient_zero_when_policy_equals_reference():
 
 def test_dft_matches_float64_hand_computation():
     logits, _, labels = random_batch(9, dtype=torch.float32)
-    loss, metrics = dft_loss(logits, labels)
+    loss, metrics = dft_loss(logits, labels, config=ObjectiveConfig(name="dft", aggregation="token-mean"))
     total, count = 0.0, 0
     z = logits.detach().double()
     for b in range(labels.shape[0]):
@@ -397,13 +400,22 @@ def brute_force_eksft(logits, ref, labels, config: ObjectiveConfig) -> torch.Ten
             ordered = sorted(scope, key=lambda pos: (sign * stat[pos].item(), pos))
             out.update(ordered[:k])
     removed = s_h | s_kl if config.combine == "union" else s_h & s_kl
-    kept = [pos for pos in nll if pos not in removed]
-    loss = sum(nll[pos] for pos in kept) / max(len(kept), 1)
-    if s_h:
-        loss = loss - config.lambda_entropy * sum(entropy[pos] for pos in s_h) / len(s_h) / math.log(vocab)
-    if s_kl:
-        loss = loss + config.lambda_kl * sum(kl[pos] for pos in s_kl) / len(s_kl)
-    return loss
+
+    def formula(positions):
+        kept = [pos for pos in positions if pos not in removed]
+        h_set = [pos for pos in positions if pos in s_h]
+        kl_set = [pos for pos in positions if pos in s_kl]
+        loss = sum(nll[pos] for pos in kept) / max(len(kept), 1)
+        if h_set:
+            loss = loss - config.lambda_entropy * sum(entropy[pos] for pos in h_set) / len(h_set) / math.log(vocab)
+        if kl_set:
+            loss = loss + config.lambda_kl * sum(kl[pos] for pos in kl_set) / len(kl_set)
+        return loss
+
+    if config.aggregation == "token-mean":
+        return formula(list(nll))
+    rows = [[pos for pos in nll if pos[0] == b] for b in range(batch)]
+    return sum(formula(row) for row in rows) / batch
 
 
 @pytest.mark.parametrize(
@@ -415,6 +427,9 @@ def brute_force_eksft(logits, ref, labels, config: ObjectiveConfig) -> torch.Ten
         {"scope": "batch", "ratio": 0.25, "lambda_entropy": 0.5, "lambda_kl": 0.7},
         {"scope": "batch", "combine": "intersection", "largest_kl": False, "ratio": 0.6},
         {"ratio": 1.0},
+        {"aggregation": "token-mean"},
+        {"aggregation": "token-mean", "combine": "intersection", "ratio": 0.5},
+        {"aggregation": "token-mean", "scope": "batch", "ratio": 0.25, "lambda_entropy": 0.5, "lambda_kl": 0.7},
     ],
 )
 def test_eksft_matches_brute_force(settings):
@@ -435,7 +450,7 @@ def test_eksft_matches_brute_force(settings):
 def test_loss_parts_global_counts_over_halves_equal_full_batch(name):
     logits, ref, labels = random_batch(12, batch=4)
     objective = get_objective(name)
-    config = ObjectiveConfig(name=name, ratio=0.3)
+    config = ObjectiveConfig(name=name, ratio=0.3, aggregation="token-mean")
     full = objective.parts(logits, labels, ref, config)
     halves = [objective.parts(logits[i : i + 2], labels[i : i + 2], ref[i : i + 2], config) for i in (0, 2)]
     total = LossParts.total_counts(halves)
@@ -510,3 +525,19 @@ def test_registry():
     logits, _, labels = random_batch(14)
     with pytest.raises(ValueError, match="needs reference logits"):
         eksft_loss(logits, labels, None)
+
+
+@pytest.mark.parametrize("name", ["sft", "eksft", "dft"])
+def test_sequence_mean_needs_no_global_counts_for_accumulation(name):
+    """Default aggregation: micro-batch losses weighted by their share of sequences add up to the full batch."""
+    logits, ref, labels = random_batch(14, batch=4)
+    objective = get_objective(name)
+    config = ObjectiveConfig(name=name, ratio=0.3)
+    full, _ = objective(logits, labels, ref, config)
+    accumulated = sum(objective(logits[i : i + 1], labels[i : i + 1], ref[i : i + 1], config)[0] / 4 for i in range(4))
+    torch.testing.assert_close(accumulated, full, rtol=1e-12, atol=1e-14)
+    (grad_acc,) = torch.autograd.grad(accumulated, logits)
+    (grad_full,) = torch.autograd.grad(full, logits)
+    torch.testing.assert_close(grad_acc, grad_full, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="token-mean only"):
+        objective.parts(logits, labels, ref, config).reduce(objective.parts(logits, labels, ref, config).counts())

@@ -90,9 +90,10 @@ def reduction_steps(expression: str) -> list[str]:
 def _is_number(node: ast.AST) -> bool:
     if isinstance(node, ast.Constant) and isinstance(node.value, int):
         return True
-    # A negative literal is one level of minus over a constant; "- -8" still needs a step.
+    # A negative literal is one minus over a positive constant; "- -8" and "-0" still need a step.
     return (isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub)
-            and isinstance(node.operand, ast.Constant) and isinstance(node.operand.value, int))
+            and isinstance(node.operand, ast.Constant) and isinstance(node.operand.value, int)
+            and node.operand.value > 0)
 
 
 def _value(node: ast.AST) -> int:

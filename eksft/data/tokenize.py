@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-IGNORE_INDEX = -100
+from eksft.objectives import IGNORE_INDEX
 
 
 @dataclass

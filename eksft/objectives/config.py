@@ -24,6 +24,9 @@ class ObjectiveConfig(BaseModel):
     lambda_entropy: float = Field(0.05, allow_inf_nan=False)
     lambda_kl: float = Field(0.05, allow_inf_nan=False)
     chunk_size: int | None = Field(None, gt=0)
+    # How token losses become the batch loss; see parts.py. The default is exactly invariant to
+    # gradient accumulation; with batch size 1 (the authors' setting) both give the same number.
+    aggregation: Literal["seq-mean-token-mean", "token-mean"] = "seq-mean-token-mean"
 
     @field_validator("name")
     @classmethod

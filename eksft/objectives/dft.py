@@ -22,7 +22,7 @@ def dft_parts(logits: Tensor, labels: Tensor, ref_logits: Tensor | None, config:
     stats = token_statistics(logits, mask, ref_logits=ref_logits, labels=labels, chunk_size=config.chunk_size)
     label_lp = stats.label_logprob
     weight = label_lp.detach().exp()
-    terms = {"weighted_ce": LossTerm(torch.where(mask, -weight * label_lp, 0).sum(), mask.sum())}
+    terms = {"weighted_ce": LossTerm(torch.where(mask, -weight * label_lp, 0).sum(-1), mask.sum(-1))}
     metrics = {
         "ce": masked_mean(-label_lp, mask),
         "dft_weight_mean": masked_mean(weight, mask),
@@ -30,7 +30,7 @@ def dft_parts(logits: Tensor, labels: Tensor, ref_logits: Tensor | None, config:
         "tokens_trained": mask.sum().to(torch.float32),
         "removed_fraction": torch.zeros((), dtype=torch.float32),
     }
-    return LossParts(terms, metrics)
+    return LossParts(terms, metrics, config.aggregation)
 
 
 def dft_loss(

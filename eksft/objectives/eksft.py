@@ -39,24 +39,24 @@ def eksft_parts(logits: Tensor, labels: Tensor, ref_logits: Tensor | None, confi
     kept = mask & ~removed
     log_vocab = math.log(logits.shape[-1])
     terms = {
-        "ce": LossTerm(torch.where(kept, -stats.label_logprob, 0).sum(), kept.sum()),
+        "ce": LossTerm(torch.where(kept, -stats.label_logprob, 0).sum(-1), kept.sum(-1)),
         "entropy": LossTerm(
-            torch.where(s_entropy, stats.entropy, 0).sum() / log_vocab, s_entropy.sum(), -config.lambda_entropy
+            torch.where(s_entropy, stats.entropy, 0).sum(-1) / log_vocab, s_entropy.sum(-1), -config.lambda_entropy
         ),
-        "kl": LossTerm(torch.where(s_kl, stats.kl, 0).sum(), s_kl.sum(), config.lambda_kl),
+        "kl": LossTerm(torch.where(s_kl, stats.kl, 0).sum(-1), s_kl.sum(-1), config.lambda_kl),
     }
     union = (s_entropy | s_kl).sum()
     metrics = {
-        "ce": terms["ce"].value().detach().float(),
-        "entropy_bonus": -terms["entropy"].value().detach().float(),
-        "kl_term": terms["kl"].value().detach().float(),
+        "ce": terms["ce"].value(aggregation=config.aggregation).detach().float(),
+        "entropy_bonus": -terms["entropy"].value(aggregation=config.aggregation).detach().float(),
+        "kl_term": terms["kl"].value(aggregation=config.aggregation).detach().float(),
         **response_metrics(stats, mask),
         "removed_fraction": (removed.sum() / mask.sum().clamp(min=1)).float(),
         "iou_entropy_kl": ((s_entropy & s_kl).sum() / union.clamp(min=1)).float(),
         "tokens_trained": kept.sum().float(),
         "kl_ties": torch.tensor(float(selection_decided_by_ties(kl, s_kl, mask, scope=config.scope))),
     }
-    return LossParts(terms, metrics)
+    return LossParts(terms, metrics, config.aggregation)
 
 
 def eksft_loss(

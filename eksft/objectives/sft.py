@@ -17,14 +17,14 @@ def sft_parts(logits: Tensor, labels: Tensor, ref_logits: Tensor | None, config:
     mask = labels != IGNORE_INDEX
     stats = token_statistics(logits, mask, ref_logits=ref_logits, labels=labels, chunk_size=config.chunk_size)
     nll = -stats.label_logprob
-    terms = {"ce": LossTerm(torch.where(mask, nll, 0).sum(), mask.sum())}
+    terms = {"ce": LossTerm(torch.where(mask, nll, 0).sum(-1), mask.sum(-1))}
     metrics = {
         "ce": masked_mean(nll, mask),
         **response_metrics(stats, mask),
         "tokens_trained": mask.sum().to(torch.float32),
         "removed_fraction": torch.zeros((), dtype=torch.float32),
     }
-    return LossParts(terms, metrics)
+    return LossParts(terms, metrics, config.aggregation)
 
 
 def sft_loss(

@@ -1,0 +1,110 @@
+"""Stage 1: the cold start. ``run_sft(recipe, out_dir)`` trains and writes an HF checkpoint directory.
+
+Layout of ``out_dir`` (resumable):
+    checkpoint/       the final model + tokenizer (LoRA merged), loads in transformers and vLLM
+    checkpoints/      Trainer checkpoints (optimizer, scheduler, RNG) for resuming a killed run
+    metrics.jsonl     one line per logged optimizer step
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def build_sft_dataset(recipe, tokenizer):
+    from eksft.data import load_sft_conversations, tokenize_dataset
+
+    conversations, origins = load_sft_conversations(recipe.data)
+    examples, stats = tokenize_dataset(tokenizer, conversations, recipe.data.max_length, origins)
+    if not examples:
+        raise ValueError(f"no SFT example left to train on: {stats.summary()}")
+    return examples, stats
+
+
+def run_sft(recipe, out_dir: str | Path, *, callbacks=()) -> Path:
+    """Train the recipe's cold start; returns the final checkpoint directory. Resumes from ``out_dir/checkpoints``."""
+    from transformers import TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from eksft.models import load_model
+    from eksft.objectives import get_objective
+    from eksft.sft.trainer import MetricsJsonlCallback, ReferenceModel, SelectiveSFTTrainer, pad_collate
+
+    cfg = recipe.sft
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(recipe.seed)
+    model, tokenizer = load_model(recipe.model.name, recipe.model.dtype, recipe.model.trust_remote_code)
+    examples, stats = build_sft_dataset(recipe, tokenizer)
+    print(f"[sft] {recipe.data.sft.source}: {stats.summary()}", flush=True)
+    (out_dir / "data_stats.json").write_text(json.dumps({k: v for k, v in vars(stats).items() if k != "truncated_rows"}))
+
+    needs_reference = get_objective(cfg.objective.name).needs_reference or cfg.kl_metric_every > 0
+    reference = None
+    if cfg.lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(
+            r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+            target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM",
+        ))
+    if needs_reference:
+        if cfg.reference == "adapter":
+            reference = ReferenceModel("adapter")
+        else:
+            frozen, _ = load_model(recipe.model.name, recipe.model.dtype, recipe.model.trust_remote_code)
+            reference = ReferenceModel("copy", frozen)
+
+    args = TrainingArguments(
+        output_dir=str(out_dir / "checkpoints"),
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps or -1,
+        adam_beta1=cfg.adam_betas[0],
+        adam_beta2=cfg.adam_betas[1],
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        bf16=cfg.bf16,
+        use_cpu=not torch.cuda.is_available(),  # CPU bf16 autocast needs this flag
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        report_to=list(cfg.report_to) or "none",
+        seed=recipe.seed,
+        data_seed=recipe.seed,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        disable_tqdm=False,
+    )
+    trainer = SelectiveSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=examples,
+        data_collator=pad_collate(tokenizer.pad_token_id),
+        objective=cfg.objective,
+        reference=reference,
+        kl_metric_every=0 if get_objective(cfg.objective.name).needs_reference else cfg.kl_metric_every,
+        callbacks=[MetricsJsonlCallback(out_dir / "metrics.jsonl"), *callbacks],
+    )
+    last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+    if last:
+        print(f"[sft] resuming from {last}", flush=True)
+    trainer.train(resume_from_checkpoint=last)
+
+    final = out_dir / "checkpoint"
+    trained = trainer.model
+    if cfg.lora.enabled:
+        trained = trained.merge_and_unload()  # a plain model directory that vLLM serves directly
+    trained.save_pretrained(final, safe_serialization=True)
+    tokenizer.save_pretrained(final)
+    return final

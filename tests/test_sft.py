@@ -1,0 +1,141 @@
+"""The SFT stage on real (tiny) models: accumulation invariance, LoRA + adapter reference, exact resume, CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from eksft.cli import main
+from eksft.config import load_recipe
+from eksft.sft import run_sft
+
+BASE = ["model.name=tiny:qwen2", "data.sft.num_examples=8", "data.max_length=128", "sft.learning_rate=1e-2",
+        "sft.warmup_ratio=0", "sft.lr_scheduler=constant", "sft.save_steps=1000", "sft.kl_metric_every=0"]
+
+
+def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(checkpoint / "model.safetensors"))
+
+
+def read_metrics(stage: Path) -> list[dict]:
+    return [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("objective", ["eksft", "sft"])
+def test_two_accumulation_steps_of_one_equal_one_batch_of_two(tmp_path, objective):
+    common = [*BASE, "sft.max_steps=1", f"sft.objective.name={objective}", "sft.objective.ratio=0.3"]
+    batch2 = run_sft(load_recipe(None, [*common, "sft.batch_size=2", "sft.grad_accum=1"]), tmp_path / "b2")
+    accum2 = run_sft(load_recipe(None, [*common, "sft.batch_size=1", "sft.grad_accum=2"]), tmp_path / "a2")
+    start = weights(Path(os.environ.get("EKSFT_CACHE", Path.home() / ".cache/eksft")) / "models/tiny-qwen2")
+    w_b2, w_a2 = weights(batch2), weights(accum2)
+    moved = max((w_b2[k] - start[k]).abs().max().item() for k in start)
+    assert moved > 1e-4  # the step did something
+    for k in w_b2:
+        torch.testing.assert_close(w_a2[k], w_b2[k], rtol=1e-5, atol=1e-6)
+    m_b2, m_a2 = read_metrics(tmp_path / "b2")[0], read_metrics(tmp_path / "a2")[0]
+    assert m_b2["loss"] == pytest.approx(m_a2["loss"], rel=1e-5)
+    assert m_b2["grad_norm"] == pytest.approx(m_a2["grad_norm"], rel=1e-4)
+
+
+def test_metrics_jsonl_has_the_objective_terms(tmp_path):
+    run_sft(load_recipe(None, [*BASE, "sft.max_steps=2", "sft.batch_size=2"]), tmp_path / "s")
+    rows = read_metrics(tmp_path / "s")
+    assert [r["step"] for r in rows] == [1, 2]
+    for key in ("loss", "grad_norm", "learning_rate", "ce", "entropy_bonus", "kl_term", "entropy_mean", "kl_mean",
+                "removed_fraction", "iou_entropy_kl", "tokens_trained", "kl_ties"):
+        assert key in rows[0], key
+    assert rows[0]["kl_ties"] == 1.0 and rows[0]["kl_mean"] == 0.0  # step 0: policy == reference
+    assert rows[1]["kl_mean"] > 0 and rows[1]["kl_ties"] == 0.0
+    assert 0.2 <= rows[0]["removed_fraction"] <= 0.4
+
+
+class StopAt(TrainerCallback):
+    """Simulates a killed run: stop right after the checkpoint of step `step` is written."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+        return control
+
+
+def test_killed_run_resumes_exactly(tmp_path):
+    overrides = [*BASE, "sft.max_steps=4", "sft.save_steps=2", "sft.batch_size=2", "sft.lr_scheduler=cosine",
+                 "sft.learning_rate=5e-3"]
+    full = run_sft(load_recipe(None, overrides), tmp_path / "full")
+    run_sft(load_recipe(None, overrides), tmp_path / "killed", callbacks=[StopAt(2)])
+    assert (tmp_path / "killed/checkpoints/checkpoint-2").is_dir()
+    resumed = run_sft(load_recipe(None, overrides), tmp_path / "killed")
+    w_full, w_res = weights(full), weights(resumed)
+    for k in w_full:
+        torch.testing.assert_close(w_res[k], w_full[k], rtol=1e-6, atol=1e-7)
+    assert [r["step"] for r in read_metrics(tmp_path / "killed")] == [1, 2, 3, 4]
+
+
+def test_lora_with_adapter_reference(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from eksft.models import load_model
+    from eksft.sft.trainer import ReferenceModel
+
+    # The adapter reference is the base model exactly, whatever the adapters hold.
+    base, tok = load_model("tiny:qwen2")
+    ids = tok("What is 2+2?", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = base(input_ids=ids).logits.clone()
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    with torch.no_grad():
+        assert not torch.allclose(peft_model(input_ids=ids).logits, expected)
+    ref = ReferenceModel("adapter").logits(peft_model, ids, torch.ones_like(ids))
+    assert torch.equal(ref, expected)
+
+    final = run_sft(load_recipe(None, [*BASE, "sft.max_steps=2", "sft.lora.enabled=true", "sft.reference=adapter",
+                                       "sft.lora.r=4"]), tmp_path / "lora")
+    w = weights(final)
+    assert not any("lora" in k for k in w)  # merged: a plain directory vLLM serves
+    rows = read_metrics(tmp_path / "lora")
+    assert rows[-1]["kl_mean"] > 0
+
+
+def test_adapter_reference_without_lora_is_a_recipe_error():
+    from eksft.config import RecipeError
+
+    with pytest.raises(RecipeError, match="sft: .*reference: adapter needs lora.enabled"):
+        load_recipe(None, ["sft.reference=adapter"])
+
+
+@pytest.mark.slow
+def test_cli_sft_checkpoint_answers_through_vllm(tmp_path, capsys):
+    out = tmp_path / "cli"
+    code = main(["sft", "--objective", "dft", "--set", "model.name=tiny:llama", "--set", "sft.max_steps=2",
+                 "--set", "data.sft.num_examples=4", "--output", str(out)])
+    assert code == 0 and "checkpoint:" in capsys.readouterr().out
+    ckpt = out / "checkpoint"
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("vllm_smoke.py")), str(ckpt)],
+                          capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    assert json.loads(lines[-1].removeprefix("RESULT "))[str(ckpt)]["n_tokens"] > 0
+
+
+def test_inspect_masks_writes_page(tmp_path, capsys):
+    out = tmp_path / "masks.html"
+    assert main(["inspect-masks", "--set", "model.name=tiny:qwen2", "--set", "data.sft.num_examples=3",
+                 "-n", "2", "--out", str(out)]) == 0
+    page = out.read_text()
+    assert page.count("<h2>Example") == 2
+    assert 'class="tok both"' in page or 'class="tok entropy"' in page
+    assert "KL set decided by position ties" in page  # starting model == reference
+    assert "H=" in page and "KL=" in page
+    assert "removed: high entropy" in capsys.readouterr().out
