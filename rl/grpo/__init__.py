@@ -1,0 +1,12 @@
+"""GRPO: pure maths (``core``: advantages, clipped loss, k3 KL, aggregation, batching), typed config, and the loop."""
+
+from rl.grpo.config import GRPOConfig
+
+__all__ = ["GRPOConfig", "run_grpo"]
+
+
+def run_grpo(model_dir: str, rows: list[dict], config: GRPOConfig, out_dir, **kwargs):
+    """Train with GRPO from ``model_dir`` on ``[{"prompt": messages, "answer": str}]``; returns the final checkpoint."""
+    from rl.grpo.trainer import GRPOTrainer
+
+    return GRPOTrainer(model_dir=model_dir, rows=rows, config=config, out_dir=out_dir, **kwargs).train()

@@ -1,0 +1,115 @@
+"""GRPO algorithm knobs (pydantic v2), validated; no torch import.
+
+Defaults are a plain GRPO with the common verl/TRL choices: KL penalty off (``beta_kl=0``),
+no entropy bonus, symmetric clipping ``eps_low = eps_high = 0.2`` (set ``eps_high=0.28``
+for DAPO's clip-higher), token-mean aggregation, std-normalised advantages (set
+``normalize_std=False`` and ``aggregation="seq-mean-token-sum-norm"`` for Dr. GRPO),
+dynamic sampling and overlong masking off. See `rl.grpo.loss` / `rl.grpo.advantages`.
+
+Batch units: ``prompts_per_step`` prompts x ``group_size`` completions make one rollout
+batch of ``prompts_per_step * group_size`` sequences; ``mini_batch_size`` (sequences) splits
+it into optimizer steps, repeated ``ppo_epochs`` times; ``micro_batch_size`` (sequences) is
+the forward/backward chunk inside a mini-batch (gradient accumulation).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = ["GRPOConfig", "AggregationName"]
+
+AggregationName = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+
+
+class GRPOConfig(BaseModel):
+    """Knobs of the GRPO algorithm (sampling, advantage, loss, updates, optimiser, schedule)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # Sampling
+    group_size: int = Field(8, description="completions sampled per prompt (G), >= 2")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature (> 0: greedy groups are identical)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling, 0 < top_p <= 1")
+    max_new_tokens: int = Field(256, gt=0, description="completion length limit; also Dr. GRPO's normaliser")
+
+    # Advantage
+    normalize_std: bool = Field(True, description="divide group-centred rewards by the (unbiased) group std")
+
+    # Loss
+    eps_low: float = Field(0.2, ge=0, lt=1, description="rho clipped below at 1 - eps_low")
+    eps_high: float = Field(0.2, ge=0, description="rho clipped above at 1 + eps_high (DAPO clip-higher: 0.28)")
+    beta_kl: float = Field(0.0, ge=0, description="weight of the k3 KL(pi || pi_ref) penalty; 0 = off, no reference model")
+    alpha_entropy: float = Field(0.0, ge=0, description="weight of the entropy bonus")
+    aggregation: AggregationName = Field(
+        "token-mean",
+        description="token-mean (DAPO) | seq-mean-token-mean (GRPO) | seq-mean-token-sum-norm (Dr. GRPO, / max_new_tokens)",
+    )
+
+    # Batch construction
+    dynamic_sampling: bool = Field(False, description="drop zero-variance groups and sample more prompts (DAPO)")
+    max_sampling_rounds: int = Field(3, ge=1, description="most generation rounds per step with dynamic_sampling")
+    mask_truncated: bool = Field(False, description="exclude completions that hit max_new_tokens without EOS")
+
+    # Updates
+    ppo_epochs: int = Field(1, ge=1, description="passes over each rollout batch")
+    mini_batch_size: int | None = Field(None, ge=1, description="sequences per optimizer step; None = whole batch")
+    micro_batch_size: int = Field(4, ge=1, description="sequences per forward/backward (gradient accumulation)")
+
+    # Optimiser
+    learning_rate: float = Field(1e-6, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1)")
+
+    # Schedule and reward
+    prompts_per_step: int = Field(8, ge=1, description="prompts (groups) per rollout batch")
+    steps: int = Field(100, ge=1, description="training steps (rollout batches)")
+    save_every: int = Field(10, ge=1, description="checkpoint every this many steps")
+    seed: int = Field(0, ge=0)
+    format_weight: float = Field(0.0, ge=0, description="weight of the optional format reward term")
+    reward_timeout_s: float = Field(5.0, gt=0, description="verifier time limit per completion (s)")
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, v: int) -> int:
+        if v < 2:
+            raise ValueError(
+                f"group_size must be >= 2, got {v}: GRPO's advantage compares the completions of one "
+                "prompt with each other, so a group of 1 always has advantage 0 (and no sample std)"
+            )
+        return v
+
+    @field_validator("adam_betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        for b in v:
+            if not 0.0 <= b < 1.0:
+                raise ValueError(f"adam_betas must each be in [0, 1), got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _batches(self) -> GRPOConfig:
+        if self.mini_batch_size is not None and self.mini_batch_size > self.rollout_batch_size:
+            raise ValueError(
+                f"mini_batch_size ({self.mini_batch_size}) must be <= prompts_per_step * group_size "
+                f"({self.rollout_batch_size} sequences per rollout batch)"
+            )
+        return self
+
+    @property
+    def rollout_batch_size(self) -> int:
+        """Sequences per rollout batch: ``prompts_per_step * group_size``."""
+        return self.prompts_per_step * self.group_size
+
+    def policy_loss_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of `rl.grpo.loss.policy_loss` set by this config."""
+        return {
+            "eps_low": self.eps_low,
+            "eps_high": self.eps_high,
+            "beta": self.beta_kl,
+            "alpha": self.alpha_entropy,
+            "aggregation": self.aggregation,
+            "max_response_len": float(self.max_new_tokens),
+        }

@@ -1,0 +1,377 @@
+"""The GRPO loop. It reads like the algorithm; engines, rewards and the maths live elsewhere.
+
+    for step in steps:
+        groups  = generate G completions per prompt           (rollout engine, vLLM by default)
+        rewards = math_reward(completions, answers)           (math-verify in a deadline-bounded pool)
+        adv     = group_advantages(rewards)                    (dynamic sampling refills zero-variance groups)
+        for epoch, mini-batch: policy_loss(...).backward(); optimizer.step()
+        engine.update_weights(policy)                          (the engine serves the new weights)
+        checkpoint every N steps: weights, optimizer, data position, RNG -> exact resume
+
+Run directory::
+
+    metrics.jsonl          one line per step
+    rollouts/step-N.jsonl  prompts, completions, rewards
+    checkpoints/step-N/    HF model dir + trainer_state.pt (optimizer, cursor, RNG)
+    checkpoint/            the final model (HF dir)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rl.grpo.config import GRPOConfig
+from rl.grpo.core import fill_groups, group_advantages, mask_truncated, minibatches, policy_loss, zero_variance_groups
+from rl.metrics import pass_at_k
+from rl.rollout import RolloutConfig, Sample, SamplingConfig, engine_from_config
+from rl.token_stats import IGNORE_INDEX, token_statistics
+
+
+@dataclass
+class Group:
+    row: dict  # {"prompt": messages, "answer": str, ...}
+    prompt_ids: list[int]
+    samples: list[Sample]
+    rewards: list[float]
+    correct: list[bool]
+
+
+class PromptStream:
+    """Deterministic, resumable order over the rows: a fresh seeded permutation every epoch."""
+
+    def __init__(self, n_rows: int, seed: int, cursor: int = 0):
+        self.n_rows, self.seed, self.cursor = n_rows, seed, cursor
+
+    def take(self, k: int) -> list[tuple[int, int]]:
+        """``k`` (stream position, row index) pairs; the position seeds that prompt's sampling."""
+        out = []
+        for _ in range(k):
+            epoch, offset = divmod(self.cursor, self.n_rows)
+            order = torch.randperm(self.n_rows, generator=torch.Generator().manual_seed(self.seed + epoch))
+            out.append((self.cursor, int(order[offset])))
+            self.cursor += 1
+        return out
+
+
+def completion_logprobs(model, samples: list[Sample], temperature: float, *, with_entropy: bool,
+                        autocast_dtype: torch.dtype | None = None):
+    """Log-probs (and entropy) of each sample's completion tokens under ``softmax(logits / T)``.
+
+    Returns [b, T_max] tensors aligned with the completion tokens and their validity mask.
+    """
+    device = next(model.parameters()).device
+    lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in samples]
+    width = max(lengths)
+    ids = torch.zeros((len(samples), width), dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    labels = torch.full((len(samples), width - 1), IGNORE_INDEX, dtype=torch.long)
+    for i, s in enumerate(samples):
+        seq = s.prompt_ids + s.completion_ids
+        ids[i, : len(seq)] = torch.tensor(seq)
+        attention[i, : len(seq)] = 1
+        p = len(s.prompt_ids)
+        labels[i, p - 1 : len(seq) - 1] = torch.tensor(s.completion_ids)  # logits[t] predicts token t+1
+    ids, attention, labels = ids.to(device), attention.to(device), labels.to(device)
+    ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    with ctx:
+        logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits[:, :-1]
+    if temperature != 1.0:
+        logits = logits / temperature
+    mask = labels != IGNORE_INDEX
+    stats = token_statistics(logits, mask, labels=labels)
+    # Gather the completion positions into a dense [b, T_max] layout.
+    max_len = max(len(s.completion_ids) for s in samples)
+    logp = torch.zeros((len(samples), max_len), device=device, dtype=stats.label_logprob.dtype)
+    entropy = torch.zeros_like(logp) if with_entropy else None
+    resp_mask = torch.zeros((len(samples), max_len), dtype=torch.bool, device=device)
+    for i, s in enumerate(samples):
+        p, n = len(s.prompt_ids), len(s.completion_ids)
+        logp[i, :n] = stats.label_logprob[i, p - 1 : p - 1 + n]
+        if with_entropy:
+            entropy[i, :n] = stats.entropy[i, p - 1 : p - 1 + n]
+        resp_mask[i, :n] = True
+    return logp, entropy, resp_mask
+
+
+class GRPOTrainer:
+    def __init__(self, *, model_dir: str, rows: list[dict], config: GRPOConfig, out_dir: str | Path,
+                 rollout: RolloutConfig | None = None, reference_dir: str | None = None,
+                 trust_remote_code: bool = False, bf16: bool = False, kl_metric: bool = True,
+                 trackers: list | None = None):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if not rows:
+            raise ValueError("GRPO needs at least one {prompt, answer} row")
+        self.cfg, self.rows = config, rows
+        self.rollout_cfg = rollout or RolloutConfig()
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.trust_remote_code = trust_remote_code
+        self.autocast_dtype = torch.bfloat16 if bf16 else None
+        self.trackers = trackers or []
+        self.step, self.stream = 0, PromptStream(len(rows), config.seed)
+
+        resume_dir = self.latest_checkpoint()
+        start_dir = str(resume_dir) if resume_dir else model_dir
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.tokenizer = AutoTokenizer.from_pretrained(start_dir, trust_remote_code=trust_remote_code)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            start_dir, dtype=torch.float32, trust_remote_code=trust_remote_code).to(self.device)
+        self.model.train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.learning_rate,
+                                           betas=tuple(config.adam_betas), weight_decay=config.weight_decay)
+        needs_ref = config.beta_kl > 0 or kl_metric
+        self.reference = None
+        if needs_ref:
+            self.reference = AutoModelForCausalLM.from_pretrained(
+                reference_dir or model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code
+            ).to(self.device).eval().requires_grad_(False)
+        if resume_dir:
+            self._load_state(resume_dir)
+            self._truncate_metrics(self.step)
+            print(f"[rl] resumed from {resume_dir} (step {self.step})", flush=True)
+        self.prompt_ids = [self.tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True,
+                                                              return_dict=False) for r in rows]
+        self.engine = engine_from_config(self.rollout_cfg, start_dir, seed=config.seed,
+                                         trust_remote_code=trust_remote_code)
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> Path:
+        cfg = self.cfg
+        try:
+            while self.step < cfg.steps:
+                metrics = self.train_step()
+                self.step += 1
+                metrics["step"] = self.step
+                self._log(metrics)
+                if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                    self.save_checkpoint()
+        finally:
+            self.engine.shutdown()
+        final = self.out / "checkpoint"
+        self._save_model(final)
+        return final
+
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        timings = {"generate": 0.0, "reward": 0.0, "train": 0.0, "sync": 0.0}
+        if cfg.dynamic_sampling:
+            # DAPO: keep groups whose rewards differ, sampling further prompts until the batch is full.
+            candidates = (self._rollout(self.stream.take(cfg.prompts_per_step), timings) for _ in itertools.count())
+            groups, fill = fill_groups(candidates, cfg.prompts_per_step, cfg.max_sampling_rounds)
+            sampling = {"zero_variance_share": fill.num_zero_variance / max(fill.num_candidates, 1),
+                        "sampling_rounds": fill.rounds, "groups_seen": fill.num_candidates}
+        else:
+            groups = self._rollout(self.stream.take(cfg.prompts_per_step), timings)
+            sampling = {"sampling_rounds": 1, "groups_seen": len(groups)}
+        self._save_rollouts(groups)
+        metrics = {**self._rollout_metrics(groups), **sampling}
+        if groups:
+            t = time.perf_counter()
+            metrics.update(self._update(groups))
+            timings["train"] = time.perf_counter() - t
+            t = time.perf_counter()
+            self.engine.update_weights(self.model.state_dict())
+            timings["sync"] = time.perf_counter() - t
+        n_tokens = sum(len(s.completion_ids) for g in groups for s in g.samples)
+        metrics.update({f"time/{k}": v for k, v in timings.items()})
+        metrics["tokens_per_s"] = n_tokens / max(timings["generate"], 1e-9)
+        return metrics
+
+    def _rollout(self, picks: list[tuple[int, int]], timings: dict) -> list[Group]:
+        from rl.reward import math_reward
+
+        cfg = self.cfg
+        sampling = SamplingConfig(n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
+                                  max_new_tokens=cfg.max_new_tokens)
+        seeds = [cfg.seed * 1_000_003 + position for position, _ in picks]
+        t = time.perf_counter()
+        outputs = self.engine.generate([self.prompt_ids[r] for _, r in picks], sampling, seeds)
+        timings["generate"] += time.perf_counter() - t
+        t = time.perf_counter()
+        texts = [s.text for samples in outputs for s in samples]
+        answers = [self.rows[r]["answer"] for _, r in picks for _ in range(cfg.group_size)]
+        results = math_reward(texts, answers, timeout_s=cfg.reward_timeout_s, format_weight=cfg.format_weight)
+        timings["reward"] += time.perf_counter() - t
+        groups = []
+        for j, ((_, r), samples) in enumerate(zip(picks, outputs)):
+            res = results[j * cfg.group_size : (j + 1) * cfg.group_size]
+            groups.append(Group(self.rows[r], self.prompt_ids[r], samples, [x.score for x in res], [x.correct for x in res]))
+        return groups
+
+    def _update(self, groups: list[Group]) -> dict:
+        """Several mini-batch updates on one rollout batch; returns averaged loss metrics."""
+        cfg = self.cfg
+        rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)
+        advantages = group_advantages(rewards, normalize_std=cfg.normalize_std).flatten()
+        samples = [s for g in groups for s in g.samples]
+        truncated = torch.tensor([s.truncated for s in samples])
+        n = len(samples)
+        on_policy = cfg.ppo_epochs == 1 and (cfg.mini_batch_size is None or cfg.mini_batch_size >= n)
+
+        # old log-probs: the same weights that generated (sync after every update). With one update per
+        # batch they equal the detached log-probs of the training forward (rho = 1), so no extra forward.
+        old_logp, ref_logp, gap = [None] * n, [None] * n, []
+        micro = cfg.micro_batch_size
+        with torch.no_grad():
+            for start in range(0, n, micro):
+                chunk = samples[start : start + micro]
+                if not on_policy:
+                    lp, _, m = completion_logprobs(self.model, chunk, cfg.temperature, with_entropy=False,
+                                                   autocast_dtype=self.autocast_dtype)
+                    gap.append(_engine_gap(lp, m, chunk))
+                    for i in range(len(chunk)):
+                        old_logp[start + i] = lp[i][m[i]]
+                if self.reference is not None:
+                    lp, _, m = completion_logprobs(self.reference, chunk, cfg.temperature, with_entropy=False,
+                                                   autocast_dtype=self.autocast_dtype)
+                    for i in range(len(chunk)):
+                        ref_logp[start + i] = lp[i][m[i]]
+
+        sums: dict[str, float] = {}
+        count = 0
+        grad_norms = []
+        generator = torch.Generator().manual_seed(cfg.seed * 7919 + self.step)
+        for _epoch in range(cfg.ppo_epochs):
+            for mb in minibatches(n, cfg.mini_batch_size or n, generator):
+                mb = mb.tolist()
+                trained = [i for i in mb if samples[i].completion_ids and not (cfg.mask_truncated and samples[i].truncated)]
+                n_tokens = sum(len(samples[i].completion_ids) for i in trained)
+                self.optimizer.zero_grad(set_to_none=True)
+                for start in range(0, len(mb), micro):
+                    idx = mb[start : start + micro]
+                    chunk = [samples[i] for i in idx]
+                    logp, entropy, mask = completion_logprobs(self.model, chunk, cfg.temperature,
+                                                              with_entropy=True, autocast_dtype=self.autocast_dtype)
+                    if cfg.mask_truncated:
+                        mask = mask_truncated(mask, truncated[idx].to(mask.device))
+                    if on_policy:
+                        gap.append(_engine_gap(logp.detach(), mask, chunk))
+                    old = logp.detach() if on_policy else _dense([old_logp[i] for i in idx], logp)
+                    ref = None if ref_logp[idx[0]] is None else _dense([ref_logp[i] for i in idx], logp)
+                    loss, m = policy_loss(
+                        logp, old, advantages[idx].to(logp.device), mask,
+                        eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+                        ref_logp=ref, beta=cfg.beta_kl,  # with beta 0 the reference only feeds the "kl" metric
+                        entropy=entropy, alpha=cfg.alpha_entropy, aggregation=cfg.aggregation,
+                        max_response_len=cfg.max_new_tokens, num_tokens=max(n_tokens, 1), num_seqs=max(len(trained), 1),
+                    )
+                    loss.backward()
+                    for k, v in m.items():
+                        sums[k] = sums.get(k, 0.0) + float(v) * len(chunk)
+                    count += len(chunk)
+                grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)))
+                self.optimizer.step()
+        out = {k: v / max(count, 1) for k, v in sums.items()}
+        out["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        # Mean |trainer - engine| log-prob over the sampled tokens, before any update of this step.
+        out["logprob_gap_engine_trainer"] = sum(t for t, _ in gap) / max(sum(c for _, c in gap), 1)
+        return out
+
+    # ------------------------------------------------------------------ metrics and logs
+    def _rollout_metrics(self, groups: list[Group]) -> dict:
+        G = self.cfg.group_size
+        if not groups:
+            return {"groups": 0}
+        rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float64)
+        lengths = [len(s.completion_ids) for g in groups for s in g.samples]
+        correct = [sum(g.correct) for g in groups]
+        metrics = {
+            "reward_mean": rewards.mean().item(),
+            "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
+            "zero_variance_share": zero_variance_groups(rewards).float().mean().item(),
+            "groups": len(groups),
+            "response_length_mean": sum(lengths) / len(lengths),
+            "response_length_max": max(lengths),
+            "truncation_rate": sum(s.truncated for g in groups for s in g.samples) / len(lengths),
+        }
+        k = 1
+        while k <= G:
+            metrics[f"pass@{k}"] = sum(pass_at_k(G, c, k) for c in correct) / len(correct)
+            k *= 2
+        if f"pass@{G}" not in metrics:
+            metrics[f"pass@{G}"] = sum(pass_at_k(G, c, G) for c in correct) / len(correct)
+        return metrics
+
+    def _log(self, metrics: dict) -> None:
+        clean = {k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in metrics.items()
+                 if not isinstance(v, float) or math.isfinite(v)}
+        with (self.out / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps({"phase": "rl", **clean}) + "\n")
+        for tracker in self.trackers:
+            tracker(clean)
+        keys = ("reward_mean", "pass@1", f"pass@{self.cfg.group_size}", "kl", "entropy", "logprob_gap_engine_trainer")
+        print(f"[rl] step {self.step}/{self.cfg.steps} " + " ".join(f"{k}={clean[k]:.4g}" for k in keys if k in clean),
+              flush=True)
+
+    def _save_rollouts(self, groups: list[Group]) -> None:
+        (self.out / "rollouts").mkdir(exist_ok=True)
+        with (self.out / "rollouts" / f"step-{self.step + 1}.jsonl").open("w") as f:
+            for g in groups:
+                for s, r in zip(g.samples, g.rewards):
+                    f.write(json.dumps({"problem": g.row.get("problem"), "answer": g.row["answer"],
+                                        "completion": s.text, "reward": r, "truncated": s.truncated}) + "\n")
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop lines logged after the checkpoint we resume from (they will be produced again)."""
+        path = self.out / "metrics.jsonl"
+        if path.is_file():
+            kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
+            path.write_text("".join(ln + "\n" for ln in kept))
+
+    # ------------------------------------------------------------------ checkpoints
+    def latest_checkpoint(self) -> Path | None:
+        ckpts = sorted((p for p in (self.out / "checkpoints").glob("step-*") if (p / "trainer_state.pt").is_file()),
+                       key=lambda p: int(p.name.split("-")[1]))
+        return ckpts[-1] if ckpts else None
+
+    def save_checkpoint(self) -> Path:
+        target = self.out / "checkpoints" / f"step-{self.step}"
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self._save_model(tmp)
+        torch.save({
+            "step": self.step,
+            "cursor": self.stream.cursor,
+            "optimizer": self.optimizer.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        }, tmp / "trainer_state.pt")
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)  # a checkpoint directory exists only when complete
+        return target
+
+    def _load_state(self, ckpt: Path) -> None:
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        self.step = state["step"]
+        self.stream.cursor = state["cursor"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+
+    def _save_model(self, path: Path) -> None:
+        self.model.save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+
+
+def _engine_gap(logp: torch.Tensor, mask: torch.Tensor, chunk: list[Sample]) -> tuple[float, int]:
+    """(sum of |trainer - engine| log-prob over valid tokens, number of tokens) for one micro-batch."""
+    engine = _dense([torch.tensor(s.logprobs) for s in chunk], logp)
+    return float(((logp - engine).abs() * mask).sum()), int(mask.sum())
+
+
+def _dense(rows: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """Right-pad 1-D tensors into the [b, T] layout of ``like``."""
+    out = torch.zeros_like(like)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r.to(out.dtype).to(out.device)
+    return out

