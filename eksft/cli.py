@@ -90,6 +90,14 @@ def cmd_rl(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from eksft.pipeline import run_pipeline
+
+    recipe = load_recipe(args.recipe_file, args.overrides)
+    run_pipeline(recipe, args.run_dir, local=args.local)
+    return 0
+
+
 def cmd_inspect_masks(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -182,6 +190,24 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("--output", "-o", help="stage directory (default: <output_dir>/<recipe name>/<objective>/sft)")
     sft.set_defaults(func=cmd_sft)
 
+    run = sub.add_parser(
+        "run",
+        help="run a full recipe: every arm through SFT -> RL -> evaluations, then the report",
+        description="Run every arm of RECIPE (an arm = a cold-start objective, or none, + the RL settings) through "
+                    "sft -> evaluation after SFT -> rl -> evaluations every eval.every_rl_steps and after RL, as Ray "
+                    "tasks with the CPU/GPU needs of the recipe's `resources` section (set RAY_ADDRESS to use a "
+                    "cluster; arms run concurrently when resources allow). The base model is evaluated once. Each "
+                    "stage writes DONE with a hash of its settings: rerunning skips finished stages, reruns only what "
+                    "a changed setting affects, and resumes a killed run. Ends with the report and prints its table.",
+        epilog=EPILOG,
+    )
+    run.add_argument("recipe_file", metavar="RECIPE", help="YAML recipe, e.g. recipes/quickstart.yaml")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a recipe key (repeatable)")
+    run.add_argument("--run-dir", help="run directory (default: <output_dir>/<recipe name>)")
+    run.add_argument("--local", action="store_true", help="run the stages in this process, without Ray")
+    run.set_defaults(func=cmd_run)
+
     rl = sub.add_parser(
         "rl",
         help="run the GRPO stage from a checkpoint (vLLM rollouts, math-verify rewards)",
@@ -197,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("--from", dest="from", metavar="CHECKPOINT_DIR", help="model to start from (default: recipe model)")
     rl.add_argument("--output", "-o", help="stage directory (default: <output_dir>/<recipe name>/rl)")
     rl.set_defaults(func=cmd_rl)
+
+    from eksft.report.cli import add_report_parser
+
+    add_report_parser(sub)
 
     inspect = sub.add_parser(
         "inspect-masks",

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from eksft.eval.config import EvalConfig
 from eksft.objectives import ObjectiveConfig
 from rl.grpo.config import GRPOConfig
 from rl.rollout.base import RolloutConfig
@@ -97,6 +98,32 @@ class SFTConfig(Strict):
         return self
 
 
+class ArmConfig(Strict):
+    """One arm of the experiment: a cold-start objective (none: RL straight from the base model) + RL overrides."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # "_..." is reserved (e.g. _base)
+    objective: ObjectiveConfig | None = None
+    # Keys of the recipe's `rl` section to change for this arm only, e.g. {learning_rate: 2.0e-6}.
+    rl: dict[str, Any] = Field(default_factory=dict)
+
+
+class StageResources(Strict):
+    num_cpus: float = Field(1, gt=0)
+    num_gpus: float = Field(0, ge=0)
+
+
+class ResourcesConfig(Strict):
+    """What each stage asks Ray for; arms run concurrently when the cluster has room."""
+
+    sft: StageResources = StageResources()
+    rl: StageResources = StageResources()
+    eval: StageResources = StageResources()
+
+
+DEFAULT_ARMS = [ArmConfig(name="sft", objective=ObjectiveConfig(name="sft")),
+                ArmConfig(name="eksft", objective=ObjectiveConfig(name="eksft"))]
+
+
 class Recipe(Strict):
     name: str = "recipe"
     seed: int = 0
@@ -108,6 +135,30 @@ class Recipe(Strict):
     rollout: RolloutConfig = RolloutConfig()
     # Metrics go to metrics.jsonl and the console always; also to these trackers when listed.
     report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
+    arms: list[ArmConfig] = Field(default_factory=lambda: list(DEFAULT_ARMS))
+    eval: EvalConfig = EvalConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+
+    @model_validator(mode="after")
+    def _arms_are_consistent(self):
+        names = [a.name for a in self.arms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"arm names must be unique, got {names}")
+        for i, arm in enumerate(self.arms):
+            try:
+                self.arm_rl(arm)
+            except ValidationError as e:
+                bad = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+                raise ValueError(f"arms.{i}.rl ({arm.name}): {bad} (allowed keys: {', '.join(sorted(GRPOConfig.model_fields))})") from None
+        every = self.eval.every_rl_steps
+        if every and every % self.rl.save_every:
+            raise ValueError(f"eval.every_rl_steps ({every}) must be a multiple of rl.save_every ({self.rl.save_every}): "
+                             "intermediate evaluations read the RL checkpoints")
+        return self
+
+    def arm_rl(self, arm: ArmConfig) -> GRPOConfig:
+        """The recipe's RL settings with the arm's overrides applied (validated)."""
+        return GRPOConfig.model_validate({**self.rl.model_dump(), **arm.rl})
 
 
 # --------------------------------------------------------------------------- loading
@@ -165,10 +216,10 @@ def format_validation_error(err: ValidationError, root: type[BaseModel], where: 
         if e["type"] == "extra_forbidden":
             allowed = ", ".join(_fields_at(root, loc[:-1]))
             lines.append(f"{where}: {path}: unknown key (allowed: {allowed})")
-        elif e["type"] == "literal_error":
-            lines.append(f"{where}: {path}: {e['msg']} (got {e['input']!r})")
         else:
-            lines.append(f"{where}: {path}: {e['msg']} (got {e['input']!r})")
+            got = e.get("input")
+            shown = f" (got {got!r:.80})" if not isinstance(got, (dict, list)) else ""
+            lines.append(f"{where}: {path}: {e['msg'].removeprefix('Value error, ')}{shown}")
     return "\n".join(lines)
 
 

@@ -19,7 +19,8 @@ pip=(.venv/bin/python -m pip install --disable-pip-version-check)
 start=$(date +%s)
 case "$target" in
   cpu)
-    "${pip[@]}" "torch==2.13.0"
+    # Here a local wheel folder provides the CPU build; elsewhere set TORCH_INDEX_URL to the PyTorch CPU index.
+    "${pip[@]}" "torch==2.13.0" ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"}
     "${pip[@]}" -e ".[cpu,dev,track]"
     .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec || true
     ;;

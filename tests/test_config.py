@@ -36,7 +36,7 @@ def test_unknown_key_names_path_and_allowed_keys(tmp_path):
 
 
 def test_unknown_top_level_key(tmp_path):
-    with pytest.raises(RecipeError, match=r"modle: unknown key \(allowed: data, model, name, output_dir, report_to, rl, rollout, seed, sft\)"):
+    with pytest.raises(RecipeError, match=r"modle: unknown key \(allowed: arms, data, eval, model, name, output_dir, report_to, resources, rl, rollout, seed, sft\)"):
         load_recipe(write(tmp_path, "modle:\n  name: x\n"))
 
 

@@ -127,3 +127,20 @@ def test_dynamic_sampling_with_only_zero_variance_groups_skips_the_update(tmp_pa
     assert m["groups"] == 0 and m["groups_seen"] == 4 and m["sampling_rounds"] == 2 and m["zero_variance_share"] == 1.0
     start, end = load_file(str(Path(tiny_qwen2_dir) / "model.safetensors")), load_file(str(final / "model.safetensors"))
     assert all(torch.equal(start[k], end[k]) for k in start)
+
+
+@pytest.mark.slow
+def test_vllm_engine_in_a_ray_actor_generates_and_syncs(tiny_qwen2_dir):
+    import ray
+
+    from rl.rollout.ray_engine import RayEngine
+
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    try:
+        engine = RayEngine("vllm", tiny_qwen2_dir, num_cpus=1, max_model_len=512)
+        model = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir, dtype=torch.float32)
+        fresh, stale, synced = sync_check(engine, model, AutoTokenizer.from_pretrained(tiny_qwen2_dir))
+        engine.shutdown()
+    finally:
+        ray.shutdown()
+    assert fresh < 1e-3 and synced < 1e-3 and stale > 1e-2, (fresh, stale, synced)

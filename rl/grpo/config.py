@@ -57,6 +57,9 @@ class GRPOConfig(BaseModel):
     mini_batch_size: int | None = Field(None, ge=1, description="sequences per optimizer step; None = whole batch")
     micro_batch_size: int = Field(4, ge=1, description="sequences per forward/backward (gradient accumulation)")
 
+    # Precision: bf16 autocast for the trainer's forward passes (weights and optimizer stay float32)
+    bf16: bool = Field(False, description="bf16 autocast in the trainer (CPU: AVX512-bf16; GPU: any Ampere+)")
+
     # Optimiser
     learning_rate: float = Field(1e-6, gt=0)
     weight_decay: float = Field(0.0, ge=0)

@@ -106,7 +106,7 @@ def completion_logprobs(model, samples: list[Sample], temperature: float, *, wit
 class GRPOTrainer:
     def __init__(self, *, model_dir: str, rows: list[dict], config: GRPOConfig, out_dir: str | Path,
                  rollout: RolloutConfig | None = None, reference_dir: str | None = None,
-                 trust_remote_code: bool = False, bf16: bool = False, kl_metric: bool = True,
+                 trust_remote_code: bool = False, kl_metric: bool = True,
                  trackers: list | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -117,7 +117,7 @@ class GRPOTrainer:
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.trust_remote_code = trust_remote_code
-        self.autocast_dtype = torch.bfloat16 if bf16 else None
+        self.autocast_dtype = torch.bfloat16 if config.bf16 else None
         self.trackers = trackers or []
         self.step, self.stream = 0, PromptStream(len(rows), config.seed)
 
@@ -147,15 +147,19 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> Path:
+        from tqdm.auto import tqdm
+
         cfg = self.cfg
         try:
-            while self.step < cfg.steps:
-                metrics = self.train_step()
-                self.step += 1
-                metrics["step"] = self.step
-                self._log(metrics)
-                if self.step % cfg.save_every == 0 or self.step == cfg.steps:
-                    self.save_checkpoint()
+            with tqdm(total=cfg.steps, initial=self.step, desc="grpo", unit="step", dynamic_ncols=True) as bar:
+                while self.step < cfg.steps:
+                    metrics = self.train_step()
+                    self.step += 1
+                    metrics["step"] = self.step
+                    self._log(metrics)
+                    if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                        self.save_checkpoint()
+                    bar.update(1)
         finally:
             self.engine.shutdown()
         final = self.out / "checkpoint"

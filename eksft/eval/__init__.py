@@ -1,0 +1,16 @@
+"""Evaluation: n samples per problem on math benchmarks, scored by math-verify, with exploration metrics.
+
+    from eksft.eval import EvalConfig, evaluate, load_benchmark, BENCHMARKS
+    results = evaluate(model_dir, ["math500", "embedded:arithmetic"], EvalConfig(n=16), out_dir="runs/x/eval/sft_end")
+
+Metrics per benchmark: avg@n, pass@k for every k in 1..n, maj@k (k = 1, 2, 4, ..., n), mean token entropy of the
+policy on its own samples, response length, truncation rate, wall time; one JSON file per benchmark.
+Command line: ``eksft eval --model M --benchmarks math500,gsm8k --n 16``.
+"""
+
+from eksft.eval.benchmarks import BENCHMARKS, BenchmarkSpec, benchmark_filename, load_benchmark
+from eksft.eval.config import EvalConfig
+from eksft.eval.runner import RESULT_KEYS, evaluate, summarize, write_result
+
+__all__ = ["BENCHMARKS", "BenchmarkSpec", "EvalConfig", "RESULT_KEYS", "benchmark_filename", "evaluate",
+           "load_benchmark", "summarize", "write_result"]

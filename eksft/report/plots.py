@@ -1,0 +1,222 @@
+"""Timeline plots: SFT steps then RL steps on one x axis, one line per arm, one colour per arm.
+
+RL step ``s`` of an arm is drawn at ``sft_steps[arm] + s``; evaluation points at
+:func:`eksft.report.layout.point_step`. Rendering uses matplotlib's object API with the Agg canvas
+(no pyplot, no display, no global backend switch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from eksft.report import layout
+from eksft.report.data import RunData, number
+
+DPI = 120
+FIGSIZE = (8.0, 4.6)
+_FIXED_COLOURS = {"base": "#7f7f7f", "sft": "#1f77b4", "eksft": "#d62728", "dft": "#2ca02c"}
+_CYCLE = ["#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#2ca02c", "#1f77b4", "#d62728"]
+
+
+@dataclass
+class Series:
+    arm: str
+    x: list[float] = field(default_factory=list)
+    y: list[float] = field(default_factory=list)
+    points: list[str] = field(default_factory=list)  # evaluation point names (eval series only)
+    n_sft: int = 0  # the first n_sft points are SFT steps, the rest RL steps (timeline series)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+
+def arm_colours(arms: list[str]) -> dict[str, str]:
+    """Stable colours: base grey, sft blue, eksft red, dft green; other arms take the next free colour."""
+    colours = {}
+    for arm in arms:
+        if arm in _FIXED_COLOURS:
+            colours[arm] = _FIXED_COLOURS[arm]
+    used = set(colours.values())
+    free = [c for c in _CYCLE if c not in used] or list(_CYCLE)
+    i = 0
+    for arm in arms:
+        if arm not in colours:
+            colours[arm] = free[i % len(free)]
+            i += 1
+    return colours
+
+
+def timeline_series(run: RunData, sft_key: str | None, rl_key: str | None) -> dict[str, Series]:
+    """Per arm: SFT metric ``sft_key`` at x = SFT step, then RL metric ``rl_key`` at x = sft_steps[arm] + RL step.
+
+    Rows without the key (or with a non-finite value) are left out. Arms with no points are omitted.
+    """
+    out = {}
+    for arm in run.arms:
+        s = Series(arm)
+        offset = run.sft_steps.get(arm, 0)
+        if sft_key:
+            for r in sorted(run.sft_metrics.get(arm, []), key=lambda r: r.get("step", 0)):
+                v, step = number(r.get(sft_key)), number(r.get("step"))
+                if v is not None and step is not None:
+                    s.x.append(step)
+                    s.y.append(v)
+        s.n_sft = len(s)
+        if rl_key:
+            for r in sorted(run.rl_metrics.get(arm, []), key=lambda r: r.get("step", 0)):
+                v, step = number(r.get(rl_key)), number(r.get("step"))
+                if v is not None and step is not None:
+                    s.x.append(offset + step)
+                    s.y.append(v)
+        if len(s):
+            out[arm] = s
+    return out
+
+
+def _pass_value(rec: dict, k: int) -> float | None:
+    v = number((rec.get("pass@k") or {}).get(str(k)))
+    if v is None and k == 1:
+        v = number(rec.get("avg@n"))
+    return v
+
+
+def eval_series(run: RunData, k: int) -> dict[str, Series]:
+    """Per arm: pass@k averaged over the run's benchmarks at each evaluation point, at x = point_step(...).
+
+    A point is used only when every benchmark has a value (a partial average would jump). When two points
+    share an x (e.g. rl_step_N with N = rl_steps, and after_rl) the later one in time order wins.
+    """
+    out = {}
+    for arm in run.arms:
+        by_x: dict[float, tuple[str, float]] = {}
+        pts = run.evals.get(arm, {})
+        for point in sorted(pts, key=layout.point_sort_key):
+            if not layout.is_point(point):
+                continue
+            vals = [_pass_value(pts[point][b], k) if b in pts[point] else None for b in run.benchmarks]
+            if not vals or any(v is None for v in vals):
+                continue
+            rl_steps = run.arm_rl_steps(arm)
+            if point == layout.AFTER_RL and rl_steps is None:
+                continue
+            x = layout.point_step(point, run.sft_steps.get(arm, 0), rl_steps)
+            by_x[x] = (point, sum(vals) / len(vals))
+        if by_x:
+            s = Series(arm)
+            for x in sorted(by_x):
+                s.x.append(x)
+                s.points.append(by_x[x][0])
+                s.y.append(by_x[x][1])
+            out[arm] = s
+    return out
+
+
+# --- rendering ---------------------------------------------------------------------------------------
+
+
+def _figure():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def _boundaries(ax, run: RunData, colours: dict[str, str], arms: list[str]) -> None:
+    """A dashed vertical line where each arm's SFT ends and its RL starts (arms sharing it share one line)."""
+    groups: dict[int, list[str]] = {}
+    for arm in arms:
+        b = run.sft_steps.get(arm, 0)
+        if b > 0:
+            groups.setdefault(b, []).append(arm)
+    for b, group in sorted(groups.items()):
+        colour = colours[group[0]] if len(group) == 1 else "#555555"
+        ax.axvline(b, color=colour, linestyle="--", linewidth=1.0, alpha=0.8,
+                   label=f"SFT \u2192 RL ({', '.join(group)})")
+
+
+def _finish(fig, ax, title: str, ylabel: str, subtitle: str, path: Path, empty: bool, handles=None) -> Path:
+    ax.set_title(title + (f"\n{subtitle}" if subtitle else ""), fontsize=11)
+    ax.set_xlabel("step on one timeline: SFT steps, then RL steps (RL step s at x = SFT steps + s)", fontsize=9)
+    ax.set_ylabel(ylabel)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
+    ax.grid(True, alpha=0.3)
+    if empty:
+        ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes, color="#888888",
+                fontsize=14)
+    else:
+        ax.legend(handles=handles, fontsize=8, loc="best", framealpha=0.85)
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
+def _markers(n: int) -> dict:
+    return {"marker": "o", "markersize": 3} if n <= 60 else {}
+
+
+def plot_timeline(run: RunData, sft_key: str | None, rl_key: str | None, path: Path, title: str, ylabel: str,
+                  subtitle: str = "", colours: dict[str, str] | None = None) -> Path:
+    colours = colours or arm_colours(run.arms)
+    series = timeline_series(run, sft_key, rl_key)
+    fig, ax = _figure()
+    for arm, s in series.items():
+        # SFT and RL measure on different data: two segments, not one line across the boundary
+        label = arm
+        for lo, hi in ((0, s.n_sft), (s.n_sft, len(s))):
+            if hi > lo:
+                ax.plot(s.x[lo:hi], s.y[lo:hi], color=colours[arm], linewidth=1.6, label=label, **_markers(len(s)))
+                label = "_nolegend_"
+    _boundaries(ax, run, colours, list(series) or run.arms)
+    ax.set_xlim(left=0)
+    return _finish(fig, ax, title, ylabel, subtitle, path, empty=not series)
+
+
+def plot_pass_at_k(run: RunData, path: Path, colours: dict[str, str] | None = None) -> Path:
+    from matplotlib.lines import Line2D
+
+    colours = colours or arm_colours(run.arms)
+    k = run.k or 1
+    p1, pk = eval_series(run, 1), eval_series(run, k)
+    fig, ax = _figure()
+    handles = []
+    for arm in run.arms:
+        if arm not in p1 and arm not in pk:
+            continue
+        c = colours[arm]
+        if arm in p1:
+            ax.plot(p1[arm].x, [100 * v for v in p1[arm].y], color=c, linestyle="-", marker="o", markersize=5)
+        if arm in pk and k != 1:
+            ax.plot(pk[arm].x, [100 * v for v in pk[arm].y], color=c, linestyle="--", marker="s", markersize=4)
+        handles.append(Line2D([], [], color=c, linewidth=2, label=arm))
+    arms = [a for a in run.arms if a in p1 or a in pk]
+    _boundaries(ax, run, colours, arms)
+    handles += [h for h in ax.get_lines() if h.get_label().startswith("SFT \u2192 RL")]
+    handles.append(Line2D([], [], color="black", linestyle="-", marker="o", label="pass@1"))
+    if k != 1:
+        handles.append(Line2D([], [], color="black", linestyle="--", marker="s", label=f"pass@{k}"))
+    ax.set_xlim(left=-0.5)
+    benches = ", ".join(run.benchmarks) or "the benchmarks"
+    subtitle = f"mean over {benches}; points: before_sft, after_sft, rl_step_N, after_rl"
+    title = (f"pass@1 (solid) and pass@{k} (dashed), n = {run.eval_n or k} samples" if run.k
+             else "pass@1 and pass@n")
+    return _finish(fig, ax, title, "percent", subtitle, path, empty=not arms, handles=handles)
+
+
+def write_plots(run: RunData, out_dir: Path) -> dict[str, Path]:
+    """entropy.png, kl.png, reward.png, pass_at_k.png in ``out_dir``; returns name -> path."""
+    colours = arm_colours(run.arms)
+    out_dir = Path(out_dir)
+    return {
+        "entropy": plot_timeline(run, "entropy_mean", "entropy", out_dir / "entropy.png", "Mean token entropy",
+                                 "entropy (nats)", "SFT: on the SFT data (entropy_mean); RL: on its own samples "
+                                 "(entropy)", colours),
+        "kl": plot_timeline(run, "kl_mean", "kl", out_dir / "kl.png", "KL to the base model", "KL (nats/token)",
+                            "SFT: on the SFT data (kl_mean); RL: k3 estimate on its own samples (kl)", colours),
+        "reward": plot_timeline(run, None, "reward_mean", out_dir / "reward.png", "GRPO reward", "mean reward",
+                                "RL only (reward_mean per step); x is offset by each arm's SFT steps", colours),
+        "pass_at_k": plot_pass_at_k(run, out_dir / "pass_at_k.png", colours),
+    }

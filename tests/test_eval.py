@@ -1,0 +1,284 @@
+"""Evaluation: benchmark registry and loading (offline), EvalConfig, metric aggregation, and one end-to-end run."""
+
+import argparse
+import json
+import math
+
+import pytest
+from pydantic import ValidationError
+
+from eksft.data import DataError
+from eksft.eval import BENCHMARKS, RESULT_KEYS, EvalConfig, benchmark_filename, evaluate, load_benchmark, summarize
+from eksft.eval.benchmarks import EMBEDDED_DEFAULT_SIZE, normalize_gsm8k
+from eksft.eval.cli import add_eval_parser, eval_config_from_args, model_basename
+from eksft.eval.runner import maj_ks
+
+
+class _FakeHub:
+    """Stands in for ``datasets.load_dataset``: returns rows shaped like the real dataset and records the call."""
+
+    def __init__(self, rows):
+        self.rows, self.calls = rows, []
+
+    def __call__(self, path, name=None, split=None, **kwargs):
+        self.calls.append((path, name, split))
+        return list(self.rows)
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    import datasets
+
+    def install(rows):
+        hub = _FakeHub(rows)
+        monkeypatch.setattr(datasets, "load_dataset", hub)
+        return hub
+
+    return install
+
+
+# ----------------------------------------------------------------------------- registry field mappings
+
+
+def test_registry_has_the_benchmarks():
+    assert set(BENCHMARKS) >= {"math500", "aime24", "aime25", "amc23", "gsm8k", "minerva", "olympiadbench"}
+    assert BENCHMARKS["gsm8k"].hub_id == "openai/gsm8k" and BENCHMARKS["gsm8k"].config == "main"
+    assert BENCHMARKS["math500"].hub_id == "HuggingFaceH4/MATH-500" and BENCHMARKS["math500"].split == "test"
+
+
+def test_gsm8k_mapping_takes_the_number_after_hashes_without_commas(fake_hub):
+    hub = fake_hub([
+        {"question": "How many apples?", "answer": "She has 1000 + 234 = <<1000+234=1234>>1,234 apples.\n#### 1,234"},
+        {"question": "How many pears?", "answer": "2 + 3 = 5\n#### 5"},
+        {"question": "Third?", "answer": "#### 7"},
+    ])
+    rows = load_benchmark("gsm8k", num_problems=2)
+    assert hub.calls == [("openai/gsm8k", "main", "test")]
+    assert [r["answer"] for r in rows] == ["1234", "5"]
+    assert rows[0]["problem"] == "How many apples?"
+    assert rows[0]["prompt"] == [{"role": "user", "content": "How many apples?\nPut your final answer within \\boxed{}."}]
+    assert normalize_gsm8k("x #### 12,345,678 ") == "12345678"
+
+
+def test_olympiadbench_mapping_takes_the_first_list_answer_without_dollars(fake_hub):
+    hub = fake_hub([{"id": 1606, "question": "Find x.", "solution": ["..."], "final_answer": ["$\\frac{1}{2}$", "$0.5$"],
+                     "is_multiple_answer": False, "unit": None}])
+    rows = load_benchmark("olympiadbench")
+    assert hub.calls == [("Hothan/OlympiadBench", "OE_TO_maths_en_COMP", "train")]
+    assert rows[0]["answer"] == "\\frac{1}{2}" and rows[0]["problem"] == "Find x."
+
+
+def test_math500_amc23_minerva_aime_mappings(fake_hub):
+    fake_hub([{"problem": "Convert (0,3).", "solution": "... \\boxed{(3, \\frac{\\pi}{2})}",
+               "answer": "\\left( 3, \\frac{\\pi}{2} \\right)", "subject": "Precalculus", "level": 2}])
+    assert load_benchmark("math500")[0]["answer"] == "\\left( 3, \\frac{\\pi}{2} \\right)"
+    fake_hub([{"id": 0, "question": "AMC problem", "answer": 27.0, "url": "u"}])
+    assert load_benchmark("amc23")[0]["answer"] == "27"
+    fake_hub([{"question": "Minerva problem", "answer": "2.5e-3"}])
+    assert load_benchmark("minerva")[0]["answer"] == "2.5e-3"
+    hub = fake_hub([{"id": 60, "problem": "AIME problem", "solution": "...", "answer": "204", "url": "u", "year": "2024"}])
+    assert load_benchmark("aime24")[0]["answer"] == "204"
+    assert hub.calls == [("HuggingFaceH4/aime_2024", None, "train")]
+
+
+def test_hub_row_missing_the_mapped_field_names_it(fake_hub):
+    fake_hub([{"problem": "no question field", "answer": "#### 3"}])
+    with pytest.raises(DataError, match="gsm8k.*missing field 'question'"):
+        load_benchmark("gsm8k")
+
+
+def test_hub_failure_names_benchmark_and_hub_id(monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError, match=r"benchmark 'aime25'.*yentinglin/aime_2025.*Couldn't reach"):
+        load_benchmark("aime25")
+
+
+# ----------------------------------------------------------------------------- local files, embedded, names
+
+
+def test_local_gsm8k_shaped_jsonl(tmp_path):
+    path = tmp_path / "gsm_like.jsonl"
+    rows = [{"question": f"Q{i}?", "answer": f"Work.\n#### {i},00{i}"} for i in range(1, 5)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+    class Data:
+        system_prompt = "You are a careful solver."
+        instruction = "Answer in a box."
+
+    out = load_benchmark(str(path), num_problems=3, data_cfg=Data())
+    assert [r["answer"] for r in out] == ["1001", "2002", "3003"]
+    assert out[0]["prompt"] == [{"role": "system", "content": "You are a careful solver."},
+                                {"role": "user", "content": "Q1?\nAnswer in a box."}]
+
+
+def test_local_json_with_problem_and_final_answer_list(tmp_path):
+    path = tmp_path / "olymp.json"
+    path.write_text(json.dumps([{"problem": "P1", "final_answer": ["$x=2$"]}, {"problem": "P2", "final_answer": "$7$"},
+                                {"question": "P3", "answer": 4.0}]))
+    assert [r["answer"] for r in load_benchmark(str(path))] == ["x=2", "7", "4"]
+
+
+def test_local_file_problems(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "no problem field", "answer": "1"}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl: row 1: cannot find the problem and answer"):
+        load_benchmark(str(bad))
+    with pytest.raises(DataError, match="file not found"):
+        load_benchmark(str(tmp_path / "missing.parquet"))
+
+
+def test_embedded_benchmark_uses_held_out_seed_and_default_size():
+    from eksft.data import read_rows
+
+    rows = load_benchmark("embedded:arithmetic")
+    assert len(rows) == EMBEDDED_DEFAULT_SIZE
+    assert all(r["answer"] and r["prompt"][-1]["content"].endswith("\\boxed{}.") for r in rows)
+    train = [r.data["problem"] for r in read_rows("embedded:arithmetic", num_examples=EMBEDDED_DEFAULT_SIZE, seed=1)]
+    assert [r["problem"] for r in rows] != train
+    assert len(load_benchmark("embedded:arithmetic", num_problems=5)) == 5
+
+
+def test_unknown_benchmark_names_list_the_allowed_ones():
+    with pytest.raises(DataError, match=r"unknown benchmark 'mathh500' \(allowed: math500, aime24.*embedded:arithmetic"):
+        load_benchmark("mathh500")
+    with pytest.raises(DataError, match=r"unknown embedded benchmark 'embedded:algebra'"):
+        load_benchmark("embedded:algebra")
+
+
+def test_filenames():
+    assert benchmark_filename("embedded:arithmetic") == "embedded_arithmetic"
+    assert benchmark_filename("/data/math500_test.jsonl") == "math500_test"
+    assert benchmark_filename("gsm8k") == "gsm8k"
+    assert model_basename("embedded:smollm2-135m-instruct") == "embedded_smollm2-135m-instruct"
+    assert model_basename("Qwen/Qwen2.5-Math-1.5B") == "Qwen2.5-Math-1.5B"
+    assert model_basename("runs/r/eksft/sft/checkpoint") == "sft-checkpoint"
+
+
+# ----------------------------------------------------------------------------- EvalConfig
+
+
+def test_eval_config_defaults_and_errors_name_the_field():
+    cfg = EvalConfig()
+    assert cfg.benchmarks == ["embedded:arithmetic"] and cfg.n == 8 and cfg.temperature == 1.0
+    assert cfg.every_rl_steps == 0 and cfg.num_problems is None
+    EvalConfig(benchmarks=["math500", "embedded:gsm", "data/x.parquet"], n=1, temperature=0)
+    cases = [({"n": 0}, "n"), ({"temperature": -1}, "temperature"), ({"top_p": 1.5}, "top_p"),
+             ({"max_new_tokens": 0}, "max_new_tokens"), ({"num_problems": 0}, "num_problems"),
+             ({"every_rl_steps": -1}, "every_rl_steps"), ({"reward_timeout_s": 0}, "reward_timeout_s"),
+             ({"benchmarks": ["mat500"]}, "benchmarks"), ({"benchmarks": []}, "benchmarks"),
+             ({"samples": 4}, "samples")]
+    for kwargs, field in cases:
+        with pytest.raises(ValidationError) as err:
+            EvalConfig(**kwargs)
+        assert err.value.errors()[0]["loc"][0] == field, (kwargs, err.value)
+    with pytest.raises(ValidationError, match=r"allowed: math500"):
+        EvalConfig(benchmarks=["mat500"])
+
+
+# ----------------------------------------------------------------------------- aggregation (pure)
+
+
+def test_summarize_against_hand_computed_values():
+    # 4 problems x n=4 samples. Correct counts: A=3, B=0, C=3, D=1.
+    scores = [[0, 1, 1, 1], [0.0, 0.0, 0.0, 0.0], [True, True, True, False], [1.0, 0.1, 0, 0]]  # 0.1: format bonus only
+    extracted = [["7", "5", "5", "5"], [None, "2", None, "2"], ["$4$", " 4", "4", "9"], ["1", "2", "3", None]]
+    logprobs = [[[-0.5, -1.5]] * 4, [[-3.0]] * 4, [[-0.5, -1.5]] * 4, [[-0.5, -1.5]] * 4]
+    truncated = [[False] * 4, [False] * 4, [False] * 4, [True, False, False, False]]
+    m = summarize(scores, extracted, logprobs, 4, truncated_per_problem=truncated)
+    assert m["n"] == 4 and m["num_problems"] == 4
+    assert m["avg@n"] == pytest.approx(7 / 16)
+    # pass@k per problem: A (c=3): .75, 1, 1, 1; B: 0; C (c=3) like A; D (c=1): 1/4, 1 - 3/6, 1 - 1/4, 1.
+    assert list(m["pass@k"]) == ["1", "2", "3", "4"]
+    assert m["pass@k"]["1"] == pytest.approx(0.4375)
+    assert m["pass@k"]["2"] == pytest.approx(0.625)
+    assert m["pass@k"]["3"] == pytest.approx(0.6875)
+    assert m["pass@k"]["4"] == pytest.approx(0.75)
+    # maj@k: A: "7" wrong, tie 7/5 -> first (7) wrong, 3x "5" right; B: never; C: "4" (=$4$, " 4") right; D: "1" right.
+    assert m["maj@k"] == pytest.approx({"1": 0.5, "2": 0.5, "4": 0.75})
+    assert m["entropy_mean"] == pytest.approx(36 / 28)  # -(12 * -2.0 + 4 * -3.0) / (12 * 2 + 4 * 1)
+    assert m["response_length_mean"] == pytest.approx(28 / 16)
+    assert m["truncation_rate"] == pytest.approx(1 / 16)
+
+
+def test_summarize_edge_cases():
+    assert maj_ks(1) == [1] and maj_ks(6) == [1, 2, 4, 6] and maj_ks(8) == [1, 2, 4, 8]
+    m = summarize([[1, 0, 0, 0, 0, 0]], [["3", "3", "4", "4", "4", None]], None, 6)
+    assert list(m["pass@k"]) == [str(k) for k in range(1, 7)]
+    assert m["pass@k"]["6"] == 1.0 and m["pass@k"]["1"] == pytest.approx(1 / 6)
+    assert m["maj@k"] == {"1": 1.0, "2": 1.0, "4": 1.0, "6": 0.0}
+    assert m["entropy_mean"] is None and m["truncation_rate"] == 0.0
+    with pytest.raises(ValueError, match="expected n=2"):
+        summarize([[1, 0, 1]], [["1", "2", "3"]], None, 2)
+
+
+# ----------------------------------------------------------------------------- CLI (no engine)
+
+
+def test_cli_parser_and_table(monkeypatch, tmp_path, capsys):
+    import eksft.eval.runner as runner
+    from eksft.eval.cli import cmd_eval
+
+    parser = argparse.ArgumentParser(prog="eksft")
+    add_eval_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["eval", "--model", "tiny:qwen2", "--benchmarks", "embedded:gsm, math500", "--n", "16",
+                              "--temperature", "0.6", "--max-tokens", "64", "--num-problems", "10", "--engine", "hf",
+                              "--out", str(tmp_path)])
+    cfg = eval_config_from_args(args)
+    assert cfg.benchmarks == ["embedded:gsm", "math500"] and cfg.n == 16 and cfg.temperature == 0.6
+    assert cfg.max_new_tokens == 64 and cfg.num_problems == 10 and cfg.top_p == 1.0
+
+    seen = {}
+
+    def fake_evaluate(model_dir, benchmarks, cfg, rollout_cfg=None, data_cfg=None, out_dir=None, **kw):
+        seen.update(benchmarks=benchmarks, engine=rollout_cfg.engine, out=out_dir, instruction=data_cfg.instruction)
+        metrics = summarize([[1] * 16], [["3"] * 16], [[[-1.0]] * 16], 16)
+        return {b: {"benchmark": b, "model": kw["model_name"], "point": None, **metrics, "wall_s": 0.5, "samples": []}
+                for b in benchmarks}
+
+    monkeypatch.setattr(runner, "evaluate", fake_evaluate)
+    assert cmd_eval(args) == 0
+    assert seen["benchmarks"] == ["embedded:gsm", "math500"] and seen["engine"] == "hf"
+    assert str(seen["out"]) == str(tmp_path) and "boxed" in seen["instruction"]
+    out = capsys.readouterr().out
+    assert "embedded:gsm" in out and "pass@n" in out and "1.000" in out
+
+    bad = parser.parse_args(["eval", "--model", "tiny:qwen2", "--n", "0"])
+    assert cmd_eval(bad) == 2
+    assert "eval: n: Input should be greater than or equal to 1" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- end to end (HF engine, tiny model)
+
+
+def test_evaluate_end_to_end_with_hf_engine(tiny_qwen2_dir, tmp_path):
+    from rl.rollout import make_engine
+
+    cfg = EvalConfig(benchmarks=["embedded:arithmetic"], n=4, max_new_tokens=8, num_problems=3)
+    engine = make_engine("hf", tiny_qwen2_dir)
+    out = tmp_path / "eval" / "sft_end"
+    results = evaluate(tiny_qwen2_dir, cfg.benchmarks, cfg, engine=engine, out_dir=out, point="sft_end",
+                       model_name="tiny:qwen2", progress=False)
+    again = evaluate(tiny_qwen2_dir, cfg.benchmarks, cfg, engine=engine, progress=False)  # engine still alive
+    r = results["embedded:arithmetic"]
+    assert tuple(r) == RESULT_KEYS
+    assert r["n"] == 4 and r["num_problems"] == 3 and r["point"] == "sft_end" and r["model"] == "tiny:qwen2"
+    passes = [r["pass@k"][str(k)] for k in range(1, 5)]
+    assert all(a <= b + 1e-12 for a, b in zip(passes, passes[1:]))
+    assert r["pass@k"]["4"] >= r["avg@n"] - 1e-12 and r["pass@k"]["1"] == pytest.approx(r["avg@n"])
+    assert set(r["maj@k"]) == {"1", "2", "4"}
+    assert r["entropy_mean"] is not None and math.isfinite(r["entropy_mean"]) and r["entropy_mean"] > 0
+    assert 0 < r["response_length_mean"] <= 8 and 0 <= r["truncation_rate"] <= 1 and r["wall_s"] > 0
+    assert len(r["samples"]) == 3
+    for s in r["samples"]:
+        assert set(s) == {"problem", "answer", "completions", "scores", "extracted"}
+        assert len(s["completions"]) == len(s["scores"]) == len(s["extracted"]) == 4
+    # Deterministic seeds: the same completions again.
+    assert [s["completions"] for s in again["embedded:arithmetic"]["samples"]] == [s["completions"] for s in r["samples"]]
+
+    saved = json.loads((out / "embedded_arithmetic.json").read_text())
+    assert tuple(saved) == RESULT_KEYS and saved["pass@k"] == r["pass@k"] and saved["samples"] == r["samples"]

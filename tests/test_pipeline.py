@@ -1,0 +1,106 @@
+"""The orchestrator on the quickstart-mini recipe: real Ray, real vLLM/HF engines, real math-verify."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from eksft.cli import main
+from eksft.config import RecipeError, load_recipe
+from eksft.pipeline import plan, run_pipeline
+
+MINI = Path(__file__).parent / "fixtures" / "quickstart_mini.yaml"
+LOCAL_HF = ["rollout.engine=hf"]  # the cheap engine for the resume/rerun tests; the Ray test uses vLLM
+
+
+def done_marker(run_dir: Path, stage: str) -> dict:
+    arm, name = stage.split("/")
+    sub = {"sft": "sft", "rl": "rl"}.get(name)
+    path = run_dir / arm / (sub if sub else "eval/" + name.removeprefix("eval:")) / "DONE"
+    return json.loads(path.read_text())
+
+
+def expected_outputs(run_dir: Path):
+    for arm in ("sft", "eksft"):
+        assert (run_dir / arm / "sft" / "checkpoint" / "model.safetensors").is_file()
+        assert (run_dir / arm / "rl" / "checkpoint" / "model.safetensors").is_file()
+        for point in ("before_sft", "after_sft", "rl_step_1", "after_rl"):
+            data = json.loads((run_dir / arm / "eval" / point / "embedded_arithmetic.json").read_text())
+            assert data["n"] == 2 and "pass@k" in data and "avg@n" in data
+    assert (run_dir / "eksft" / "sft" / "masks.html").is_file()
+    for f in ("table.md", "table.csv", "entropy.png", "kl.png", "reward.png", "pass_at_k.png", "index.html"):
+        assert (run_dir / "report" / f).is_file(), f
+
+
+def test_plan_keys_follow_dependencies():
+    recipe = load_recipe(MINI)
+    a = {s.name: s.key for s in plan(recipe, Path("/tmp/x"))}
+    b = {s.name: s.key for s in plan(load_recipe(MINI, ["rl.learning_rate=0.5"]), Path("/tmp/x"))}
+    changed = {name for name in a if a[name] != b[name]}
+    assert changed == {"sft/rl", "sft/eval:rl_step_1", "sft/eval:after_rl",
+                       "eksft/rl", "eksft/eval:rl_step_1", "eksft/eval:after_rl"}
+    c = {s.name: s.key for s in plan(load_recipe(MINI, ["sft.learning_rate=0.5"]), Path("/tmp/x"))}
+    assert {n for n in a if a[n] != c[n]} == {n for n in a if not n.startswith("_base")}
+
+
+@pytest.mark.slow
+def test_mini_recipe_through_the_ray_pipeline(tmp_path, capsys):
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        run_pipeline(load_recipe(MINI), tmp_path)
+    finally:
+        ray.shutdown()
+    expected_outputs(tmp_path)
+    out = capsys.readouterr().out
+    assert "| sft" in out and "| eksft" in out  # the table is printed at the end
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["sft_steps"] == {"sft": 2, "eksft": 2}
+
+
+@pytest.mark.slow
+def test_killed_after_sft_resumes_without_redoing_it(tmp_path):
+    """A real SIGKILL of `eksft run` right after the first SFT stage finished; the rerun skips it."""
+    cmd = [sys.executable, "-m", "eksft.cli", "run", str(MINI), "--local", "--run-dir", str(tmp_path),
+           "--set", LOCAL_HF[0]]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    marker = tmp_path / "sft" / "sft" / "DONE"
+    deadline = time.time() + 300
+    while not marker.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert marker.is_file() and not (tmp_path / "report").exists()
+    first = marker.read_text()
+
+    assert main(["run", str(MINI), "--local", "--run-dir", str(tmp_path), "--set", LOCAL_HF[0]]) == 0
+    assert marker.read_text() == first  # SFT was not repeated
+    expected_outputs(tmp_path)
+
+    # A changed RL setting reruns RL and the evaluations after it, nothing else.
+    before = {s: done_marker(tmp_path, s)["finished"] for s in
+              ("sft/sft", "sft/eval:after_sft", "sft/rl", "sft/eval:after_rl", "eksft/rl")}
+    base_eval = (tmp_path / "_base" / "eval" / "before_sft" / "DONE").read_text()
+    run_pipeline(load_recipe(MINI, [*LOCAL_HF, "rl.learning_rate=2.0e-3"]), tmp_path, local=True)
+    after = {s: done_marker(tmp_path, s)["finished"] for s in before}
+    assert after["sft/sft"] == before["sft/sft"] and after["sft/eval:after_sft"] == before["sft/eval:after_sft"]
+    assert after["sft/rl"] > before["sft/rl"] and after["sft/eval:after_rl"] > before["sft/eval:after_rl"]
+    assert after["eksft/rl"] > before["eksft/rl"]
+    assert (tmp_path / "_base" / "eval" / "before_sft" / "DONE").read_text() == base_eval
+
+
+def test_recipe_errors_name_the_key(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(MINI.read_text().replace("arms:", "armz:"))
+    assert main(["run", str(bad), "--local"]) == 2
+    assert "armz: unknown key" in capsys.readouterr().err
+    with pytest.raises(RecipeError, match=r"arms\.0\.rl \(eksft\): lr: Extra inputs are not permitted.*allowed keys: .*learning_rate"):
+        load_recipe(None, ["arms=[{name: eksft, objective: {name: eksft}, rl: {lr: 0.1}}]"])
+    with pytest.raises(RecipeError, match=r"must be a multiple of rl.save_every"):
+        load_recipe(MINI, ["eval.every_rl_steps=3", "rl.save_every=2"])
