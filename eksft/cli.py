@@ -224,8 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("--output", "-o", help="stage directory (default: <output_dir>/<recipe name>/rl)")
     rl.set_defaults(func=cmd_rl)
 
+    from eksft.eval.cli import add_eval_parser
     from eksft.report.cli import add_report_parser
 
+    add_eval_parser(sub)
     add_report_parser(sub)
 
     inspect = sub.add_parser(

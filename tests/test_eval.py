@@ -152,8 +152,15 @@ def test_unknown_benchmark_names_list_the_allowed_ones():
 
 def test_filenames():
     assert benchmark_filename("embedded:arithmetic") == "embedded_arithmetic"
-    assert benchmark_filename("/data/math500_test.jsonl") == "math500_test"
+    assert benchmark_filename("/data/math500_test.jsonl") == "_data_math500_test.jsonl"
     assert benchmark_filename("gsm8k") == "gsm8k"
+    try:  # the report finds the files by the same rule
+        from eksft.report.layout import benchmark_stem
+    except ImportError:
+        benchmark_stem = None
+    if benchmark_stem is not None:
+        for name in ("embedded:arithmetic", "/data/math500_test.jsonl", "org/set:test", "gsm8k"):
+            assert benchmark_filename(name) == benchmark_stem(name)
     assert model_basename("embedded:smollm2-135m-instruct") == "embedded_smollm2-135m-instruct"
     assert model_basename("Qwen/Qwen2.5-Math-1.5B") == "Qwen2.5-Math-1.5B"
     assert model_basename("runs/r/eksft/sft/checkpoint") == "sft-checkpoint"

