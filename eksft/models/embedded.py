@@ -10,11 +10,10 @@ safetensors directory. Two things matter for that directory to load everywhere:
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from importlib import metadata
 from pathlib import Path
+
+from eksft.models.store import is_model_dir, save_model_dir
 
 # name -> (distribution that ships it, GGUF file inside the distribution)
 EMBEDDED_MODELS = {
@@ -41,7 +40,7 @@ def gguf_path(name: str) -> Path:
 def prepare_embedded(name: str, models_dir: Path) -> Path:
     """Convert the embedded GGUF into ``models_dir/<name>`` once; later calls return the cached directory."""
     target = Path(models_dir) / name
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    if is_model_dir(target):
         return target
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -56,22 +55,8 @@ def prepare_embedded(name: str, models_dir: Path) -> Path:
     model.load_state_dict(quantized.state_dict(), strict=True)
     model.generation_config = quantized.generation_config
 
-    # Write into a temporary sibling and rename, so a concurrent or interrupted conversion never
-    # leaves a half-written directory that looks finished.
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        strip_quantization_config(tmp / "config.json")
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "model.safetensors").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return save_model_dir(target, model, tokenizer,
+                          finish=lambda d: strip_quantization_config(d / "config.json"))
 
 
 def strip_quantization_config(config_json: Path) -> None:

@@ -7,10 +7,9 @@ chat template, so data formatting, masking and vLLM serving are exercised for re
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from eksft.models.store import is_model_dir, save_model_dir
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -68,7 +67,7 @@ def prepare_tiny(arch: str, models_dir: Path, seed: int = 0) -> Path:
     if arch not in TINY_ARCHS:
         raise ValueError(f"unknown tiny architecture {arch!r} (available: {', '.join(TINY_ARCHS)})")
     target = Path(models_dir) / f"tiny-{arch}"
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    if is_model_dir(target):
         return target
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
@@ -80,16 +79,4 @@ def prepare_tiny(arch: str, models_dir: Path, seed: int = 0) -> Path:
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tiny-{arch}-", dir=target.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "model.safetensors").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return save_model_dir(target, model, tokenizer)
