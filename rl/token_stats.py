@@ -40,8 +40,8 @@ class TokenStats:
     label_logprob: Tensor | None
 
 
-def _log_probs(logits: Tensor, rows: tuple[Tensor, Tensor], dtype: torch.dtype) -> Tensor:
-    return torch.log_softmax(logits[rows].to(dtype), dim=-1)
+def _logits_rows(logits: Tensor, rows: tuple[Tensor, Tensor], dtype: torch.dtype) -> Tensor:
+    return logits[rows].to(dtype)
 
 
 class _TokenStatsFn(torch.autograd.Function):
@@ -50,6 +50,10 @@ class _TokenStatsFn(torch.autograd.Function):
     Gradients (p = softmax(z), r = log p - log q):
       dH/dz = -p (log p + H),  dKL/dz = p (r - KL),  d log p_y/dz = onehot(y) - p.
     The reference and the labels never receive a gradient.
+
+    Forward keeps only the per-position log-sum-exp of policy and reference (2n floats), so
+    backward rebuilds log p = z - lse and log q = z_q - lse_q without another softmax, and
+    folds the three gradients into p * (a log p + b (z - z_q) + c) with per-row a, b, c.
     """
 
     @staticmethod
@@ -57,42 +61,61 @@ class _TokenStatsFn(torch.autograd.Function):
         dtype = torch.promote_types(logits.dtype, torch.float32)
         n = bi.numel()
         entropy = logits.new_zeros(n, dtype=dtype)
+        lse = logits.new_zeros(n, dtype=dtype)
         kl = logits.new_zeros(n, dtype=dtype) if ref_logits is not None else None
+        lse_ref = logits.new_zeros(n, dtype=dtype) if ref_logits is not None else None
         label_lp = logits.new_zeros(n, dtype=dtype) if labels is not None else None
         for start in range(0, n, chunk_size):
             sl = slice(start, start + chunk_size)
             rows = (bi[sl], ti[sl])
-            logp = _log_probs(logits, rows, dtype)
+            logp = _logits_rows(logits, rows, dtype)
+            lse[sl] = torch.logsumexp(logp, dim=-1)
+            logp -= lse[sl, None]
             p = logp.exp()
             entropy[sl] = -(p * logp).sum(-1)
             if kl is not None:
-                kl[sl] = (p * (logp - _log_probs(ref_logits, rows, dtype))).sum(-1)
+                logq = _logits_rows(ref_logits, rows, dtype)
+                lse_ref[sl] = torch.logsumexp(logq, dim=-1)
+                logq -= lse_ref[sl, None]
+                kl[sl] = (p * (logp - logq)).sum(-1)
             if label_lp is not None:
                 label_lp[sl] = logp.gather(1, labels[sl, None]).squeeze(1)
-        ctx.save_for_backward(logits, ref_logits, labels, bi, ti, entropy, kl)
+        ctx.save_for_backward(logits, ref_logits, labels, bi, ti, entropy, kl, lse, lse_ref)
         ctx.chunk_size = chunk_size
         ctx.set_materialize_grads(False)
         return entropy, kl, label_lp
 
     @staticmethod
     def backward(ctx, g_entropy, g_kl, g_label):
-        logits, ref_logits, labels, bi, ti, entropy, kl = ctx.saved_tensors
+        logits, ref_logits, labels, bi, ti, entropy, kl, lse, lse_ref = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None, None
         dtype = entropy.dtype
+        n = bi.numel()
+        zero = entropy.new_zeros(n)
+        g_h = g_entropy if g_entropy is not None else zero
+        g_k = g_kl if (g_kl is not None and kl is not None) else zero
+        g_y = g_label if (g_label is not None and labels is not None) else zero
+        # inner = -g_h (log p + H) + g_k (r - KL) - g_y,  r = (z - z_q) - (lse - lse_q)
+        #       = -g_h log p + g_k (z - z_q) + c,     c = -g_h H - g_y - g_k (lse - lse_q + KL)
+        # (z - z_q and lse - lse_q are exactly 0 when policy == reference, so is that gradient.)
+        use_ref = kl is not None and g_kl is not None
+        c = -g_h * entropy - g_y
+        if use_ref:
+            c = c - g_k * (lse - lse_ref + kl)
         grad = torch.zeros_like(logits)
-        for start in range(0, bi.numel(), ctx.chunk_size):
+        for start in range(0, n, ctx.chunk_size):
             sl = slice(start, start + ctx.chunk_size)
             rows = (bi[sl], ti[sl])
-            logp = _log_probs(logits, rows, dtype)
-            inner = torch.zeros_like(logp)
-            if g_entropy is not None:
-                inner -= g_entropy[sl, None] * (logp + entropy[sl, None])
-            if g_kl is not None and kl is not None:
-                logq = _log_probs(ref_logits, rows, dtype)
-                inner += g_kl[sl, None] * (logp - logq - kl[sl, None])
-            if g_label is not None and labels is not None:
-                inner -= g_label[sl, None]
+            z = _logits_rows(logits, rows, dtype)
+            if use_ref:
+                diff = _logits_rows(ref_logits, rows, dtype)
+                torch.sub(z, diff, out=diff)
+            logp = z.sub_(lse[sl, None])
+            inner = logp * (-g_h[sl, None])
+            if use_ref:
+                inner.addcmul_(diff, g_k[sl, None])
+            inner += c[sl, None]
             g = logp.exp_().mul_(inner)
             if g_label is not None and labels is not None:
                 g.scatter_add_(1, labels[sl, None], g_label[sl, None])

@@ -15,6 +15,15 @@ import torch
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "sft_step.py"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is as fast, and immune to the 2-thread slowdown under background load."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def bench():
     spec = importlib.util.spec_from_file_location("bench_sft_step", BENCH)

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The one prepared GPU run of benchmarks/sft_step.py: a random-initialised Qwen2 of real 0.5B shape
+# (no weights needed), bf16 weights, batch 1 x 4096 tokens, variants sft / eksft / naive, each in its
+# own subprocess (a naive OOM is recorded in its JSON row, not fatal). About 1-2 minutes on an H100.
+#
+# Writes into "$OUT" when set (the device tool's output folder), else benchmarks/results/:
+#   sft_step_gpu_qwen2-0.5b.json / .md / .log, gpu_sft_step_env.txt
+#
+# The GPU image has torch + transformers but no pydantic (needed by eksft.objectives). Carry the
+# wheels, downloaded once on the CPU machine (see benchmarks/README.md), e.g. with the device tool:
+#   run(command="bash benchmarks/gpu_sft_step.sh", carry=[".cache/gpu-wheels"], timeout_s=420)
+# Environment: EKSFT_GPU_WHEELS (wheel folder, default .cache/gpu-wheels), PYTHON (default python3),
+# SFT_STEP_ARGS (extra arguments for sft_step.py, e.g. "--steps 5").
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+WHEELS=${EKSFT_GPU_WHEELS:-.cache/gpu-wheels}
+RESULTS=${OUT:-benchmarks/results}
+mkdir -p "$RESULTS"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+if ! "$PY" -c "import pydantic" 2>/dev/null; then
+    if ! ls "$WHEELS"/pydantic-*.whl >/dev/null 2>&1; then
+        echo "pydantic is missing and there are no wheels in $WHEELS (see benchmarks/README.md)" >&2
+        exit 1
+    fi
+    # typing_extensions only when the image's is older than pydantic needs (>= 4.16).
+    wheels=$(ls "$WHEELS"/*.whl | grep -v typing_extensions)
+    if ! "$PY" -c "import sys, importlib.metadata as m; v = tuple(int(x) for x in m.version('typing_extensions').split('.')[:2]); sys.exit(v < (4, 16))" 2>/dev/null; then
+        wheels="$wheels $(ls "$WHEELS"/typing_extensions-*.whl 2>/dev/null)"
+    fi
+    # shellcheck disable=SC2086
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/eksft-site $wheels || exit 1
+    export PYTHONPATH="/tmp/eksft-site:$PYTHONPATH"
+fi
+
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
+    "$PY" -c "import torch, transformers, pydantic; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'pydantic', pydantic.__version__); print(torch.cuda.get_device_name())" 2>&1
+} | tee "$RESULTS/gpu_sft_step_env.txt"
+
+# shellcheck disable=SC2086
+timeout 420 "$PY" benchmarks/sft_step.py \
+    --model random-qwen2-0.5b --device cuda --bf16 --batch 1 --seq 4096 \
+    --steps 10 --warmup 3 --on-mismatch record --child-timeout 180 \
+    --out "$RESULTS/sft_step_gpu_qwen2-0.5b.json" ${SFT_STEP_ARGS:-} 2>&1 | tee "$RESULTS/sft_step_gpu_qwen2-0.5b.log"
+rc=${PIPESTATUS[0]}
+echo "sft_step.py exit status: $rc"
+exit "$rc"
