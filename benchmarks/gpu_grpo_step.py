@@ -1,0 +1,423 @@
+#!/usr/bin/env python
+"""GRPO training step and HF-engine rollouts of a random-initialised Qwen2 of 0.5B shape (GPU; runs on CPU with --tiny).
+
+Made for a GPU machine with torch + transformers (+ peft, accelerate) but NO vLLM, Ray, datasets or
+math-verify, so it uses the pure pieces of ``rl`` rather than the GRPO trainer:
+
+* **train**: one GRPO update on a synthetic rollout batch of ``--prompts`` x ``--group`` sequences
+  (prompt ``--prompt-len`` tokens, completion lengths drawn uniformly in ``[--min-completion,
+  --max-completion]``, random 0/1 rewards -> group advantages by `rl.grpo.core.group_advantages`):
+  per micro-batch a forward of the padded batch, `rl.token_stats.token_statistics` (log p of the
+  completion tokens and the entropy, chunked over the vocabulary), `rl.grpo.core.policy_loss`
+  (token-mean, global token normalisation, beta 0), backward; then grad clipping and AdamW. This is
+  what `rl.grpo.trainer.GRPOTrainer._update` does for one on-policy mini-batch (its
+  `completion_logprobs` is replicated here so that the trainer module, which needs the rollout
+  stack, is not imported). Precision modes (``--modes``): ``autocast`` = float32 weights and AdamW +
+  bf16 autocast (what GRPOTrainer does), ``bf16`` = bf16 weights, gradients and AdamW state.
+  Reports the median step time, completion tokens/s, peak memory.
+* **generate**: `rl.rollout.hf_engine.HFEngine` (transformers ``generate``, one call per prompt with
+  n samples) on ``--gen-prompts`` prompts x ``--group`` samples x ``--gen-tokens`` new tokens, and,
+  for comparison, ONE batched ``model.generate`` over all prompts x samples. A random model almost
+  never samples EOS, so every completion runs to the limit. The model directory is written to a
+  temporary folder with a word-level tokenizer that has one token per id (no download).
+
+The import of `rl.rollout.hf_engine` is checked not to import vLLM. ``rl.grpo`` and ``rl.rollout``
+import pydantic (their typed configs); where pydantic is missing, the pure modules
+(`rl.grpo.loss`, `rl.grpo.advantages`, `rl.token_stats`) are loaded without their packages'
+``__init__`` and the HF-engine part is skipped (carry pydantic wheels: see gpu_grpo_step.sh).
+
+Examples:
+  python benchmarks/gpu_grpo_step.py --tiny --device cpu --out /tmp/gpu_grpo_step_tiny.json   # CPU smoke test
+  python benchmarks/gpu_grpo_step.py --out "$OUT/gpu_grpo_step.json"                           # GPU, 0.5B shape
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+import types
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+QWEN2_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                 num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                 rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
+TINY = dict(vocab_size=2048, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=64, max_position_embeddings=4096, tie_word_embeddings=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Imports of the rl pieces (with or without pydantic)
+# --------------------------------------------------------------------------------------------
+
+
+def _load_file(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def import_rl() -> dict[str, Any]:
+    """policy_loss, group_advantages, token_statistics, IGNORE_INDEX and how they were imported."""
+    try:
+        from rl.grpo.core import group_advantages, policy_loss
+        from rl.token_stats import IGNORE_INDEX, token_statistics
+
+        how = "package imports (rl.grpo.core, rl.token_stats)"
+    except ImportError as e:  # no pydantic: load the pure modules without rl.grpo/__init__ (which imports config)
+        if "pydantic" not in str(e):
+            raise
+        for pkg in ("rl", "rl.grpo"):
+            stub = types.ModuleType(pkg)
+            stub.__path__ = [str(REPO_ROOT / pkg.replace(".", "/"))]
+            sys.modules[pkg] = stub
+        token_stats = _load_file("rl.token_stats", REPO_ROOT / "rl" / "token_stats.py")
+        loss = _load_file("rl.grpo.loss", REPO_ROOT / "rl" / "grpo" / "loss.py")
+        advantages = _load_file("rl.grpo.advantages", REPO_ROOT / "rl" / "grpo" / "advantages.py")
+        policy_loss, group_advantages = loss.policy_loss, advantages.group_advantages
+        token_statistics, IGNORE_INDEX = token_stats.token_statistics, token_stats.IGNORE_INDEX
+        how = f"module files without package __init__ ({e})"
+    return {"policy_loss": policy_loss, "group_advantages": group_advantages, "token_statistics": token_statistics,
+            "IGNORE_INDEX": IGNORE_INDEX, "how": how}
+
+
+def import_hf_engine():
+    """(HFEngine class, note); checks that importing it pulls in no vLLM."""
+    before = "vllm" in sys.modules
+    from rl.rollout.hf_engine import HFEngine
+
+    return HFEngine, {"vllm_imported_by_hf_engine": ("vllm" in sys.modules) and not before}
+
+
+# --------------------------------------------------------------------------------------------
+# Model, batch, step
+# --------------------------------------------------------------------------------------------
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def build_model(args, device: torch.device, dtype: torch.dtype):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    shape = dict(TINY if args.tiny else QWEN2_05B)
+    if args.num_layers:
+        shape["num_hidden_layers"] = args.num_layers
+    config = Qwen2Config(**shape, eos_token_id=0, pad_token_id=0, bos_token_id=None)
+    config._attn_implementation = args.attn
+    torch.manual_seed(args.seed)
+    with torch.device(device):
+        model = Qwen2ForCausalLM(config).to(dtype)
+    return model
+
+
+def synthetic_batch(args, vocab: int) -> list[dict]:
+    """Rollout-like sequences: prompt ids, completion ids (lengths uniform in the range), group rewards."""
+    g = torch.Generator().manual_seed(args.seed)
+    rows = []
+    for p in range(args.prompts):
+        prompt = torch.randint(1, vocab, (args.prompt_len,), generator=g).tolist()
+        for _ in range(args.group):
+            n = int(torch.randint(args.min_completion, args.max_completion + 1, (1,), generator=g))
+            rows.append({"prompt_ids": prompt, "completion_ids": torch.randint(1, vocab, (n,), generator=g).tolist(),
+                         "reward": float(torch.rand((), generator=g) < 0.5), "group": p})
+    return rows
+
+
+def completion_logprobs(rl, model, chunk, device, autocast_dtype):
+    """Replica of rl.grpo.trainer.completion_logprobs: padded forward, token_statistics at completion tokens."""
+    lengths = [len(s["prompt_ids"]) + len(s["completion_ids"]) for s in chunk]
+    width = max(lengths)
+    ids = torch.zeros((len(chunk), width), dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    labels = torch.full((len(chunk), width - 1), rl["IGNORE_INDEX"], dtype=torch.long)
+    for i, s in enumerate(chunk):
+        seq = s["prompt_ids"] + s["completion_ids"]
+        ids[i, :len(seq)] = torch.tensor(seq)
+        attention[i, :len(seq)] = 1
+        p = len(s["prompt_ids"])
+        labels[i, p - 1:len(seq) - 1] = torch.tensor(s["completion_ids"])
+    ids, attention, labels = ids.to(device), attention.to(device), labels.to(device)
+    ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    with ctx:
+        logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits[:, :-1]
+    mask = labels != rl["IGNORE_INDEX"]
+    stats = rl["token_statistics"](logits, mask, labels=labels)
+    max_len = max(len(s["completion_ids"]) for s in chunk)
+    logp = torch.zeros((len(chunk), max_len), device=device, dtype=stats.label_logprob.dtype)
+    entropy = torch.zeros_like(logp)
+    resp = torch.zeros((len(chunk), max_len), dtype=torch.bool, device=device)
+    for i, s in enumerate(chunk):
+        p, n = len(s["prompt_ids"]), len(s["completion_ids"])
+        logp[i, :n] = stats.label_logprob[i, p - 1:p - 1 + n]
+        entropy[i, :n] = stats.entropy[i, p - 1:p - 1 + n]
+        resp[i, :n] = True
+    return logp, entropy, resp
+
+
+def grpo_update(rl, model, optimizer, rows, advantages, args, device, autocast_dtype) -> dict[str, float]:
+    n_tokens = sum(len(r["completion_ids"]) for r in rows)
+    optimizer.zero_grad(set_to_none=True)
+    metrics: dict[str, float] = {}
+    for start in range(0, len(rows), args.micro_batch):
+        chunk = rows[start:start + args.micro_batch]
+        logp, entropy, mask = completion_logprobs(rl, model, chunk, device, autocast_dtype)
+        loss, m = rl["policy_loss"](logp, logp.detach(), advantages[start:start + len(chunk)].to(device), mask,
+                                    eps_low=0.2, eps_high=0.2, entropy=entropy, aggregation="token-mean",
+                                    max_response_len=args.max_completion, num_tokens=n_tokens, num_seqs=len(rows))
+        loss.backward()
+        metrics["loss"] = metrics.get("loss", 0.0) + float(loss.detach())
+        metrics["entropy"] = float(m["entropy"])
+    metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+    optimizer.step()
+    return metrics
+
+
+def run_train(args, device: torch.device, rl, mode: str) -> dict[str, Any]:
+    weights = torch.bfloat16 if mode == "bf16" else torch.float32
+    autocast_dtype = torch.bfloat16 if mode == "autocast" else None
+    if device.type == "cpu" and mode == "autocast":
+        autocast_dtype = torch.bfloat16
+    model = build_model(args, device, weights)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    rows = synthetic_batch(args, model.config.vocab_size)
+    rewards = torch.tensor([r["reward"] for r in rows], dtype=torch.float32).view(args.prompts, args.group)
+    advantages = rl["group_advantages"](rewards, normalize_std=True).flatten()
+    # AdamW state exists before the first timed step (a first step allocates it)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base_mem = torch.cuda.memory_allocated(device)
+    times, last = [], {}
+    for i in range(args.warmup + args.steps):
+        sync(device)
+        t = time.perf_counter()
+        last = grpo_update(rl, model, optimizer, rows, advantages, args, device, autocast_dtype)
+        sync(device)
+        dt = time.perf_counter() - t
+        if i >= args.warmup:
+            times.append(dt)
+        print(f"[train/{mode}] step {i + 1}: {dt:.3f}s loss {last['loss']:.4g} grad_norm {last['grad_norm']:.3g}",
+              flush=True)
+    n_tokens = sum(len(r["completion_ids"]) for r in rows)
+    total_tokens = sum(len(r["prompt_ids"]) + len(r["completion_ids"]) for r in rows)
+    out = {
+        "mode": mode, "status": "ok",
+        "weights": str(weights).replace("torch.", ""), "autocast": str(autocast_dtype).replace("torch.", ""),
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "sequences": len(rows), "completion_tokens": n_tokens, "total_tokens": total_tokens,
+        "step_time_s": statistics.median(times), "step_times_s": times,
+        "completion_tokens_per_s": n_tokens / statistics.median(times),
+        "last_metrics": last,
+    }
+    if device.type == "cuda":
+        out["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        out["peak_mem_delta_mb"] = (torch.cuda.max_memory_allocated(device) - base_mem) / 2**20
+    del model, optimizer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Generation with the HF engine
+# --------------------------------------------------------------------------------------------
+
+
+def save_model_dir(args, target: Path, dtype: torch.dtype) -> None:
+    """Random Qwen2 + a word-level tokenizer with one token per id, saved as an HF model directory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GenerationConfig, PreTrainedTokenizerFast
+
+    model = build_model(args, torch.device("cpu"), dtype)
+    vocab = model.config.vocab_size
+    core = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(vocab)}, unk_token="t1"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="t0", pad_token="t0", unk_token="t1")
+    model.generation_config = GenerationConfig(eos_token_id=0, pad_token_id=0)
+    model.save_pretrained(target, safe_serialization=True)
+    tok.save_pretrained(target)
+
+
+def run_generate(args, device: torch.device) -> dict[str, Any]:
+    from rl.rollout.base import SamplingConfig
+
+    HFEngine, note = import_hf_engine()
+    dtype = torch.bfloat16 if args.gen_dtype == "bfloat16" else torch.float32
+    with tempfile.TemporaryDirectory(prefix="gpu_grpo_model_") as tmp:
+        t = time.perf_counter()
+        save_model_dir(args, Path(tmp), dtype)
+        save_s = time.perf_counter() - t
+        engine = HFEngine(tmp, dtype=args.gen_dtype, device=device.type, seed=args.seed)
+        vocab = engine.model.config.vocab_size
+        g = torch.Generator().manual_seed(args.seed + 1)
+        prompts = [torch.randint(1, vocab, (args.prompt_len,), generator=g).tolist() for _ in range(args.gen_prompts)]
+        sampling = SamplingConfig(n=args.group, temperature=1.0, top_p=1.0, max_new_tokens=args.gen_tokens)
+        engine.generate(prompts[:1], SamplingConfig(n=2, temperature=1.0, max_new_tokens=4), [0])  # warm-up
+        sync(device)
+        t = time.perf_counter()
+        out = engine.generate(prompts, sampling, list(range(len(prompts))))
+        sync(device)
+        engine_s = time.perf_counter() - t
+        engine_tokens = sum(len(s.completion_ids) for group in out for s in group)
+        sample_ok = all(len(s.logprobs) == len(s.completion_ids) for group in out for s in group)
+        # One batched generate over all prompts x samples (prompts have equal length: no padding needed).
+        batch = torch.tensor([p for p in prompts for _ in range(args.group)], device=device)
+        with torch.no_grad():
+            torch.manual_seed(args.seed)
+            sync(device)
+            t = time.perf_counter()
+            seqs = engine.model.generate(input_ids=batch, attention_mask=torch.ones_like(batch), do_sample=True,
+                                         temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=args.gen_tokens,
+                                         pad_token_id=0)
+            sync(device)
+            batched_s = time.perf_counter() - t
+        batched_tokens = int((seqs[:, args.prompt_len:] != 0).sum())
+        peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+        engine.shutdown()
+    return {
+        "status": "ok", "dtype": args.gen_dtype, "prompts": args.gen_prompts, "samples": args.group,
+        "max_new_tokens": args.gen_tokens, "model_save_s": save_s, **note,
+        "hf_engine": {"seconds": engine_s, "tokens": engine_tokens, "tokens_per_s": engine_tokens / engine_s,
+                      "logprobs_per_token": sample_ok},
+        "batched_generate": {"seconds": batched_s, "tokens": batched_tokens,
+                             "tokens_per_s": batched_tokens / batched_s},
+        "hf_engine_over_batched_tokens_per_s": (engine_tokens / engine_s) / (batched_tokens / batched_s),
+        "peak_mem_mb": peak,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def markdown(result: dict[str, Any]) -> str:
+    c = result["config"]
+    lines = [f"### gpu_grpo_step: random Qwen2 {'tiny' if c['tiny'] else '0.5B shape'}, {result['device']}, "
+             f"torch {result['torch']}, transformers {result['transformers']}", "",
+             f"GRPO update: {c['prompts']} prompts x {c['group']} samples, prompt {c['prompt_len']} tokens, "
+             f"completions {c['min_completion']}-{c['max_completion']} tokens, micro-batch {c['micro_batch']}, "
+             f"{c['steps']} timed steps after {c['warmup']} warm-up.", "",
+             "| mode | step s (median) | completion tokens/s | peak MiB | peak delta MiB |", "|---|---|---|---|---|"]
+    for r in result["train"]:
+        if r.get("status") != "ok":
+            lines.append(f"| {r['mode']} | {r.get('status')}: {r.get('error', '')[:80]} | | | |")
+            continue
+        pk = r.get("peak_mem_mb")
+        dl = r.get("peak_mem_delta_mb")
+        lines.append(f"| {r['mode']} | {r['step_time_s']:.3f} | {r['completion_tokens_per_s']:.0f} | "
+                     f"{'-' if pk is None else f'{pk:.0f}'} | {'-' if dl is None else f'{dl:.0f}'} |")
+    g = result.get("generate") or {}
+    if g.get("status") == "ok":
+        lines += ["", f"Generation ({g['dtype']}, {g['prompts']} prompts x {g['samples']} samples x {g['max_new_tokens']} "
+                      f"tokens): HFEngine {g['hf_engine']['tokens_per_s']:.0f} tok/s "
+                      f"({g['hf_engine']['seconds']:.1f} s), one batched generate "
+                      f"{g['batched_generate']['tokens_per_s']:.0f} tok/s ({g['batched_generate']['seconds']:.1f} s); "
+                      f"vLLM imported by hf_engine: {g['vllm_imported_by_hf_engine']}"]
+    elif g:
+        lines += ["", f"Generation: {g.get('status')}: {g.get('error', '')[:200]}"]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--tiny", action="store_true", help="tiny shape (CPU smoke test)")
+    p.add_argument("--num-layers", type=int, default=0, help="override the layer count")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager, flash_attention_2)")
+    p.add_argument("--modes", default="autocast,bf16", help="precision modes of the update: autocast, bf16, fp32")
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--group", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--min-completion", type=int, default=128)
+    p.add_argument("--max-completion", type=int, default=1024)
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--gen", action=argparse.BooleanOptionalAction, default=True, help="time the HF engine")
+    p.add_argument("--gen-prompts", type=int, default=8)
+    p.add_argument("--gen-tokens", type=int, default=256)
+    p.add_argument("--gen-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=os.path.join(os.environ.get("OUT") or str(REPO_ROOT / "benchmarks" / "results"),
+                                                 "gpu_grpo_step.json"))
+    args = p.parse_args(argv)
+    if args.tiny:
+        for k, v in dict(prompt_len=16, min_completion=4, max_completion=24, micro_batch=4, steps=2, warmup=1,
+                         gen_tokens=8, prompts=2, group=4, gen_prompts=2).items():
+            if getattr(args, k) == p.get_default(k):
+                setattr(args, k, v)
+    return args
+
+
+def main(argv=None) -> int:
+    import transformers
+
+    args = parse_args(argv)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    rl = import_rl()
+    print(f"[setup] device {device}, rl imported via {rl['how']}", flush=True)
+    result: dict[str, Any] = {
+        "benchmark": "gpu_grpo_step", "config": vars(args), "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+        "rl_import": rl["how"], "train": [], "generate": None,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ok = True
+    for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
+        try:
+            result["train"].append(run_train(args, device, rl, mode))
+        except Exception as e:  # an OOM in one mode is a result, not the end of the run
+            ok = False
+            traceback.print_exc()
+            result["train"].append({"mode": mode, "status": "oom" if "out of memory" in str(e) else "failed",
+                                    "error": f"{type(e).__name__}: {e}"[:2000]})
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        out.write_text(json.dumps(result, indent=1, default=str))  # partial results survive a later crash
+    if args.gen:
+        try:
+            import pydantic  # noqa: F401  (rl.rollout.base needs it)
+
+            result["generate"] = run_generate(args, device)
+        except ImportError as e:
+            result["generate"] = {"status": "skipped", "error": f"{e} (carry pydantic wheels)"}
+        except Exception as e:
+            ok = False
+            traceback.print_exc()
+            result["generate"] = {"status": "failed", "error": f"{type(e).__name__}: {e}"[:2000]}
+    out.write_text(json.dumps(result, indent=1, default=str))
+    table = markdown(result)
+    out.with_suffix(".md").write_text(table)
+    print(table)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,312 @@
+#!/usr/bin/env python
+"""Does GRPO learn? pass@1 / pass@8 of the embedded model on held-out arithmetic, before and after N GRPO steps.
+
+* Data: one-digit two-term arithmetic from the embedded generator (``generate("arithmetic", n, seed)``):
+  training rows from ``--train-seed`` (1), held-out problems from ``--eval-seed`` (12345) with every
+  problem that also occurs in the training rows removed (disjoint by problem text).
+* Evaluation: ``--eval-samples`` (8) samples per held-out problem at temperature 1.0 with the vLLM
+  engine (`rl.rollout.make_engine("vllm", ...)`), the same per-problem seeds before and after (paired
+  comparison), rewarded by `rl.reward.math_reward`; pass@1 and pass@8 by the unbiased estimator
+  `rl.metrics.pass_at_k`, averaged over problems. Also reported: the share of completions with a
+  boxed answer, mean completion length, truncation rate.
+* Training: `rl.grpo.run_grpo` (vLLM rollouts, math reward, beta 0, no reference model) for ``--steps``
+  steps of ``--prompts`` prompts x ``--group`` samples x ``--max-new-tokens`` tokens; its
+  ``metrics.jsonl`` gives the per-step reward curve.
+
+Each phase (evaluate base, train, evaluate final checkpoint) runs in its own subprocess of this
+script (a fresh vLLM engine each; the final checkpoint is evaluated from disk, so the result does
+not depend on the trainer's weight sync). Output: ``--out`` (JSON) and a Markdown table beside it.
+
+Examples:
+  python benchmarks/grpo_learns.py                       # defaults: 20 steps, 64 held-out problems
+  python benchmarks/grpo_learns.py --steps 4 --eval-problems 16 --out /tmp/grpo_learns_quick.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+INSTRUCTION = "Put your final answer within \\boxed{}."
+
+
+def rl_rows(rows: list[dict]) -> list[dict]:
+    from eksft.data.formats import build_prompt
+
+    return [{"prompt": build_prompt(r["problem"], instruction=INSTRUCTION), "answer": r["answer"], "problem": r["problem"]}
+            for r in rows]
+
+
+def datasets(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    """(train rows, held-out rows): held-out problems never occur in the training rows."""
+    from eksft.data.generators import generate
+
+    train = generate("arithmetic", args.train_rows, args.train_seed)
+    seen = {r["problem"].strip() for r in train}
+    pool = generate("arithmetic", 4 * args.eval_problems + 64, args.eval_seed)
+    held, kept = [], set()
+    for r in pool:
+        key = r["problem"].strip()
+        if key not in seen and key not in kept:
+            held.append(r)
+            kept.add(key)
+        if len(held) == args.eval_problems:
+            break
+    if len(held) < args.eval_problems:
+        raise RuntimeError(f"only {len(held)} held-out problems disjoint from the training rows")
+    return rl_rows(train), rl_rows(held)
+
+
+# --------------------------------------------------------------------------------------------
+# Children
+# --------------------------------------------------------------------------------------------
+
+
+def run_eval(args: argparse.Namespace) -> dict[str, Any]:
+    """Sample ``eval_samples`` completions per held-out problem from ``args.eval_model`` and score them."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from rl.metrics import pass_at_k
+    from rl.reward import math_reward
+    from rl.rollout import SamplingConfig, make_engine
+
+    _, held = datasets(args)
+    t0 = time.perf_counter()
+    engine = make_engine("vllm", args.eval_model, dtype=args.rollout_dtype, max_model_len=args.max_model_len,
+                         seed=args.seed)
+    try:
+        ids = [engine.tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True,
+                                                    return_dict=False) for r in held]
+        sampling = SamplingConfig(n=args.eval_samples, temperature=1.0, top_p=1.0, max_new_tokens=args.max_new_tokens)
+        seeds = [args.eval_sampling_seed * 1_000_003 + i for i in range(len(held))]  # same seeds before / after
+        t = time.perf_counter()
+        outputs = engine.generate(ids, sampling, seeds)
+        gen_s = time.perf_counter() - t
+    finally:
+        engine.shutdown()
+    n = args.eval_samples
+    texts = [s.text for group in outputs for s in group]
+    answers = [r["answer"] for r in held for _ in range(n)]
+    results = math_reward(texts, answers)
+    correct = [sum(r.correct for r in results[i * n:(i + 1) * n]) for i in range(len(held))]
+    samples = [s for group in outputs for s in group]
+    ks = sorted({1, n} | {k for k in (2, 4) if k < n})
+    out = {
+        "model": args.eval_model,
+        "problems": len(held),
+        "samples_per_problem": n,
+        **{f"pass@{k}": sum(pass_at_k(n, c, k) for c in correct) / len(correct) for k in ks},
+        "correct_per_problem": correct,
+        "boxed_share": sum(r.extracted is not None for r in results) / len(results),
+        "completion_length_mean": sum(len(s.completion_ids) for s in samples) / len(samples),
+        "truncation_rate": sum(s.truncated for s in samples) / len(samples),
+        "generate_s": gen_s,
+        "tokens_per_s": sum(len(s.completion_ids) for s in samples) / gen_s,
+        "wall_s": time.perf_counter() - t0,
+        "example": {"problem": held[0]["problem"], "answer": held[0]["answer"], "completion": samples[0].text[:400]},
+    }
+    print(f"[eval] {args.eval_model}: pass@1 {out['pass@1']:.3f} pass@{n} {out[f'pass@{n}']:.3f} "
+          f"boxed {out['boxed_share']:.2f} len {out['completion_length_mean']:.1f} ({gen_s:.0f}s)", flush=True)
+    return out
+
+
+def grpo_config(bf16: bool, **fields):
+    """(GRPOConfig, extra run_grpo kwargs): bf16 autocast wherever this version of the trainer takes it."""
+    from rl.grpo import GRPOConfig
+    from rl.grpo.trainer import GRPOTrainer
+
+    if "bf16" in GRPOConfig.model_fields:
+        return GRPOConfig(bf16=bf16, **fields), {}
+    if "bf16" in inspect.signature(GRPOTrainer.__init__).parameters:
+        return GRPOConfig(**fields), {"bf16": bf16}
+    raise RuntimeError("this GRPOTrainer has no bf16 switch")
+
+
+def run_train(args: argparse.Namespace) -> dict[str, Any]:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from eksft.models import resolve_model_dir
+    from rl.grpo import run_grpo
+    from rl.rollout import RolloutConfig
+
+    train, _ = datasets(args)
+    cfg, extra = grpo_config(args.bf16, steps=args.steps, prompts_per_step=args.prompts, group_size=args.group,
+                             max_new_tokens=args.max_new_tokens, temperature=1.0, learning_rate=args.lr,
+                             micro_batch_size=args.micro_batch, beta_kl=0.0, format_weight=args.format_weight,
+                             save_every=10**6, seed=args.seed)
+    rollout = RolloutConfig(engine="vllm", dtype=args.rollout_dtype, max_model_len=args.max_model_len)
+    t0 = time.perf_counter()
+    final = run_grpo(resolve_model_dir(args.model), train, cfg, args.run_dir, rollout=rollout, kl_metric=False, **extra)
+    wall = time.perf_counter() - t0
+    metrics = [json.loads(line) for line in (Path(args.run_dir) / "metrics.jsonl").read_text().splitlines() if line]
+    return {"final_checkpoint": str(final), "wall_s": wall, "config": cfg.model_dump(), "metrics": metrics}
+
+
+# --------------------------------------------------------------------------------------------
+# Parent
+# --------------------------------------------------------------------------------------------
+
+
+def run_child(args: argparse.Namespace, task: str, extra: list[str]) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="grpo_learns_") as tmp:
+        out = Path(tmp) / "out.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], *extra, "--child", task,
+               "--json-out", str(out)]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+        tail: list[str] = []
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        _CURRENT_CHILD[0] = proc
+        watchdog = threading.Timer(args.child_timeout, proc.kill)
+        watchdog.start()
+        try:
+            for line in proc.stdout:
+                tail = (tail + [line])[-60:]
+                if line.startswith(("[eval]", "[rl]")):
+                    print(line, end="", flush=True)
+            rc = proc.wait()
+        finally:
+            watchdog.cancel()
+        if rc != 0 or not out.is_file():
+            raise RuntimeError(f"child {task} failed (exit {rc}):\n{''.join(tail)}")
+        return json.loads(out.read_text())
+
+
+def curve(metrics: list[dict]) -> list[dict]:
+    keys = ("step", "reward_mean", "pass@1", "pass@8", "zero_variance_share", "response_length_mean",
+            "truncation_rate", "entropy", "grad_norm", "clip_fraction", "logprob_gap_engine_trainer",
+            "time/generate", "time/reward", "time/train", "time/sync")
+    return [{k: m[k] for k in keys if k in m} for m in metrics]
+
+
+def markdown(result: dict[str, Any]) -> str:
+    s, b, a = result["settings"], result["before"], result["after"]
+    n = s["eval_samples"]
+
+    def f(x, d=3):
+        return "-" if x is None else (f"{x:.{d}f}" if isinstance(x, float) else str(x))
+
+    lines = [
+        f"### grpo_learns: {s['model']}, one-digit arithmetic, {s['steps']} GRPO steps of {s['prompts']} prompts x "
+        f"{s['group']} samples x <= {s['max_new_tokens']} tokens, lr {s['lr']}, format weight {s['format_weight']}",
+        "",
+        f"Held-out: {b['problems']} problems (seed {s['eval_seed']}, disjoint from the {s['train_rows']} training rows of "
+        f"seed {s['train_seed']}), {n} samples each at temperature 1.0, same seeds before and after.",
+        "",
+        f"| model | pass@1 | pass@{n} | boxed share | completion length | truncation rate |",
+        "|---|---|---|---|---|---|",
+        f"| before (base) | {f(b['pass@1'])} | {f(b[f'pass@{n}'])} | {f(b['boxed_share'], 2)} | "
+        f"{f(b['completion_length_mean'], 1)} | {f(b['truncation_rate'], 2)} |",
+        f"| after {s['steps']} steps | {f(a['pass@1'])} | {f(a[f'pass@{n}'])} | {f(a['boxed_share'], 2)} | "
+        f"{f(a['completion_length_mean'], 1)} | {f(a['truncation_rate'], 2)} |",
+        "",
+        "Training reward (mean over each step's rollouts): "
+        + ", ".join(f(m.get("reward_mean"), 2) for m in result["reward_curve"]),
+        "",
+        f"Wall time: {f(result['total_wall_s'], 0)} s (training {f(result['train_wall_s'], 0)} s).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--model", default="embedded:smollm2-135m-instruct")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--group", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--format-weight", type=float, default=0.0)
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="trainer bf16 autocast")
+    p.add_argument("--rollout-dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--train-rows", type=int, default=256)
+    p.add_argument("--train-seed", type=int, default=1)
+    p.add_argument("--eval-problems", type=int, default=64)
+    p.add_argument("--eval-seed", type=int, default=12345)
+    p.add_argument("--eval-samples", type=int, default=8)
+    p.add_argument("--eval-sampling-seed", type=int, default=7)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--run-dir", default=None, help="GRPO run directory (default: a temporary one)")
+    p.add_argument("--child-timeout", type=float, default=3600)
+    p.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results" / "grpo_learns.json"))
+    p.add_argument("--child", choices=["eval", "train"], help=argparse.SUPPRESS)
+    p.add_argument("--eval-model", help=argparse.SUPPRESS)
+    p.add_argument("--json-out", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+_CURRENT_CHILD: list = [None]
+
+
+def _stop(signum, _frame):
+    """SIGTERM/SIGINT of the parent: end the running child too (and so its vLLM engine and verifier pool)."""
+    child = _CURRENT_CHILD[0]
+    if child is not None and child.poll() is None:
+        child.terminate()
+        try:
+            child.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            child.kill()
+    sys.exit(128 + signum)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not args.child:
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
+    if args.child:
+        result = {"eval": run_eval, "train": run_train}[args.child](args)
+        Path(args.json_out).write_text(json.dumps(result, indent=1, default=str))
+        return 0
+
+    from eksft.models import resolve_model_dir
+
+    base = resolve_model_dir(args.model)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="grpo_learns_run_") as tmp:
+        run_dir = args.run_dir or tmp
+        print(f"== evaluate base model ({args.eval_problems} problems x {args.eval_samples})", flush=True)
+        before = run_child(args, "eval", ["--eval-model", base])
+        print(f"== GRPO: {args.steps} steps of {args.prompts} x {args.group} x {args.max_new_tokens} tokens", flush=True)
+        train = run_child(args, "train", [] if args.run_dir else ["--run-dir", run_dir])
+        print("== evaluate final checkpoint", flush=True)
+        after = run_child(args, "eval", ["--eval-model", train["final_checkpoint"]])
+    n = args.eval_samples
+    settings = {k: v for k, v in vars(args).items() if k not in ("child", "eval_model", "json_out")}
+    result = {
+        "benchmark": "grpo_learns",
+        "settings": settings,
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
+        "before": before,
+        "after": after,
+        "delta": {"pass@1": after["pass@1"] - before["pass@1"], f"pass@{n}": after[f"pass@{n}"] - before[f"pass@{n}"]},
+        "went_up": after["pass@1"] > before["pass@1"],
+        "reward_curve": curve(train["metrics"]),
+        "grpo_config": train["config"],
+        "train_wall_s": train["wall_s"],
+        "total_wall_s": time.perf_counter() - t0,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=str))
+    table = markdown(result)
+    out.with_suffix(".md").write_text(table)
+    print(table)
+    return 0 if result["went_up"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,824 @@
+#!/usr/bin/env python
+"""Cost of one GRPO step: this project's GRPOTrainer (vLLM rollouts) vs TRL's GRPOTrainer (transformers generate).
+
+One run, one model, the same prompts x group size x max new tokens x steps for every system:
+
+* ``ours``   - `rl.grpo.trainer.GRPOTrainer` with the in-process vLLM engine, ``beta_kl=0``,
+  ``kl_metric=False`` (no reference model), CPU bf16 autocast for the trainer forwards
+  (``--bf16``); the engine's dtype is ``--rollout-dtype``. Step time = wall time of
+  ``train_step()``; the split comes from its own metrics (``time/generate``, ``time/reward``,
+  ``time/train``, ``time/sync``; ``other`` = wall - their sum: rollout files, metrics).
+* ``trl``    - ``trl.GRPOTrainer`` with its default transformers ``generate`` (``use_vllm=False``),
+  ``beta=0``, ``loss_type="dapo"`` (= our token-mean), ``scale_rewards="group"`` (= our
+  std-normalised advantages), no gradient checkpointing (TRL turns it on by default; our trainer
+  has none), one optimizer step = ``per_device_train_batch_size * gradient_accumulation_steps`` =
+  prompts x group size sequences, generated in ONE generation batch of the same size. The reward
+  function calls this project's `rl.reward.math_reward`, so rewards cost the same. Step time =
+  ``on_step_begin`` -> ``on_step_end`` of a TrainerCallback; the split comes from timing wrappers
+  around ``_generate_single_turn`` (generation) and ``_calculate_rewards`` (reward).
+* ``engine`` - rollout throughput in one process, after warm-up: this project's
+  `rl.rollout.vllm_engine.VLLMEngine.generate` vs plain ``vllm.LLM.generate`` on the SAME ``LLM``
+  object (same prompts as token ids, same ``SamplingParams`` n / temperature / max_tokens /
+  per-request seed / ``logprobs=0``): the arms produce identical tokens, so tokens/s compares the
+  wrapper's overhead alone. A third arm drops the per-request seeds (what they cost), and
+  ``--plain-default`` adds a child with a fresh ``vllm.LLM`` built with vLLM's own defaults
+  (engine core in its own process, no ``enforce_eager``) to show what `rl.rollout.make_llm`'s
+  settings cost.
+
+The prompt set is ``--prompts`` generated one-digit arithmetic problems (``generate("arithmetic",
+n, seed)``), so every step of every system samples the same prompts (in its own order). The
+learning rate is small (1e-6) so that response lengths stay close to the base model's: the
+cost of a step depends on them, so each row also reports completion tokens per step and seconds
+per 1k completion tokens.
+
+Each system runs in its own subprocess of this script (``--child SYSTEM``; vLLM and TRL in one
+process would compete for RAM and threads), sequentially, and the parent merges the results
+into ``--out`` (JSON) and a Markdown table beside it. ``--profile`` (on by default) adds, in the
+``ours`` child, a breakdown of the trainer update on the last step's rollouts: forward (body vs
+LM head), token statistics, loss, backward and optimizer time, padding waste per micro-batch
+size, length-sorted micro-batches, float32 vs bf16, and logits restricted to completion tokens.
+
+Examples:
+  python benchmarks/grpo_step.py                                   # 8 prompts x 8 x 128 tokens, 1+2 steps
+  python benchmarks/grpo_step.py --prompts 4 --group 4 --max-new-tokens 32 --steps 1 --warmup 1 \
+      --systems ours,engine --no-profile --out /tmp/grpo_step_smoke.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+INSTRUCTION = "Put your final answer within \\boxed{}."
+SYSTEMS = ("ours", "trl", "engine")
+
+
+# --------------------------------------------------------------------------------------------
+# Shared helpers
+# --------------------------------------------------------------------------------------------
+
+
+def make_rows(n: int, seed: int) -> list[dict]:
+    from eksft.data.formats import build_prompt
+    from eksft.data.generators import generate
+
+    return [{"prompt": build_prompt(r["problem"], instruction=INSTRUCTION), "answer": r["answer"], "problem": r["problem"]}
+            for r in generate("arithmetic", n, seed)]
+
+
+def model_dir(args: argparse.Namespace) -> str:
+    from eksft.models import resolve_model_dir
+
+    return resolve_model_dir(args.model)
+
+
+def median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def load_note() -> dict[str, Any]:
+    """The machine's load when a measurement starts/ends (the 2 cores are shared)."""
+    one, five, _ = os.getloadavg()
+    return {"loadavg_1m": round(one, 2), "loadavg_5m": round(five, 2)}
+
+
+def summarise(system: str, steps: list[dict], warmup: int, extra: dict | None = None) -> dict[str, Any]:
+    """Medians over the timed steps (the first ``warmup`` entries are warm-up)."""
+    timed = steps[warmup:]
+    keys = ("generate", "reward", "train", "sync", "other")
+    split = {k: median([s[k] for s in timed if s.get(k) is not None]) for k in keys}
+    tokens = median([s["completion_tokens"] for s in timed])
+    step = median([s["wall_s"] for s in timed])
+    row = {
+        "system": system,
+        "status": "ok",
+        "step_time_s": step,
+        "step_time_s_all": [round(s["wall_s"], 3) for s in timed],
+        "steps": len(timed),
+        "warmup_steps": warmup,
+        "time_split_s": split,
+        "completion_tokens_per_step": tokens,
+        "s_per_1k_completion_tokens": 1000 * step / tokens if step and tokens else None,
+        "generate_tokens_per_s": tokens / split["generate"] if tokens and split["generate"] else None,
+        "reward_mean": median([s.get("reward_mean") for s in timed if s.get("reward_mean") is not None]),
+        "per_step": steps,
+    }
+    row.update(extra or {})
+    return row
+
+
+# --------------------------------------------------------------------------------------------
+# ours: rl.grpo.trainer.GRPOTrainer + in-process vLLM
+# --------------------------------------------------------------------------------------------
+
+
+def grpo_config(config_cls, bf16: bool, **fields):
+    """(GRPOConfig, extra GRPOTrainer kwargs) with bf16 autocast wherever this version of the trainer takes it.
+
+    The switch moved from ``GRPOTrainer(bf16=...)`` to ``GRPOConfig.bf16``; both are accepted here.
+    """
+    import inspect
+
+    from rl.grpo.trainer import GRPOTrainer
+
+    if "bf16" in config_cls.model_fields:
+        return config_cls(bf16=bf16, **fields), {}
+    if "bf16" in inspect.signature(GRPOTrainer.__init__).parameters:
+        return config_cls(**fields), {"bf16": bf16}
+    raise RuntimeError("this GRPOTrainer has no bf16 switch")
+
+
+
+def run_ours(args: argparse.Namespace) -> dict[str, Any]:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    import torch
+
+    from rl.grpo.config import GRPOConfig
+    from rl.grpo.trainer import GRPOTrainer
+    from rl.rollout import RolloutConfig
+
+    rows = make_rows(args.prompts, args.data_seed)
+    total = args.warmup + args.steps
+    cfg, precision_kwargs = grpo_config(GRPOConfig, args.bf16, group_size=args.group, prompts_per_step=args.prompts,
+                                        max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0, beta_kl=0.0,
+                                        learning_rate=args.lr, micro_batch_size=args.micro_batch, steps=total,
+                                        save_every=10**6, seed=args.seed)
+    rollout = RolloutConfig(engine="vllm", dtype=args.rollout_dtype, max_model_len=args.max_model_len,
+                            kv_cache_gib=args.kv_cache_gib)
+    threads_before = torch.get_num_threads()
+    with tempfile.TemporaryDirectory(prefix="grpo_step_ours_") as tmp:
+        t0 = time.perf_counter()
+        trainer = GRPOTrainer(model_dir=model_dir(args), rows=rows, config=cfg, out_dir=tmp, rollout=rollout,
+                              kl_metric=False, **precision_kwargs)
+        init_s = time.perf_counter() - t0
+        captured: dict[str, Any] = {}
+        original_rollout = trainer._rollout
+
+        def rollout_and_keep(picks, timings):
+            groups = original_rollout(picks, timings)
+            captured["groups"] = groups
+            return groups
+
+        trainer._rollout = rollout_and_keep
+        steps = []
+        try:
+            for i in range(total):
+                load = load_note()
+                t = time.perf_counter()
+                m = trainer.train_step()
+                wall = time.perf_counter() - t
+                trainer.step += 1
+                m["step"] = trainer.step
+                trainer._log(m)
+                split = {k: m[f"time/{k}"] for k in ("generate", "reward", "train", "sync")}
+                n_tokens = sum(len(s.completion_ids) for g in captured["groups"] for s in g.samples)
+                steps.append({"step": i + 1, "warmup": i < args.warmup, "wall_s": wall, **split,
+                              "other": wall - sum(split.values()), "completion_tokens": n_tokens,
+                              "sequences": sum(len(g.samples) for g in captured["groups"]),
+                              "response_length_mean": m.get("response_length_mean"),
+                              "truncation_rate": m.get("truncation_rate"), "reward_mean": m.get("reward_mean"),
+                              "logprob_gap_engine_trainer": m.get("logprob_gap_engine_trainer"), **load})
+                print(f"[ours] step {i + 1}/{total} wall {wall:.1f}s "
+                      + " ".join(f"{k}={v:.1f}s" for k, v in split.items()) + f" tokens={n_tokens}", flush=True)
+            profile = profile_update(trainer, captured["groups"], args) if args.profile else None
+        finally:
+            trainer.engine.shutdown()
+    return summarise("ours", steps, args.warmup, {
+        "init_s": init_s, "torch_threads": [threads_before, torch.get_num_threads()],
+        "settings": {"engine": "vllm (in-process)", "rollout_dtype": args.rollout_dtype,
+                     "trainer_precision": "bf16 autocast" if args.bf16 else "float32",
+                     "micro_batch_size": args.micro_batch, "beta_kl": 0.0, "kl_metric": False,
+                     "aggregation": cfg.aggregation},
+        "profile": profile,
+    })
+
+
+# ---------------------------------------------------------------- profile of our update
+
+
+def _padding(samples, micro: int, order: list[int]) -> dict[str, Any]:
+    """Positions the forward computes vs real tokens vs completion tokens, over micro-batches."""
+    computed = real = completion = 0
+    for start in range(0, len(order), micro):
+        chunk = [samples[i] for i in order[start:start + micro]]
+        lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in chunk]
+        computed += len(chunk) * max(lengths)
+        real += sum(lengths)
+        completion += sum(len(s.completion_ids) for s in chunk)
+    return {"computed_positions": computed, "real_tokens": real, "completion_tokens": completion,
+            "padding_share": 1 - real / computed, "completion_share_of_computed": completion / computed}
+
+
+class _Timer:
+    """Forward pre/post hooks that add up the wall time of a module's forwards."""
+
+    def __init__(self, module):
+        self.total, self._t = 0.0, None
+        self.handles = [module.register_forward_pre_hook(self._pre), module.register_forward_hook(self._post)]
+
+    def _pre(self, *_):
+        self._t = time.perf_counter()
+
+    def _post(self, *_):
+        self.total += time.perf_counter() - self._t
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _completion_only_logprobs(model, samples, autocast_dtype):
+    """Variant for the profile: the LM head (and softmax) only at completion positions.
+
+    The trainer's `completion_logprobs` runs the full model, i.e. logits [b, width, V] for
+    every prompt and padding position, and then keeps the completion positions. Here the body
+    runs on the same padded batch, the hidden states of the positions that predict completion
+    tokens are gathered, and only those go through the LM head and `token_statistics`.
+    """
+    import torch
+
+    import rl.grpo.trainer as trainer_module  # its token_statistics (timed by timed_update)
+
+    width = max(len(s.prompt_ids) + len(s.completion_ids) for s in samples)
+    ids = torch.zeros((len(samples), width), dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    rows, cols, labels = [], [], []
+    for i, s in enumerate(samples):
+        seq = s.prompt_ids + s.completion_ids
+        ids[i, :len(seq)] = torch.tensor(seq)
+        attention[i, :len(seq)] = 1
+        p, n = len(s.prompt_ids), len(s.completion_ids)
+        rows += [i] * n
+        cols += list(range(p - 1, p - 1 + n))
+        labels += s.completion_ids
+    ctx = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    with ctx:
+        hidden = model.model(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state
+        logits = model.lm_head(hidden[torch.tensor(rows), torch.tensor(cols)])  # [n_tokens, V]
+    mask = torch.ones((1, logits.shape[0]), dtype=torch.bool)
+    stats = trainer_module.token_statistics(logits[None], mask, labels=torch.tensor(labels)[None])
+    return stats.label_logprob[0], stats.entropy[0], torch.tensor(rows)
+
+
+def timed_update(trainer, samples, advantages, *, micro: int, order: list[int], autocast_dtype,
+                 head: str = "full") -> dict[str, Any]:
+    """One on-policy update (forward + policy loss + backward per micro-batch, clip, AdamW step) with phase timings.
+
+    Mirrors `GRPOTrainer._update` for ``ppo_epochs=1``, one mini-batch, beta 0 (the same building blocks:
+    `completion_logprobs`, `policy_loss` with global token normalisation); ``order`` decides which samples
+    share a micro-batch. ``head="completion"`` computes logits only at completion positions.
+    """
+    import torch
+
+    from rl.grpo.core import policy_loss
+    from rl.grpo.trainer import completion_logprobs
+    import rl.grpo.trainer as trainer_module
+
+    cfg, model = trainer.cfg, trainer.model
+    body_timer, head_timer = _Timer(model.model), _Timer(model.lm_head)
+    stats_time = [0.0]
+    original_stats = trainer_module.token_statistics
+
+    def timed_stats(*a, **k):
+        t = time.perf_counter()
+        out = original_stats(*a, **k)
+        stats_time[0] += time.perf_counter() - t
+        return out
+
+    trainer_module.token_statistics = timed_stats
+    n_tokens = sum(len(s.completion_ids) for s in samples)
+    t_fwd = t_loss = t_bwd = 0.0
+    try:
+        t_all = time.perf_counter()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        for start in range(0, len(order), micro):
+            idx = order[start:start + micro]
+            chunk = [samples[i] for i in idx]
+            t = time.perf_counter()
+            if head == "full":
+                logp, entropy, mask = completion_logprobs(model, chunk, cfg.temperature, with_entropy=True,
+                                                          autocast_dtype=autocast_dtype)
+                adv = advantages[idx]
+            else:
+                flat_lp, flat_ent, flat_rows = _completion_only_logprobs(model, chunk, autocast_dtype)
+                logp, entropy, mask = flat_lp[None], flat_ent[None], torch.ones_like(flat_lp, dtype=torch.bool)[None]
+                adv = advantages[idx][flat_rows][None]  # per-token advantages, [1, n_tokens]
+            t_fwd += time.perf_counter() - t
+            t = time.perf_counter()
+            loss, _ = policy_loss(logp, logp.detach(), adv, mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+                                  entropy=entropy, aggregation=cfg.aggregation, max_response_len=cfg.max_new_tokens,
+                                  num_tokens=max(n_tokens, 1), num_seqs=len(samples))
+            t_loss += time.perf_counter() - t
+            t = time.perf_counter()
+            loss.backward()
+            t_bwd += time.perf_counter() - t
+        t = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        trainer.optimizer.step()
+        t_opt = time.perf_counter() - t
+        total = time.perf_counter() - t_all
+    finally:
+        trainer_module.token_statistics = original_stats
+        body_timer.remove()
+        head_timer.remove()
+    return {"total_s": total, "forward_s": t_fwd, "forward_body_s": body_timer.total,
+            "forward_lm_head_s": head_timer.total, "token_statistics_s": stats_time[0], "loss_s": t_loss,
+            "backward_s": t_bwd, "clip_and_optimizer_s": t_opt, **_padding(samples, micro, order)}
+
+
+def profile_update(trainer, groups, args: argparse.Namespace) -> dict[str, Any]:
+    """Where the update's time goes, on the last step's rollouts (weights keep training; timing only)."""
+    import torch
+
+    from rl.grpo.core import group_advantages
+    from rl.grpo.trainer import GRPOTrainer
+
+    samples = [s for g in groups for s in g.samples]
+    rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)
+    advantages = group_advantages(rewards, normalize_std=trainer.cfg.normalize_std).flatten()
+    n = len(samples)
+    shuffled = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()  # like _update's mini-batch
+    by_length = sorted(range(n), key=lambda i: len(samples[i].prompt_ids) + len(samples[i].completion_ids))
+    bf16 = torch.bfloat16 if args.bf16 else None
+    out: dict[str, Any] = {
+        "sequences": n,
+        "completion_tokens": sum(len(s.completion_ids) for s in samples),
+        "prompt_lengths": sorted({len(s.prompt_ids) for s in samples}),
+        "completion_length_min_max": [min(len(s.completion_ids) for s in samples),
+                                      max(len(s.completion_ids) for s in samples)],
+        "padding_by_micro_batch": {str(m): _padding(samples, m, shuffled) for m in (1, 4, 8, 16, 32, n)},
+        "padding_sorted_by_length": {str(m): _padding(samples, m, by_length) for m in (4, 8, 16, 32)},
+        "updates": [],
+    }
+
+    def record(name, **kw):
+        print(f"[ours/profile] {name} ...", flush=True)
+        r = {"variant": name, **load_note(), **timed_update(trainer, samples, advantages, **kw)}
+        out["updates"].append(r)
+        print(f"[ours/profile] {name}: {r['total_s']:.2f}s (fwd {r['forward_s']:.2f} [head {r['forward_lm_head_s']:.2f},"
+              f" stats {r['token_statistics_s']:.2f}] bwd {r['backward_s']:.2f} opt {r['clip_and_optimizer_s']:.2f})",
+              flush=True)
+
+    # The trainer's own update on the same batch (reference point for the replica below).
+    t = time.perf_counter()
+    GRPOTrainer._update(trainer, groups)
+    out["trainer_update_s"] = time.perf_counter() - t
+    micro = args.micro_batch
+    record(f"as trainer: micro {micro}, shuffled, {'bf16' if bf16 else 'fp32'}", micro=micro, order=shuffled,
+           autocast_dtype=bf16)
+    for m in args.profile_micro:
+        if m != micro:
+            record(f"micro {m}, shuffled", micro=m, order=shuffled, autocast_dtype=bf16)
+    record(f"micro {micro}, sorted by length", micro=micro, order=by_length, autocast_dtype=bf16)
+    record(f"micro {micro}, shuffled, {'fp32' if bf16 else 'bf16'}", micro=micro, order=shuffled,
+           autocast_dtype=None if bf16 else torch.bfloat16)
+    record(f"micro {micro}, sorted, LM head on completion tokens only", micro=micro, order=by_length,
+           autocast_dtype=bf16, head="completion")
+    previous = torch.set_flush_denormal(True)
+    try:
+        record(f"micro {micro}, shuffled, flush denormals", micro=micro, order=shuffled, autocast_dtype=bf16)
+    finally:
+        torch.set_flush_denormal(False)
+    out["flush_denormal_supported"] = previous
+    # Weight sync cost alone (the engine re-packs the tied LM head, see rl.rollout.vllm_engine).
+    t = time.perf_counter()
+    trainer.engine.update_weights(trainer.model.state_dict())
+    out["sync_s"] = time.perf_counter() - t
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# trl: trl.GRPOTrainer with transformers generate
+# --------------------------------------------------------------------------------------------
+
+
+def run_trl(args: argparse.Namespace) -> dict[str, Any]:
+    import datasets
+    import torch
+    import transformers
+    import trl
+    from transformers import TrainerCallback
+    from trl import GRPOConfig as TRLGRPOConfig
+    from trl import GRPOTrainer as TRLGRPOTrainer
+
+    from rl.reward import math_reward
+
+    rows = make_rows(args.prompts, args.data_seed)
+    dataset = datasets.Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in rows])
+    per_step = args.prompts * args.group
+    if per_step % args.micro_batch:
+        raise SystemExit(f"--micro-batch {args.micro_batch} must divide prompts x group = {per_step}")
+    calls: list[dict] = []
+
+    def math_verify_reward(completions, answer, completion_ids=None, prompts=None, **_):
+        """This project's reward (same cost as in our trainer): math_reward on the completion text."""
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        results = math_reward(texts, answer)
+        calls.append({"completions": len(texts), "completion_tokens": sum(len(c) for c in completion_ids or []),
+                      "distinct_prompts": len({json.dumps(p) for p in prompts or []}),
+                      "reward_mean": sum(r.score for r in results) / len(results)})
+        return [r.score for r in results]
+
+    total = args.warmup + args.steps
+    with tempfile.TemporaryDirectory(prefix="grpo_step_trl_") as tmp:
+        config = TRLGRPOConfig(
+            output_dir=tmp, use_cpu=True, bf16=args.bf16, fp16=False, report_to="none", logging_strategy="no",
+            save_strategy="no", disable_tqdm=True, max_steps=total, seed=args.seed, learning_rate=args.lr,
+            lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+            per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=per_step // args.micro_batch,
+            num_generations=args.group, max_completion_length=args.max_new_tokens, temperature=1.0, top_p=1.0,
+            top_k=0, use_vllm=False, beta=0.0, num_iterations=1, epsilon=0.2, loss_type="dapo",
+            scale_rewards="group", gradient_checkpointing=False, dataloader_num_workers=0,
+            model_init_kwargs={"dtype": "float32"},
+        )
+        marks: dict[str, list[float]] = {"begin": [], "end": [], "generate": [], "reward": []}
+        loads: list[dict] = []
+
+        class StepClock(TrainerCallback):
+            def on_step_begin(self, a, state, control, **kw):
+                loads.append(load_note())
+                marks["begin"].append(time.perf_counter())
+
+            def on_step_end(self, a, state, control, **kw):
+                marks["end"].append(time.perf_counter())
+                i = len(marks["end"])
+                wall = marks["end"][-1] - marks["begin"][-1]
+                print(f"[trl] step {i}/{total} wall {wall:.1f}s", flush=True)
+
+        t0 = time.perf_counter()
+        trainer = TRLGRPOTrainer(model=model_dir(args), reward_funcs=[math_verify_reward], args=config,
+                                 train_dataset=dataset, callbacks=[StepClock()])
+        init_s = time.perf_counter() - t0
+
+        def timed(name, fn):
+            def wrapper(*a, **k):
+                t = time.perf_counter()
+                try:
+                    return fn(*a, **k)
+                finally:
+                    marks[name].append(time.perf_counter() - t)
+            return wrapper
+
+        trainer._generate_single_turn = timed("generate", trainer._generate_single_turn)
+        trainer._calculate_rewards = timed("reward", trainer._calculate_rewards)
+        trainer.train()
+    if not (len(marks["begin"]) == len(marks["end"]) == len(marks["generate"]) == len(marks["reward"]) == total):
+        raise RuntimeError(f"expected one generation and one reward call per step, got "
+                           f"{ {k: len(v) for k, v in marks.items()} }")
+    steps = []
+    for i in range(total):
+        wall = marks["end"][i] - marks["begin"][i]
+        gen, rew = marks["generate"][i], marks["reward"][i]
+        c = calls[i]
+        steps.append({"step": i + 1, "warmup": i < args.warmup, "wall_s": wall, "generate": gen, "reward": rew,
+                      "train": wall - gen - rew, "sync": 0.0, "other": None, "completion_tokens": c["completion_tokens"],
+                      "sequences": c["completions"], "distinct_prompts": c["distinct_prompts"],
+                      "response_length_mean": c["completion_tokens"] / c["completions"],
+                      "reward_mean": c["reward_mean"], **(loads[i] if i < len(loads) else {})})
+    return summarise("trl", steps, args.warmup, {
+        "init_s": init_s, "torch_threads": torch.get_num_threads(),
+        "versions": {"trl": trl.__version__, "transformers": transformers.__version__},
+        "settings": {"engine": "transformers generate (use_vllm=False)", "bf16": config.bf16,
+                     "per_device_train_batch_size": config.per_device_train_batch_size,
+                     "gradient_accumulation_steps": config.gradient_accumulation_steps,
+                     "generation_batch_size": config.generation_batch_size,
+                     "steps_per_generation": config.steps_per_generation, "loss_type": config.loss_type,
+                     "gradient_checkpointing": config.gradient_checkpointing, "beta": config.beta,
+                     "note": "train = step wall - generate - reward (loss forwards/backwards, optimizer, "
+                             "tokenisation, advantage maths)"},
+    })
+
+
+# --------------------------------------------------------------------------------------------
+# engine: VLLMEngine.generate vs plain vllm.LLM.generate
+# --------------------------------------------------------------------------------------------
+
+
+def _prompt_ids(args, tokenizer) -> list[list[int]]:
+    return [tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True, return_dict=False)
+            for r in make_rows(args.prompts, args.data_seed)]
+
+
+def _plain_generate(llm, ids, args, seeds, logprobs=0):
+    from vllm import SamplingParams
+
+    params = [SamplingParams(n=args.group, temperature=1.0, top_p=1.0, max_tokens=args.max_new_tokens,
+                             logprobs=logprobs, seed=None if s is None else int(s)) for s in seeds]
+    outs = llm.generate([{"prompt_token_ids": list(i)} for i in ids], params, use_tqdm=False)
+    return [[list(o.token_ids) for o in out.outputs] for out in outs]
+
+
+def run_engine(args: argparse.Namespace) -> dict[str, Any]:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from rl.rollout import SamplingConfig
+    from rl.rollout.vllm_engine import VLLMEngine
+
+    t0 = time.perf_counter()
+    engine = VLLMEngine(model_dir(args), dtype=args.rollout_dtype, max_model_len=args.max_model_len,
+                        kv_cache_gib=args.kv_cache_gib, seed=args.seed)
+    init_s = time.perf_counter() - t0
+    ids = _prompt_ids(args, engine.tokenizer)
+    sampling = SamplingConfig(n=args.group, temperature=1.0, top_p=1.0, max_new_tokens=args.max_new_tokens)
+
+    def ours(seeds):
+        out = engine.generate(ids, sampling, seeds)
+        return [[s.completion_ids for s in group] for group in out]
+
+    arms = {
+        "VLLMEngine.generate": ours,
+        "vllm.LLM.generate (same LLM, same params)": lambda seeds: _plain_generate(engine.llm, ids, args, seeds),
+        "vllm.LLM.generate (same LLM, no per-request seed)":
+            lambda seeds: _plain_generate(engine.llm, ids, args, [None] * len(seeds)),
+    }
+    results: dict[str, dict[str, list]] = {k: {"s": [], "tokens": [], "load": []} for k in arms}
+    identical = []
+    try:
+        for name, fn in arms.items():  # warm-up every arm once
+            fn([10_000 + i for i in range(len(ids))])
+        for rep in range(args.engine_reps):
+            seeds = [1000 * rep + i for i in range(len(ids))]
+            names = list(arms) if rep % 2 == 0 else list(reversed(arms))  # alternate the order
+            tokens_seen = {}
+            for name in names:
+                load = load_note()
+                t = time.perf_counter()
+                toks = arms[name](seeds)
+                dt = time.perf_counter() - t
+                results[name]["s"].append(dt)
+                results[name]["tokens"].append(sum(len(c) for g in toks for c in g))
+                results[name]["load"].append(load)
+                tokens_seen[name] = toks
+                print(f"[engine] rep {rep} {name}: {dt:.2f}s {results[name]['tokens'][-1]} tokens", flush=True)
+            a, b = list(arms)[:2]
+            identical.append(tokens_seen[a] == tokens_seen[b])
+    finally:
+        engine.shutdown()
+    arms_out = []
+    for name, r in results.items():
+        tok_s = sum(r["tokens"]) / sum(r["s"])
+        arms_out.append({"arm": name, "tokens_per_s": tok_s, "seconds": r["s"], "tokens": r["tokens"], "loads": r["load"]})
+    return {"system": "engine", "status": "ok", "init_s": init_s, "reps": args.engine_reps,
+            "rollout_dtype": args.rollout_dtype, "arms": arms_out, "same_tokens_ours_vs_plain": identical,
+            "tokens_per_s_ours": arms_out[0]["tokens_per_s"], "tokens_per_s_plain": arms_out[1]["tokens_per_s"]}
+
+
+def run_plain_default(args: argparse.Namespace) -> dict[str, Any]:
+    """A fresh vllm.LLM with vLLM's own defaults (engine core in its own process, compilation as vLLM picks)."""
+    from vllm import LLM
+
+    t0 = time.perf_counter()
+    llm = LLM(model=model_dir(args), dtype=args.rollout_dtype, max_model_len=args.max_model_len, seed=args.seed,
+              kv_cache_memory_bytes=int(args.kv_cache_gib * 2**30))
+    init_s = time.perf_counter() - t0
+    ids = _prompt_ids(args, llm.get_tokenizer())
+    _plain_generate(llm, ids, args, [10_000 + i for i in range(len(ids))])
+    secs, tokens = [], []
+    for rep in range(args.engine_reps):
+        t = time.perf_counter()
+        toks = _plain_generate(llm, ids, args, [1000 * rep + i for i in range(len(ids))])
+        secs.append(time.perf_counter() - t)
+        tokens.append(sum(len(c) for g in toks for c in g))
+        print(f"[plain-default] rep {rep}: {secs[-1]:.2f}s {tokens[-1]} tokens", flush=True)
+    return {"system": "plain-default", "status": "ok", "init_s": init_s, "seconds": secs, "tokens": tokens,
+            "tokens_per_s": sum(tokens) / sum(secs)}
+
+
+# --------------------------------------------------------------------------------------------
+# Parent: children, merge, tables
+# --------------------------------------------------------------------------------------------
+
+CHILDREN = {"ours": run_ours, "trl": run_trl, "engine": run_engine, "plain-default": run_plain_default}
+
+
+def run_child(args: argparse.Namespace, system: str) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="grpo_step_") as tmp:
+        out = Path(tmp) / "out.json"
+        argv = [a for a in sys.argv[1:]]
+        cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--child", system, "--json-out", str(out)]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+        log = Path(tmp) / "log.txt"
+        t = time.perf_counter()
+        with log.open("w") as f:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+            _CURRENT_CHILD[0] = proc
+            watchdog = threading.Timer(args.child_timeout, proc.kill)
+            watchdog.start()
+            try:
+                for line in proc.stdout:  # echo progress lines, keep the whole log for errors
+                    f.write(line)
+                    if line.startswith("[") and not line.startswith("[W"):
+                        print(line, end="", flush=True)
+                rc = proc.wait()
+            finally:
+                watchdog.cancel()
+        wall = time.perf_counter() - t
+        if wall >= args.child_timeout:
+            return {"system": system, "status": "timeout", "error": f"child exceeded {args.child_timeout} s"}
+        if rc == 0 and out.is_file():
+            result = json.loads(out.read_text())
+            result["child_wall_s"] = wall
+            return result
+        return {"system": system, "status": "failed", "returncode": rc, "error": log.read_text()[-3000:]}
+
+
+def _get(rows, system):
+    return next((r for r in rows if r.get("system") == system and r.get("status") == "ok"), None)
+
+
+def compute_ratios(rows: list[dict]) -> dict[str, float | None]:
+    ours, trl, engine, plain = _get(rows, "ours"), _get(rows, "trl"), _get(rows, "engine"), _get(rows, "plain-default")
+
+    def ratio(a, b):
+        return a / b if a and b else None
+
+    split = lambda r, k: (r or {}).get("time_split_s", {}).get(k)  # noqa: E731
+    return {
+        "ours_steps_per_s_over_trl": ratio((trl or {}).get("step_time_s"), (ours or {}).get("step_time_s")),
+        "ours_over_trl_per_completion_token": ratio((trl or {}).get("s_per_1k_completion_tokens"),
+                                                    (ours or {}).get("s_per_1k_completion_tokens")),
+        "ours_over_trl_generate_tokens_per_s": ratio((ours or {}).get("generate_tokens_per_s"),
+                                                     (trl or {}).get("generate_tokens_per_s")),
+        "trl_train_over_ours_train_time": ratio(split(trl, "train"), split(ours, "train")),
+        "engine_tokens_per_s_over_plain_vllm": ratio((engine or {}).get("tokens_per_s_ours"),
+                                                     (engine or {}).get("tokens_per_s_plain")),
+        "engine_tokens_per_s_over_plain_vllm_defaults": ratio((engine or {}).get("tokens_per_s_ours"),
+                                                              (plain or {}).get("tokens_per_s")),
+    }
+
+
+def _f(x, d=2):
+    if x is None:
+        return "-"
+    return f"{x:.{d}f}" if isinstance(x, float) else str(x)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    c, rows, ratios = result["config"], result["rows"], result["ratios"]
+    lines = [
+        f"### grpo_step: {c['model']}, {c['prompts']} prompts x {c['group']} samples x <= {c['max_new_tokens']} new tokens, "
+        f"{c['steps']} timed steps after {c['warmup']} warm-up, CPU ({c['cpu_count']} cores), "
+        f"trainer {'bf16 autocast' if c['bf16'] else 'float32'}, vLLM {c['rollout_dtype']}, micro-batch {c['micro_batch']}",
+        "",
+        "| system | step s (median) | generate s | reward s | train s | sync s | other s | completion tokens/step "
+        "| s / 1k completion tokens | generate tok/s | reward mean |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r.get("system") not in ("ours", "trl"):
+            continue
+        if r.get("status") != "ok":
+            lines.append(f"| {r['system']} | {r.get('status')} | | | | | | | | | |")
+            continue
+        s = r["time_split_s"]
+        lines.append(f"| {r['system']} | {_f(r['step_time_s'])} | {_f(s['generate'])} | {_f(s['reward'])} | "
+                     f"{_f(s['train'])} | {_f(s['sync'])} | {_f(s['other'])} | {_f(r['completion_tokens_per_step'])} | "
+                     f"{_f(r['s_per_1k_completion_tokens'])} | {_f(r['generate_tokens_per_s'], 0)} | "
+                     f"{_f(r['reward_mean'], 3)} |")
+    engine = _get(rows, "engine")
+    if engine:
+        lines += ["", f"Rollout throughput (vLLM {engine['rollout_dtype']}, one process, after warm-up, "
+                      f"{engine['reps']} alternating reps; identical tokens ours vs plain: "
+                      f"{all(engine['same_tokens_ours_vs_plain'])}):", "",
+                  "| arm | tokens/s | seconds per call |", "|---|---|---|"]
+        for a in engine["arms"]:
+            lines.append(f"| {a['arm']} | {_f(a['tokens_per_s'], 0)} | {', '.join(_f(x) for x in a['seconds'])} |")
+        plain = _get(rows, "plain-default")
+        if plain:
+            lines.append(f"| fresh vllm.LLM with vLLM defaults (separate child) | {_f(plain['tokens_per_s'], 0)} | "
+                         f"{', '.join(_f(x) for x in plain['seconds'])} |")
+    lines += ["", "| ratio | value |", "|---|---|"]
+    lines += [f"| {k} | {_f(v)} |" for k, v in ratios.items()]
+    ours = _get(rows, "ours")
+    prof = (ours or {}).get("profile")
+    if prof:
+        lines += ["", f"Profile of our update on the last step's {prof['sequences']} sequences "
+                      f"({prof['completion_tokens']} completion tokens; the trainer's own `_update`: "
+                      f"{_f(prof['trainer_update_s'])} s; weight sync {_f(prof.get('sync_s'))} s):", "",
+                  "| variant | total s | forward s | of it: body | of it: LM head | token stats | loss | backward s "
+                  "| clip+AdamW s | padding share | completion share of computed positions |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for u in prof["updates"]:
+            lines.append(f"| {u['variant']} | {_f(u['total_s'])} | {_f(u['forward_s'])} | {_f(u['forward_body_s'])} | "
+                         f"{_f(u['forward_lm_head_s'])} | {_f(u['token_statistics_s'])} | {_f(u['loss_s'])} | "
+                         f"{_f(u['backward_s'])} | {_f(u['clip_and_optimizer_s'])} | {_f(u['padding_share'])} | "
+                         f"{_f(u['completion_share_of_computed'])} |")
+    if result.get("notes"):
+        lines += [""] + [f"- {n}" for n in result["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def run_parent(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    if args.plain_default and "plain-default" not in systems:
+        systems.append("plain-default")
+    rows = []
+    t0 = time.perf_counter()
+    for system in systems:
+        print(f"== {system}", flush=True)
+        row = run_child(args, system)
+        if row.get("status") != "ok":
+            print(f"== {system}: {row.get('status')}\n{row.get('error', '')[-2000:]}", flush=True)
+        rows.append(row)
+    config = {k: v for k, v in vars(args).items() if k not in ("child", "json_out")}
+    config["cpu_count"] = os.cpu_count()
+    result = {
+        "benchmark": "grpo_step",
+        "config": config,
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
+                    "torch": torch.__version__},
+        "total_wall_s": time.perf_counter() - t0,
+        "rows": rows,
+        "ratios": compute_ratios(rows),
+        "notes": [
+            "Step time of ours = wall time of GRPOTrainer.train_step(); of TRL = on_step_begin -> on_step_end.",
+            "TRL: train = step - generate - reward (includes its loss forward/backward and optimizer step).",
+            "Both trainers: float32 weights + AdamW, CPU bf16 autocast when bf16 is on; no reference model (beta 0).",
+            "The 2 CPU cores are shared: loadavg at each step start is in per_step.",
+        ],
+    }
+    return result
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--model", default="embedded:smollm2-135m-instruct")
+    p.add_argument("--prompts", type=int, default=8, help="prompts per step")
+    p.add_argument("--group", type=int, default=8, help="samples per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--steps", type=int, default=2, help="timed steps")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    p.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward, both trainers")
+    p.add_argument("--lr", type=float, default=1e-6)
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                   help="CPU bf16 autocast in both trainers (default on)")
+    p.add_argument("--rollout-dtype", default="float32", choices=["float32", "bfloat16"], help="our vLLM engine dtype")
+    p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--kv-cache-gib", type=float, default=1.0)
+    p.add_argument("--systems", default=",".join(SYSTEMS), help="comma list of ours, trl, engine, plain-default")
+    p.add_argument("--plain-default", action="store_true", help="also time a fresh vllm.LLM with vLLM's defaults")
+    p.add_argument("--engine-reps", type=int, default=2)
+    p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
+                   help="profile our update on the last rollout batch (ours child)")
+    p.add_argument("--profile-micro", type=lambda s: [int(x) for x in s.split(",")], default=[16],
+                   help="extra micro-batch sizes timed by --profile")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-seed", type=int, default=1)
+    p.add_argument("--child-timeout", type=float, default=1800)
+    p.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results" / "grpo_step.json"))
+    p.add_argument("--child", choices=list(CHILDREN), help=argparse.SUPPRESS)
+    p.add_argument("--json-out", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+_CURRENT_CHILD: list = [None]
+
+
+def _stop(signum, _frame):
+    """SIGTERM/SIGINT of the parent: end the running child too (and so its vLLM engine and verifier pool)."""
+    child = _CURRENT_CHILD[0]
+    if child is not None and child.poll() is None:
+        child.terminate()
+        try:
+            child.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            child.kill()
+    sys.exit(128 + signum)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not args.child:
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
+    if args.child:
+        result = CHILDREN[args.child](args)
+        Path(args.json_out).write_text(json.dumps(result, indent=1, default=str))
+        return 0
+    result = run_parent(args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=str))
+    table = markdown(result)
+    out.with_suffix(".md").write_text(table)
+    print(table)
+    return 0 if all(r.get("status") == "ok" for r in result["rows"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
