@@ -6,7 +6,9 @@
   problem that also occurs in the training rows removed (disjoint by problem text).
 * Evaluation: ``--eval-samples`` (8) samples per held-out problem at temperature 1.0 with the vLLM
   engine (`rl.rollout.make_engine("vllm", ...)`), the same per-problem seeds before and after (paired
-  comparison), rewarded by `rl.reward.math_reward`; pass@1 and pass@8 by the unbiased estimator
+  comparison), rewarded by `rl.reward.math_reward` (the last ``\\boxed{}``, else with ``--answer-fallback
+  last_number`` (default) the last number: the base model rarely boxes, so boxed-only scoring
+  would measure formatting, not arithmetic); pass@1 and pass@8 by the unbiased estimator
   `rl.metrics.pass_at_k`, averaged over problems. Also reported: the share of completions with a
   boxed answer, mean completion length, truncation rate.
 * Training: `rl.grpo.run_grpo` (vLLM rollouts, math reward, beta 0, no reference model) for ``--steps``
@@ -29,16 +31,15 @@ import inspect
 import json
 import os
 import platform
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+import _child  # benchmarks/_child.py: run one phase in a fresh subprocess of this script
+
+REPO_ROOT = _child.REPO_ROOT
 INSTRUCTION = "Put your final answer within \\boxed{}."
 
 
@@ -78,7 +79,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     """Sample ``eval_samples`` completions per held-out problem from ``args.eval_model`` and score them."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from rl.metrics import pass_at_k
-    from rl.reward import math_reward
+    from rl.reward import find_last_boxed, math_reward
     from rl.rollout import SamplingConfig, make_engine
 
     _, held = datasets(args)
@@ -98,9 +99,10 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     n = args.eval_samples
     texts = [s.text for group in outputs for s in group]
     answers = [r["answer"] for r in held for _ in range(n)]
-    results = math_reward(texts, answers)
+    results = math_reward(texts, answers, fallback=args.answer_fallback)
     correct = [sum(r.correct for r in results[i * n:(i + 1) * n]) for i in range(len(held))]
     samples = [s for group in outputs for s in group]
+    boxes = [find_last_boxed(t).content for t in texts]
     ks = sorted({1, n} | {k for k in (2, 4) if k < n})
     out = {
         "model": args.eval_model,
@@ -108,7 +110,9 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         "samples_per_problem": n,
         **{f"pass@{k}": sum(pass_at_k(n, c, k) for c in correct) / len(correct) for k in ks},
         "correct_per_problem": correct,
-        "boxed_share": sum(r.extracted is not None for r in results) / len(results),
+        # from the text, not from r.extracted (which holds the fallback number when there is no box)
+        "boxed_share": sum(b is not None for b in boxes) / len(boxes),
+        "empty_box_share": sum(b is not None and not b.strip() for b in boxes) / len(boxes),
         "completion_length_mean": sum(len(s.completion_ids) for s in samples) / len(samples),
         "truncation_rate": sum(s.truncated for s in samples) / len(samples),
         "generate_s": gen_s,
@@ -143,7 +147,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     cfg, extra = grpo_config(args.bf16, steps=args.steps, prompts_per_step=args.prompts, group_size=args.group,
                              max_new_tokens=args.max_new_tokens, temperature=1.0, learning_rate=args.lr,
                              micro_batch_size=args.micro_batch, beta_kl=0.0, format_weight=args.format_weight,
-                             save_every=10**6, seed=args.seed)
+                             answer_fallback=args.answer_fallback, save_every=10**6, seed=args.seed)
     rollout = RolloutConfig(engine="vllm", dtype=args.rollout_dtype, max_model_len=args.max_model_len)
     t0 = time.perf_counter()
     final = run_grpo(resolve_model_dir(args.model), train, cfg, args.run_dir, rollout=rollout, kl_metric=False, **extra)
@@ -158,27 +162,12 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_child(args: argparse.Namespace, task: str, extra: list[str]) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="grpo_learns_") as tmp:
-        out = Path(tmp) / "out.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], *extra, "--child", task,
-               "--json-out", str(out)]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-        tail: list[str] = []
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        _CURRENT_CHILD[0] = proc
-        watchdog = threading.Timer(args.child_timeout, proc.kill)
-        watchdog.start()
-        try:
-            for line in proc.stdout:
-                tail = (tail + [line])[-60:]
-                if line.startswith(("[eval]", "[rl]")):
-                    print(line, end="", flush=True)
-            rc = proc.wait()
-        finally:
-            watchdog.cancel()
-        if rc != 0 or not out.is_file():
-            raise RuntimeError(f"child {task} failed (exit {rc}):\n{''.join(tail)}")
-        return json.loads(out.read_text())
+    child = _child.run_child(__file__, task, [*sys.argv[1:], *extra], timeout_s=args.child_timeout,
+                             echo=lambda line: line.startswith(("[eval]", "[rl]")))
+    if not child.ok:
+        why = f"timed out after {args.child_timeout} s" if child.timed_out else f"exit {child.returncode}"
+        raise RuntimeError(f"child {task} failed ({why}):\n{child.log[-4000:]}")
+    return child.result
 
 
 def curve(metrics: list[dict]) -> list[dict]:
@@ -197,17 +186,18 @@ def markdown(result: dict[str, Any]) -> str:
 
     lines = [
         f"### grpo_learns: {s['model']}, one-digit arithmetic, {s['steps']} GRPO steps of {s['prompts']} prompts x "
-        f"{s['group']} samples x <= {s['max_new_tokens']} tokens, lr {s['lr']}, format weight {s['format_weight']}",
+        f"{s['group']} samples x <= {s['max_new_tokens']} tokens, lr {s['lr']}, format weight {s['format_weight']}"
+        + f", answer fallback {s['answer_fallback']}",
         "",
         f"Held-out: {b['problems']} problems (seed {s['eval_seed']}, disjoint from the {s['train_rows']} training rows of "
         f"seed {s['train_seed']}), {n} samples each at temperature 1.0, same seeds before and after.",
         "",
-        f"| model | pass@1 | pass@{n} | boxed share | completion length | truncation rate |",
-        "|---|---|---|---|---|---|",
+        f"| model | pass@1 | pass@{n} | boxed share | empty-box share | completion length | truncation rate |",
+        "|---|---|---|---|---|---|---|",
         f"| before (base) | {f(b['pass@1'])} | {f(b[f'pass@{n}'])} | {f(b['boxed_share'], 2)} | "
-        f"{f(b['completion_length_mean'], 1)} | {f(b['truncation_rate'], 2)} |",
+        f"{f(b['empty_box_share'], 2)} | {f(b['completion_length_mean'], 1)} | {f(b['truncation_rate'], 2)} |",
         f"| after {s['steps']} steps | {f(a['pass@1'])} | {f(a[f'pass@{n}'])} | {f(a['boxed_share'], 2)} | "
-        f"{f(a['completion_length_mean'], 1)} | {f(a['truncation_rate'], 2)} |",
+        f"{f(a['empty_box_share'], 2)} | {f(a['completion_length_mean'], 1)} | {f(a['truncation_rate'], 2)} |",
         "",
         "Training reward (mean over each step's rollouts): "
         + ", ".join(f(m.get("reward_mean"), 2) for m in result["reward_curve"]),
@@ -227,7 +217,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--micro-batch", type=int, default=8)
-    p.add_argument("--format-weight", type=float, default=0.0)
+    p.add_argument("--format-weight", type=float, default=0.0,
+                   help="weight of the format term (exactly one closed \\boxed{}) added to the 0/1 correctness reward")
+    p.add_argument("--answer-fallback", default="last_number", choices=["none", "last_number"],
+                   help="answer of a completion without a closed \\boxed{} (training reward and evaluation)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="trainer bf16 autocast")
     p.add_argument("--rollout-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--max-model-len", type=int, default=1024)
@@ -247,31 +240,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-_CURRENT_CHILD: list = [None]
-
-
-def _stop(signum, _frame):
-    """SIGTERM/SIGINT of the parent: end the running child too (and so its vLLM engine and verifier pool)."""
-    child = _CURRENT_CHILD[0]
-    if child is not None and child.poll() is None:
-        child.terminate()
-        try:
-            child.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            child.kill()
-    sys.exit(128 + signum)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not args.child:
-        signal.signal(signal.SIGTERM, _stop)
-        signal.signal(signal.SIGINT, _stop)
     if args.child:
         result = {"eval": run_eval, "train": run_train}[args.child](args)
         Path(args.json_out).write_text(json.dumps(result, indent=1, default=str))
         return 0
 
+    _child.stop_children_on_signal()
     from eksft.models import resolve_model_dir
 
     base = resolve_model_dir(args.model)

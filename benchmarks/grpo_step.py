@@ -34,9 +34,11 @@ per 1k completion tokens.
 Each system runs in its own subprocess of this script (``--child SYSTEM``; vLLM and TRL in one
 process would compete for RAM and threads), sequentially, and the parent merges the results
 into ``--out`` (JSON) and a Markdown table beside it. ``--profile`` (on by default) adds, in the
-``ours`` child, a breakdown of the trainer update on the last step's rollouts: forward (body vs
-LM head), token statistics, loss, backward and optimizer time, padding waste per micro-batch
-size, length-sorted micro-batches, float32 vs bf16, and logits restricted to completion tokens.
+``ours`` child, a breakdown of the trainer update on the last step's rollouts: the trainer's own
+``_update``, then a replica with phase timings (forward: model body vs LM head, token statistics,
+loss, backward, clip + AdamW) for micro-batches sorted by length (what ``_update`` does) vs in random
+order, other micro-batch sizes, float32 vs bf16, logits restricted to completion tokens, and
+flushed denormals; plus the padding share of the computed positions for each micro-batch size.
 
 Examples:
   python benchmarks/grpo_step.py                                   # 8 prompts x 8 x 128 tokens, 1+2 steps
@@ -51,17 +53,16 @@ import contextlib
 import json
 import os
 import platform
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+import _child  # benchmarks/_child.py: run one phase in a fresh subprocess of this script
+
+REPO_ROOT = _child.REPO_ROOT
 INSTRUCTION = "Put your final answer within \\boxed{}."
 SYSTEMS = ("ours", "trl", "engine")
 
@@ -95,6 +96,55 @@ def load_note() -> dict[str, Any]:
     return {"loadavg_1m": round(one, 2), "loadavg_5m": round(five, 2)}
 
 
+class CpuMeter:
+    """CPU time used by OTHER processes while a measurement runs (the 2 cores are shared).
+
+    ``others_cpu_share`` = (busy CPU time of the whole machine, steal included, minus this process
+    tree's CPU time) / (wall time x cores): 0 on a quiet machine; 0.5 means another process kept
+    one of the two cores busy. Read from /proc/stat and psutil; None where unavailable.
+    """
+
+    def __init__(self):
+        self.t = self.busy = self.own = None
+
+    @staticmethod
+    def _busy() -> float | None:
+        try:
+            fields = [float(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        except OSError:
+            return None
+        user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0.0] * 8)[:8]
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _own() -> float | None:
+        try:
+            import psutil
+
+            me = psutil.Process()
+            total = sum(me.cpu_times()[:2])
+            for child in me.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    total += sum(child.cpu_times()[:2])
+            return total
+        except Exception:
+            return None
+
+    def start(self) -> "CpuMeter":
+        self.t, self.busy, self.own = time.perf_counter(), self._busy(), self._own()
+        return self
+
+    def stop(self) -> dict[str, Any]:
+        wall = time.perf_counter() - self.t
+        busy, own = self._busy(), self._own()
+        out = load_note()
+        if None not in (busy, own, self.busy, self.own) and wall > 0:
+            others = max(0.0, (busy - self.busy) - (own - self.own))
+            out["others_cpu_share"] = round(others / (wall * (os.cpu_count() or 1)), 3)
+            out["own_cpu_cores"] = round((own - self.own) / wall, 2)
+        return out
+
+
 def summarise(system: str, steps: list[dict], warmup: int, extra: dict | None = None) -> dict[str, Any]:
     """Medians over the timed steps (the first ``warmup`` entries are warm-up)."""
     timed = steps[warmup:]
@@ -106,7 +156,9 @@ def summarise(system: str, steps: list[dict], warmup: int, extra: dict | None = 
         "system": system,
         "status": "ok",
         "step_time_s": step,
+        "step_time_s_min": min(s["wall_s"] for s in timed),
         "step_time_s_all": [round(s["wall_s"], 3) for s in timed],
+        "others_cpu_share_per_step": [s.get("others_cpu_share") for s in timed],
         "steps": len(timed),
         "warmup_steps": warmup,
         "time_split_s": split,
@@ -176,10 +228,11 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
         steps = []
         try:
             for i in range(total):
-                load = load_note()
+                meter = CpuMeter().start()
                 t = time.perf_counter()
                 m = trainer.train_step()
                 wall = time.perf_counter() - t
+                load = meter.stop()
                 trainer.step += 1
                 m["step"] = trainer.step
                 trainer._log(m)
@@ -192,7 +245,8 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
                               "truncation_rate": m.get("truncation_rate"), "reward_mean": m.get("reward_mean"),
                               "logprob_gap_engine_trainer": m.get("logprob_gap_engine_trainer"), **load})
                 print(f"[ours] step {i + 1}/{total} wall {wall:.1f}s "
-                      + " ".join(f"{k}={v:.1f}s" for k, v in split.items()) + f" tokens={n_tokens}", flush=True)
+                      + " ".join(f"{k}={v:.1f}s" for k, v in split.items())
+                      + f" tokens={n_tokens} others_cpu={load.get('others_cpu_share')}", flush=True)
             profile = profile_update(trainer, captured["groups"], args) if args.profile else None
         finally:
             trainer.engine.shutdown()
@@ -343,15 +397,18 @@ def profile_update(trainer, groups, args: argparse.Namespace) -> dict[str, Any]:
     """Where the update's time goes, on the last step's rollouts (weights keep training; timing only)."""
     import torch
 
-    from rl.grpo.core import group_advantages
+    from rl.grpo.core import group_advantages, minibatches
     from rl.grpo.trainer import GRPOTrainer
 
     samples = [s for g in groups for s in g.samples]
     rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)
     advantages = group_advantages(rewards, normalize_std=trainer.cfg.normalize_std).flatten()
     n = len(samples)
-    shuffled = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()  # like _update's mini-batch
-    by_length = sorted(range(n), key=lambda i: len(samples[i].prompt_ids) + len(samples[i].completion_ids))
+    # A random order (the seeded permutation GRPOTrainer._update draws for this step), and that order
+    # sorted by total length (what _update does with it before cutting micro-batches).
+    seed = trainer.cfg.seed * 7919 + trainer.step
+    shuffled = minibatches(n, None, torch.Generator().manual_seed(seed))[0].tolist()
+    by_length = sorted(shuffled, key=lambda i: len(samples[i].prompt_ids) + len(samples[i].completion_ids))
     bf16 = torch.bfloat16 if args.bf16 else None
     out: dict[str, Any] = {
         "sequences": n,
@@ -359,37 +416,51 @@ def profile_update(trainer, groups, args: argparse.Namespace) -> dict[str, Any]:
         "prompt_lengths": sorted({len(s.prompt_ids) for s in samples}),
         "completion_length_min_max": [min(len(s.completion_ids) for s in samples),
                                       max(len(s.completion_ids) for s in samples)],
-        "padding_by_micro_batch": {str(m): _padding(samples, m, shuffled) for m in (1, 4, 8, 16, 32, n)},
+        "lengths": [[len(s.prompt_ids), len(s.completion_ids)] for s in samples],
+        "padding_random_order": {str(m): _padding(samples, m, shuffled) for m in (1, 4, 8, 16, 32, n)},
+        # Padding is luck of the permutation: its mean over 200 random permutations, per micro-batch size.
+        "padding_share_random_mean": {
+            str(m): statistics.mean(_padding(samples, m, torch.randperm(n, generator=torch.Generator().manual_seed(k))
+                                             .tolist())["padding_share"] for k in range(200))
+            for m in (4, 8, 16)},
         "padding_sorted_by_length": {str(m): _padding(samples, m, by_length) for m in (4, 8, 16, 32)},
         "updates": [],
     }
 
     def record(name, **kw):
         print(f"[ours/profile] {name} ...", flush=True)
-        r = {"variant": name, **load_note(), **timed_update(trainer, samples, advantages, **kw)}
+        meter = CpuMeter().start()
+        r = {"variant": name, **timed_update(trainer, samples, advantages, **kw)}
+        r.update(meter.stop())
         out["updates"].append(r)
-        print(f"[ours/profile] {name}: {r['total_s']:.2f}s (fwd {r['forward_s']:.2f} [head {r['forward_lm_head_s']:.2f},"
+        print(f"[ours/profile] {name}: {r['total_s']:.2f}s others_cpu={r.get('others_cpu_share')} (fwd {r['forward_s']:.2f} [head {r['forward_lm_head_s']:.2f},"
               f" stats {r['token_statistics_s']:.2f}] bwd {r['backward_s']:.2f} opt {r['clip_and_optimizer_s']:.2f})",
               flush=True)
 
     # The trainer's own update on the same batch (reference point for the replica below).
+    meter = CpuMeter().start()
     t = time.perf_counter()
     GRPOTrainer._update(trainer, groups)
     out["trainer_update_s"] = time.perf_counter() - t
+    out["trainer_update_cpu"] = meter.stop()
+    print(f"[ours/profile] GRPOTrainer._update: {out['trainer_update_s']:.2f}s", flush=True)
     micro = args.micro_batch
-    record(f"as trainer: micro {micro}, shuffled, {'bf16' if bf16 else 'fp32'}", micro=micro, order=shuffled,
+    prec = "bf16" if bf16 else "fp32"
+    record(f"micro {micro}, sorted by length, {prec} (as GRPOTrainer._update)", micro=micro, order=by_length,
            autocast_dtype=bf16)
+    record(f"micro {micro}, random order, {prec}", micro=micro, order=shuffled, autocast_dtype=bf16)
     for m in args.profile_micro:
         if m != micro:
-            record(f"micro {m}, shuffled", micro=m, order=shuffled, autocast_dtype=bf16)
-    record(f"micro {micro}, sorted by length", micro=micro, order=by_length, autocast_dtype=bf16)
-    record(f"micro {micro}, shuffled, {'fp32' if bf16 else 'bf16'}", micro=micro, order=shuffled,
+            record(f"micro {m}, sorted by length, {prec}", micro=m, order=by_length, autocast_dtype=bf16)
+    other = "fp32" if bf16 else "bf16"
+    record(f"micro {micro}, sorted by length, {other}", micro=micro, order=by_length,
            autocast_dtype=None if bf16 else torch.bfloat16)
-    record(f"micro {micro}, sorted, LM head on completion tokens only", micro=micro, order=by_length,
-           autocast_dtype=bf16, head="completion")
+    record(f"micro {micro}, sorted by length, {prec}, LM head on completion tokens only", micro=micro,
+           order=by_length, autocast_dtype=bf16, head="completion")
     previous = torch.set_flush_denormal(True)
     try:
-        record(f"micro {micro}, shuffled, flush denormals", micro=micro, order=shuffled, autocast_dtype=bf16)
+        record(f"micro {micro}, sorted by length, {prec}, flush denormals", micro=micro, order=by_length,
+               autocast_dtype=bf16)
     finally:
         torch.set_flush_denormal(False)
     out["flush_denormal_supported"] = previous
@@ -446,17 +517,20 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
         )
         marks: dict[str, list[float]] = {"begin": [], "end": [], "generate": [], "reward": []}
         loads: list[dict] = []
+        meters: list[CpuMeter] = []
 
         class StepClock(TrainerCallback):
             def on_step_begin(self, a, state, control, **kw):
-                loads.append(load_note())
+                meters.append(CpuMeter().start())
                 marks["begin"].append(time.perf_counter())
 
             def on_step_end(self, a, state, control, **kw):
                 marks["end"].append(time.perf_counter())
+                loads.append(meters[-1].stop())
                 i = len(marks["end"])
                 wall = marks["end"][-1] - marks["begin"][-1]
-                print(f"[trl] step {i}/{total} wall {wall:.1f}s", flush=True)
+                print(f"[trl] step {i}/{total} wall {wall:.1f}s others_cpu={loads[-1].get('others_cpu_share')}",
+                      flush=True)
 
         t0 = time.perf_counter()
         trainer = TRLGRPOTrainer(model=model_dir(args), reward_funcs=[math_verify_reward], args=config,
@@ -553,15 +627,17 @@ def run_engine(args: argparse.Namespace) -> dict[str, Any]:
             names = list(arms) if rep % 2 == 0 else list(reversed(arms))  # alternate the order
             tokens_seen = {}
             for name in names:
-                load = load_note()
+                meter = CpuMeter().start()
                 t = time.perf_counter()
                 toks = arms[name](seeds)
                 dt = time.perf_counter() - t
+                load = meter.stop()
                 results[name]["s"].append(dt)
                 results[name]["tokens"].append(sum(len(c) for g in toks for c in g))
                 results[name]["load"].append(load)
                 tokens_seen[name] = toks
-                print(f"[engine] rep {rep} {name}: {dt:.2f}s {results[name]['tokens'][-1]} tokens", flush=True)
+                print(f"[engine] rep {rep} {name}: {dt:.2f}s {results[name]['tokens'][-1]} tokens "
+                      f"others_cpu={load.get('others_cpu_share')}", flush=True)
             a, b = list(arms)[:2]
             identical.append(tokens_seen[a] == tokens_seen[b])
     finally:
@@ -604,34 +680,14 @@ CHILDREN = {"ours": run_ours, "trl": run_trl, "engine": run_engine, "plain-defau
 
 
 def run_child(args: argparse.Namespace, system: str) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="grpo_step_") as tmp:
-        out = Path(tmp) / "out.json"
-        argv = [a for a in sys.argv[1:]]
-        cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--child", system, "--json-out", str(out)]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-        log = Path(tmp) / "log.txt"
-        t = time.perf_counter()
-        with log.open("w") as f:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-            _CURRENT_CHILD[0] = proc
-            watchdog = threading.Timer(args.child_timeout, proc.kill)
-            watchdog.start()
-            try:
-                for line in proc.stdout:  # echo progress lines, keep the whole log for errors
-                    f.write(line)
-                    if line.startswith("[") and not line.startswith("[W"):
-                        print(line, end="", flush=True)
-                rc = proc.wait()
-            finally:
-                watchdog.cancel()
-        wall = time.perf_counter() - t
-        if wall >= args.child_timeout:
-            return {"system": system, "status": "timeout", "error": f"child exceeded {args.child_timeout} s"}
-        if rc == 0 and out.is_file():
-            result = json.loads(out.read_text())
-            result["child_wall_s"] = wall
-            return result
-        return {"system": system, "status": "failed", "returncode": rc, "error": log.read_text()[-3000:]}
+    # echo the children's progress lines ("[ours] ...", not torch's "[W ..." warnings)
+    child = _child.run_child(__file__, system, sys.argv[1:], timeout_s=args.child_timeout,
+                             echo=lambda line: line.startswith("[") and not line.startswith("[W"))
+    if child.timed_out:
+        return {"system": system, "status": "timeout", "error": f"child exceeded {args.child_timeout} s"}
+    if child.ok:
+        return {**child.result, "child_wall_s": child.wall_s}
+    return {"system": system, "status": "failed", "returncode": child.returncode, "error": child.log[-3000:]}
 
 
 def _get(rows, system):
@@ -647,6 +703,8 @@ def compute_ratios(rows: list[dict]) -> dict[str, float | None]:
     split = lambda r, k: (r or {}).get("time_split_s", {}).get(k)  # noqa: E731
     return {
         "ours_steps_per_s_over_trl": ratio((trl or {}).get("step_time_s"), (ours or {}).get("step_time_s")),
+        "ours_steps_per_s_over_trl_min_step": ratio((trl or {}).get("step_time_s_min"),
+                                                    (ours or {}).get("step_time_s_min")),
         "ours_over_trl_per_completion_token": ratio((trl or {}).get("s_per_1k_completion_tokens"),
                                                     (ours or {}).get("s_per_1k_completion_tokens")),
         "ours_over_trl_generate_tokens_per_s": ratio((ours or {}).get("generate_tokens_per_s"),
@@ -672,21 +730,22 @@ def markdown(result: dict[str, Any]) -> str:
         f"{c['steps']} timed steps after {c['warmup']} warm-up, CPU ({c['cpu_count']} cores), "
         f"trainer {'bf16 autocast' if c['bf16'] else 'float32'}, vLLM {c['rollout_dtype']}, micro-batch {c['micro_batch']}",
         "",
-        "| system | step s (median) | generate s | reward s | train s | sync s | other s | completion tokens/step "
-        "| s / 1k completion tokens | generate tok/s | reward mean |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| system | step s (median) | step s (min) | generate s | reward s | train s | sync s | other s "
+        "| completion tokens/step | s / 1k completion tokens | generate tok/s | reward mean | others' CPU share |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r.get("system") not in ("ours", "trl"):
             continue
         if r.get("status") != "ok":
-            lines.append(f"| {r['system']} | {r.get('status')} | | | | | | | | | |")
+            lines.append(f"| {r['system']} | {r.get('status')} | | | | | | | | | | | |")
             continue
         s = r["time_split_s"]
-        lines.append(f"| {r['system']} | {_f(r['step_time_s'])} | {_f(s['generate'])} | {_f(s['reward'])} | "
+        others = ", ".join(_f(x) for x in r.get("others_cpu_share_per_step", []))
+        lines.append(f"| {r['system']} | {_f(r['step_time_s'])} | {_f(r['step_time_s_min'])} | {_f(s['generate'])} | {_f(s['reward'])} | "
                      f"{_f(s['train'])} | {_f(s['sync'])} | {_f(s['other'])} | {_f(r['completion_tokens_per_step'])} | "
                      f"{_f(r['s_per_1k_completion_tokens'])} | {_f(r['generate_tokens_per_s'], 0)} | "
-                     f"{_f(r['reward_mean'], 3)} |")
+                     f"{_f(r['reward_mean'], 3)} | {others} |")
     engine = _get(rows, "engine")
     if engine:
         lines += ["", f"Rollout throughput (vLLM {engine['rollout_dtype']}, one process, after warm-up, "
@@ -715,6 +774,14 @@ def markdown(result: dict[str, Any]) -> str:
                          f"{_f(u['forward_lm_head_s'])} | {_f(u['token_statistics_s'])} | {_f(u['loss_s'])} | "
                          f"{_f(u['backward_s'])} | {_f(u['clip_and_optimizer_s'])} | {_f(u['padding_share'])} | "
                          f"{_f(u['completion_share_of_computed'])} |")
+    if prof:
+        rnd = prof.get("padding_share_random_mean", {})
+        srt = prof.get("padding_sorted_by_length", {})
+        lines += ["", "Padding share of the positions the forward computes, by micro-batch size: "
+                      + "; ".join(f"{m}: mean over random orders {_f(rnd.get(m))}, sorted by length "
+                                  f"{_f((srt.get(m) or {}).get('padding_share'))}" for m in ("4", "8", "16"))
+                      + f". Prompt lengths {prof['prompt_lengths']}, completion lengths "
+                        f"{prof['completion_length_min_max'][0]}-{prof['completion_length_min_max'][1]}."]
     if result.get("notes"):
         lines += [""] + [f"- {n}" for n in result["notes"]]
     return "\n".join(lines) + "\n"
@@ -748,7 +815,8 @@ def run_parent(args: argparse.Namespace) -> dict[str, Any]:
             "Step time of ours = wall time of GRPOTrainer.train_step(); of TRL = on_step_begin -> on_step_end.",
             "TRL: train = step - generate - reward (includes its loss forward/backward and optimizer step).",
             "Both trainers: float32 weights + AdamW, CPU bf16 autocast when bf16 is on; no reference model (beta 0).",
-            "The 2 CPU cores are shared: loadavg at each step start is in per_step.",
+            "The 2 CPU cores are shared: others_cpu_share (CPU time of other processes / wall x cores, from "
+            "/proc/stat) is recorded for every timed step; 0 = quiet machine.",
         ],
     }
     return result
@@ -775,8 +843,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--engine-reps", type=int, default=2)
     p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
                    help="profile our update on the last rollout batch (ours child)")
-    p.add_argument("--profile-micro", type=lambda s: [int(x) for x in s.split(",")], default=[16],
-                   help="extra micro-batch sizes timed by --profile")
+    p.add_argument("--profile-micro", type=lambda s: [int(x) for x in s.split(",")], default=[4, 16, 32],
+                   help="extra micro-batch sizes timed by --profile (sorted by length)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-seed", type=int, default=1)
     p.add_argument("--child-timeout", type=float, default=1800)
@@ -786,30 +854,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-_CURRENT_CHILD: list = [None]
-
-
-def _stop(signum, _frame):
-    """SIGTERM/SIGINT of the parent: end the running child too (and so its vLLM engine and verifier pool)."""
-    child = _CURRENT_CHILD[0]
-    if child is not None and child.poll() is None:
-        child.terminate()
-        try:
-            child.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            child.kill()
-    sys.exit(128 + signum)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not args.child:
-        signal.signal(signal.SIGTERM, _stop)
-        signal.signal(signal.SIGINT, _stop)
     if args.child:
         result = CHILDREN[args.child](args)
         Path(args.json_out).write_text(json.dumps(result, indent=1, default=str))
         return 0
+    _child.stop_children_on_signal()
     result = run_parent(args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

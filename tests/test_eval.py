@@ -172,13 +172,13 @@ def test_filenames():
 def test_eval_config_defaults_and_errors_name_the_field():
     cfg = EvalConfig()
     assert cfg.benchmarks == ["embedded:arithmetic"] and cfg.n == 8 and cfg.temperature == 1.0
-    assert cfg.every_rl_steps == 0 and cfg.num_problems is None
+    assert cfg.every_rl_steps == 0 and cfg.num_problems is None and cfg.answer_fallback == "none"
     EvalConfig(benchmarks=["math500", "embedded:gsm", "data/x.parquet"], n=1, temperature=0)
     cases = [({"n": 0}, "n"), ({"temperature": -1}, "temperature"), ({"top_p": 1.5}, "top_p"),
              ({"max_new_tokens": 0}, "max_new_tokens"), ({"num_problems": 0}, "num_problems"),
              ({"every_rl_steps": -1}, "every_rl_steps"), ({"reward_timeout_s": 0}, "reward_timeout_s"),
              ({"benchmarks": ["mat500"]}, "benchmarks"), ({"benchmarks": []}, "benchmarks"),
-             ({"samples": 4}, "samples")]
+             ({"samples": 4}, "samples"), ({"answer_fallback": "first_number"}, "answer_fallback")]
     for kwargs, field in cases:
         with pytest.raises(ValidationError) as err:
             EvalConfig(**kwargs)
@@ -234,10 +234,11 @@ def test_cli_parser_and_table(monkeypatch, tmp_path, capsys):
     add_eval_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["eval", "--model", "tiny:qwen2", "--benchmarks", "embedded:gsm, math500", "--n", "16",
                               "--temperature", "0.6", "--max-tokens", "64", "--num-problems", "10", "--engine", "hf",
-                              "--out", str(tmp_path)])
+                              "--answer-fallback", "last_number", "--out", str(tmp_path)])
     cfg = eval_config_from_args(args)
     assert cfg.benchmarks == ["embedded:gsm", "math500"] and cfg.n == 16 and cfg.temperature == 0.6
     assert cfg.max_new_tokens == 64 and cfg.num_problems == 10 and cfg.top_p == 1.0
+    assert cfg.answer_fallback == "last_number"
 
     seen = {}
 

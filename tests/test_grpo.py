@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rl.grpo import GRPOConfig, run_grpo
 from rl.grpo.trainer import completion_logprobs
+from rl.reward import math_reward
 from rl.rollout import SamplingConfig, make_engine
 
 PROMPTS = [[{"role": "user", "content": "Calculate 3 + 4.\nPut your final answer within \\boxed{}."}],
@@ -25,6 +26,31 @@ def mean_gap(model, outputs):
     for i, s in enumerate(samples):
         engine[i, : len(s.logprobs)] = torch.tensor(s.logprobs)
     return float(((logp - engine).abs() * mask).sum() / mask.sum())
+
+
+def test_completion_logprobs_equal_a_float64_full_logits_computation(tiny_qwen2_dir):
+    """Prompts of different lengths (the LM head then starts at the shortest prompt's end), an empty
+    completion, temperature != 1: log-probs and entropies equal log_softmax of the full logits in float64."""
+    from rl.rollout.base import Sample
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir, dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(7, 5), (3, 9), (12, 0), (5, 1)]  # (prompt, completion) lengths
+    samples = [Sample(torch.randint(0, 300, (p,), generator=gen).tolist(), torch.randint(0, 300, (c,), generator=gen).tolist(),
+                      [0.0] * c, "", "stop") for p, c in shapes]
+    T = 0.7
+    with torch.no_grad():
+        logp, entropy, mask = completion_logprobs(model, samples, T, with_entropy=True)
+        for i, s in enumerate(samples):
+            seq = torch.tensor([s.prompt_ids + s.completion_ids])
+            full = torch.log_softmax(model(input_ids=seq).logits[0].double() / T, dim=-1)  # [len, V]
+            p, n = len(s.prompt_ids), len(s.completion_ids)
+            rows = full[p - 1 : p - 1 + n]
+            want_lp = rows[torch.arange(n), torch.tensor(s.completion_ids, dtype=torch.long)]
+            want_h = -(rows.exp() * rows).sum(-1)
+            assert mask[i].sum().item() == n and not mask[i, n:].any()
+            torch.testing.assert_close(logp[i, :n].double(), want_lp, rtol=0, atol=2e-5)
+            torch.testing.assert_close(entropy[i, :n].double(), want_h, rtol=0, atol=2e-5)
 
 
 def sync_check(engine, model, tokenizer):
@@ -79,7 +105,7 @@ def read_metrics(out: Path):
 @pytest.mark.slow
 def test_two_real_grpo_steps_on_the_embedded_model(tmp_path, embedded_dir):
     cfg = GRPOConfig(steps=2, prompts_per_step=4, group_size=4, max_new_tokens=48, learning_rate=1e-5,
-                     format_weight=0.1, micro_batch_size=8, save_every=1)
+                     format_weight=0.1, answer_fallback="last_number", micro_batch_size=8, save_every=1)
     final = run_grpo(embedded_dir, rows(), cfg, tmp_path)
     metrics = read_metrics(tmp_path)
     assert [m["step"] for m in metrics] == [1, 2]
@@ -97,6 +123,11 @@ def test_two_real_grpo_steps_on_the_embedded_model(tmp_path, embedded_dir):
     assert max((end[k] - start[k]).abs().max().item() for k in start) > 0
     lines = (tmp_path / "rollouts" / "step-1.jsonl").read_text().splitlines()
     assert len(lines) == 16 and {"completion", "reward", "answer"} <= json.loads(lines[0]).keys()
+    # The rewards the trainer used are math_reward's with the configured fallback and format weight.
+    logged = [json.loads(line) for line in lines]
+    expected = math_reward([r["completion"] for r in logged], [r["answer"] for r in logged],
+                           fallback="last_number", format_weight=0.1)
+    assert [r["reward"] for r in logged] == pytest.approx([e.score for e in expected])
 
 
 def test_killed_run_resumes_exactly(tmp_path, tiny_qwen2_dir):

@@ -545,6 +545,7 @@ def test_grpo_config_defaults() -> None:
         ("seed", -1),
         ("format_weight", -0.5),
         ("reward_timeout_s", 0.0),
+        ("answer_fallback", "first_number"),
     ],
 )
 def test_grpo_config_rejects_bad_values_naming_the_field(field: str, value: object) -> None:

@@ -234,13 +234,14 @@ def test_worker_crash_mid_item_is_reported(pool) -> None:
 def test_format_reward(pool) -> None:
     results = reward(
         pool,
-        [r"\boxed{4}", r"\boxed{4} or \boxed{4}", "4", r"\boxed{5}"],
-        ["4"] * 4,
+        [r"\boxed{4}", r"\boxed{4} or \boxed{4}", "4", r"\boxed{5}", r"\boxed{}", r"4 \boxed{ }", r"\boxed{4"],
+        ["4"] * 7,
         format_weight=0.1,
         fallback="last_number",
     )
-    assert [r.score for r in results] == pytest.approx([1.1, 1.0, 1.0, 0.1])
-    assert [r.format_ok for r in results] == [True, False, False, True]
+    # an empty box is no answer: no format credit (else GRPO learns to print "\boxed{}")
+    assert [r.score for r in results] == pytest.approx([1.1, 1.0, 1.0, 0.1, 0.0, 0.0, 1.0])
+    assert [r.format_ok for r in results] == [True, False, False, True, False, False, False]
 
 
 def test_result_mapping_access_and_validation(pool) -> None:

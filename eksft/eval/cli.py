@@ -56,6 +56,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, help="max new tokens per completion (default 512)")
     p.add_argument("--num-problems", type=int, help="first N problems of each benchmark (embedded: how many to make)")
     p.add_argument("--seed", type=int, help="sampling seed (default 0)")
+    p.add_argument("--answer-fallback", choices=["none", "last_number"],
+                   help="answer of a completion without a closed \\boxed{}: none (incorrect, default) or its last number")
     p.add_argument("--engine", choices=["vllm", "hf"], help="rollout engine (default: the recipe's rollout.engine, vllm)")
     p.add_argument("--out", "-o", help="directory for <benchmark>.json (default: <output_dir>/eval/<model basename>)")
     p.add_argument("--point", help="label stored in the results, e.g. sft_end (default: none)")
@@ -87,7 +89,8 @@ def eval_config_from_args(args: argparse.Namespace, base=None):
 
     values = (base or EvalConfig()).model_dump()
     flags = {"benchmarks": args.benchmarks, "n": args.n, "temperature": args.temperature, "top_p": args.top_p,
-             "max_new_tokens": args.max_tokens, "num_problems": args.num_problems, "seed": args.seed}
+             "max_new_tokens": args.max_tokens, "num_problems": args.num_problems, "seed": args.seed,
+             "answer_fallback": args.answer_fallback}
     values.update({k: v for k, v in flags.items() if v is not None})
     return EvalConfig.model_validate(values)
 

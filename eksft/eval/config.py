@@ -6,6 +6,8 @@ This module imports only pydantic and the benchmark registry, so ``eksft.config`
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from eksft.eval.benchmarks import check_benchmark_name
@@ -34,6 +36,8 @@ class EvalConfig(BaseModel):
     num_problems: int | None = Field(None, ge=1, description="first N problems of each benchmark (embedded: how many to make)")
     every_rl_steps: int = Field(0, ge=0, description="orchestrator: also evaluate every N RL steps (0: only the fixed points)")
     reward_timeout_s: float = Field(5.0, gt=0, description="math-verify deadline per answer")
+    answer_fallback: Literal["none", "last_number"] = Field(
+        "none", description="answer of a completion without a closed \\boxed{}: none (incorrect) or its last number")
     seed: int = 0
 
     @field_validator("benchmarks")

@@ -207,7 +207,7 @@ def evaluate(model_dir: str, benchmarks: Sequence[str], cfg: EvalConfig, rollout
                     outputs = engine.generate(ids[lo:hi], sampling, seeds)
                     texts = [s.text for group in outputs for s in group]
                     answers = [rows[i]["answer"] for i in range(lo, hi) for _ in range(cfg.n)]
-                    res = math_reward(texts, answers, timeout_s=cfg.reward_timeout_s)
+                    res = math_reward(texts, answers, timeout_s=cfg.reward_timeout_s, fallback=cfg.answer_fallback)
                     for j, group in enumerate(outputs):
                         samples.append(group)
                         rewards.append(res[j * cfg.n:(j + 1) * cfg.n])

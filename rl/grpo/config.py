@@ -72,6 +72,8 @@ class GRPOConfig(BaseModel):
     save_every: int = Field(10, ge=1, description="checkpoint every this many steps")
     seed: int = Field(0, ge=0)
     format_weight: float = Field(0.0, ge=0, description="weight of the optional format reward term")
+    answer_fallback: Literal["none", "last_number"] = Field(
+        "none", description="answer of a completion without a closed \\boxed{}: none (scores 0) or its last number")
     reward_timeout_s: float = Field(5.0, gt=0, description="verifier time limit per completion (s)")
 
     @field_validator("group_size")

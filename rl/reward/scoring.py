@@ -1,7 +1,10 @@
 """Rule-based math reward: last boxed answer vs gold answer, via math-verify.
 
 ``score = correct (1/0) + format_weight * format_ok`` where ``format_ok``
-means the completion holds exactly one box marker and it is closed. The
+means the completion holds exactly one box marker, it is closed and it is not
+empty (the instruction "put your answer within \\boxed{}" invites a small
+model to copy the empty box, and crediting that is a reward GRPO learns to
+hack). The
 format term depends only on the text, so it is kept even when verification
 times out; with the default ``format_weight=0`` the score is plain 1/0.
 
@@ -38,7 +41,7 @@ class RewardResult:
     correct:   math-verify says the answer equals the gold answer
     timeout:   the verifier missed its deadline and was killed (score part 0)
     no_answer: no closed ``\\boxed{}`` and no fallback match
-    format_ok: exactly one box marker, and it is closed
+    format_ok: exactly one box marker, closed, with a non-blank answer inside
     error:     why verification could not run or failed, else None
     extracted: the answer string that was verified (None if none was)
     """
@@ -151,7 +154,7 @@ def math_reward(
             raise TypeError(f"completions must be str, got {type(text).__name__}")
         gold = str(gold)
         found = find_last_boxed(text, max_answer_chars)
-        format_ok = found.status == "ok" and count_boxes(text) == 1
+        format_ok = found.status == "ok" and bool(found.content.strip()) and count_boxes(text) == 1
         answer, error = _answer_for(text, found, fallback, max_answer_chars)
         item: dict[str, Any] = {"format_ok": format_ok, "error": error, "extracted": answer}
         if answer is None:
