@@ -7,12 +7,11 @@ math-verify, so it uses the pure pieces of ``rl`` rather than the GRPO trainer:
 * **train**: one GRPO update on a synthetic rollout batch of ``--prompts`` x ``--group`` sequences
   (prompt ``--prompt-len`` tokens, completion lengths drawn uniformly in ``[--min-completion,
   --max-completion]``, random 0/1 rewards -> group advantages by `rl.grpo.core.group_advantages`):
-  per micro-batch a forward of the padded batch, `rl.token_stats.token_statistics` (log p of the
+  per micro-batch `rl.grpo.logprobs.completion_logprobs` (forward of the padded batch, log p of the
   completion tokens and the entropy, chunked over the vocabulary), `rl.grpo.core.policy_loss`
   (token-mean, global token normalisation, beta 0), backward; then grad clipping and AdamW. This is
-  what `rl.grpo.trainer.GRPOTrainer._update` does for one on-policy mini-batch (its
-  `completion_logprobs` is replicated here so that the trainer module, which needs the rollout
-  stack, is not imported). Precision modes (``--modes``): ``autocast`` = float32 weights and AdamW +
+  what `rl.grpo.trainer.GRPOTrainer._update` does for one on-policy mini-batch (without importing
+  the trainer module, which needs the rollout stack). Precision modes (``--modes``): ``autocast`` = float32 weights and AdamW +
   bf16 autocast (what GRPOTrainer does), ``bf16`` = bf16 weights, gradients and AdamW state.
   Reports the median step time, completion tokens/s, peak memory.
 * **generate**: `rl.rollout.hf_engine.HFEngine` (transformers ``generate``, one call per prompt with
@@ -23,7 +22,7 @@ math-verify, so it uses the pure pieces of ``rl`` rather than the GRPO trainer:
 
 The import of `rl.rollout.hf_engine` is checked not to import vLLM. ``rl.grpo`` and ``rl.rollout``
 import pydantic (their typed configs); where pydantic is missing, the pure modules
-(`rl.grpo.loss`, `rl.grpo.advantages`, `rl.token_stats`) are loaded without their packages'
+(`rl.grpo.loss`, `rl.grpo.advantages`, `rl.grpo.logprobs`, `rl.token_stats`) are loaded without their packages'
 ``__init__`` and the HF-engine part is skipped (carry pydantic wheels: see gpu_grpo_step.sh).
 
 Examples:
@@ -34,7 +33,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import json
 import os
@@ -75,12 +73,12 @@ def _load_file(name: str, path: Path):
 
 
 def import_rl() -> dict[str, Any]:
-    """policy_loss, group_advantages, token_statistics, IGNORE_INDEX and how they were imported."""
+    """policy_loss, group_advantages, completion_logprobs and how they were imported."""
     try:
         from rl.grpo.core import group_advantages, policy_loss
-        from rl.token_stats import IGNORE_INDEX, token_statistics
+        from rl.grpo.logprobs import completion_logprobs
 
-        how = "package imports (rl.grpo.core, rl.token_stats)"
+        how = "package imports (rl.grpo.core, rl.grpo.logprobs)"
     except ImportError as e:  # no pydantic: load the pure modules without rl.grpo/__init__ (which imports config)
         if "pydantic" not in str(e):
             raise
@@ -88,14 +86,15 @@ def import_rl() -> dict[str, Any]:
             stub = types.ModuleType(pkg)
             stub.__path__ = [str(REPO_ROOT / pkg.replace(".", "/"))]
             sys.modules[pkg] = stub
-        token_stats = _load_file("rl.token_stats", REPO_ROOT / "rl" / "token_stats.py")
+        _load_file("rl.token_stats", REPO_ROOT / "rl" / "token_stats.py")  # imported by rl.grpo.logprobs
+        logprobs = _load_file("rl.grpo.logprobs", REPO_ROOT / "rl" / "grpo" / "logprobs.py")
         loss = _load_file("rl.grpo.loss", REPO_ROOT / "rl" / "grpo" / "loss.py")
         advantages = _load_file("rl.grpo.advantages", REPO_ROOT / "rl" / "grpo" / "advantages.py")
         policy_loss, group_advantages = loss.policy_loss, advantages.group_advantages
-        token_statistics, IGNORE_INDEX = token_stats.token_statistics, token_stats.IGNORE_INDEX
+        completion_logprobs = logprobs.completion_logprobs
         how = f"module files without package __init__ ({e})"
-    return {"policy_loss": policy_loss, "group_advantages": group_advantages, "token_statistics": token_statistics,
-            "IGNORE_INDEX": IGNORE_INDEX, "how": how}
+    return {"policy_loss": policy_loss, "group_advantages": group_advantages,
+            "completion_logprobs": completion_logprobs, "how": how}
 
 
 def import_hf_engine():
@@ -143,44 +142,14 @@ def synthetic_batch(args, vocab: int) -> list[dict]:
     return rows
 
 
-def completion_logprobs(rl, model, chunk, device, autocast_dtype):
-    """Replica of rl.grpo.trainer.completion_logprobs: padded forward, token_statistics at completion tokens."""
-    lengths = [len(s["prompt_ids"]) + len(s["completion_ids"]) for s in chunk]
-    width = max(lengths)
-    ids = torch.zeros((len(chunk), width), dtype=torch.long)
-    attention = torch.zeros_like(ids)
-    labels = torch.full((len(chunk), width - 1), rl["IGNORE_INDEX"], dtype=torch.long)
-    for i, s in enumerate(chunk):
-        seq = s["prompt_ids"] + s["completion_ids"]
-        ids[i, :len(seq)] = torch.tensor(seq)
-        attention[i, :len(seq)] = 1
-        p = len(s["prompt_ids"])
-        labels[i, p - 1:len(seq) - 1] = torch.tensor(s["completion_ids"])
-    ids, attention, labels = ids.to(device), attention.to(device), labels.to(device)
-    ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
-    with ctx:
-        logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits[:, :-1]
-    mask = labels != rl["IGNORE_INDEX"]
-    stats = rl["token_statistics"](logits, mask, labels=labels)
-    max_len = max(len(s["completion_ids"]) for s in chunk)
-    logp = torch.zeros((len(chunk), max_len), device=device, dtype=stats.label_logprob.dtype)
-    entropy = torch.zeros_like(logp)
-    resp = torch.zeros((len(chunk), max_len), dtype=torch.bool, device=device)
-    for i, s in enumerate(chunk):
-        p, n = len(s["prompt_ids"]), len(s["completion_ids"])
-        logp[i, :n] = stats.label_logprob[i, p - 1:p - 1 + n]
-        entropy[i, :n] = stats.entropy[i, p - 1:p - 1 + n]
-        resp[i, :n] = True
-    return logp, entropy, resp
-
-
 def grpo_update(rl, model, optimizer, rows, advantages, args, device, autocast_dtype) -> dict[str, float]:
     n_tokens = sum(len(r["completion_ids"]) for r in rows)
     optimizer.zero_grad(set_to_none=True)
     metrics: dict[str, float] = {}
     for start in range(0, len(rows), args.micro_batch):
-        chunk = rows[start:start + args.micro_batch]
-        logp, entropy, mask = completion_logprobs(rl, model, chunk, device, autocast_dtype)
+        chunk = [types.SimpleNamespace(**r) for r in rows[start:start + args.micro_batch]]  # .prompt_ids, ...
+        logp, entropy, mask = rl["completion_logprobs"](model, chunk, 1.0, with_entropy=True,
+                                                        autocast_dtype=autocast_dtype)
         loss, m = rl["policy_loss"](logp, logp.detach(), advantages[start:start + len(chunk)].to(device), mask,
                                     eps_low=0.2, eps_high=0.2, entropy=entropy, aggregation="token-mean",
                                     max_response_len=args.max_completion, num_tokens=n_tokens, num_seqs=len(rows))

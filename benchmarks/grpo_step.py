@@ -338,7 +338,7 @@ def timed_update(trainer, samples, advantages, *, micro: int, order: list[int], 
     import torch
 
     from rl.grpo.core import policy_loss
-    from rl.grpo.trainer import completion_logprobs
+    from rl.grpo.logprobs import completion_logprobs
     import rl.grpo.trainer as trainer_module
 
     cfg, model = trainer.cfg, trainer.model

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rl.grpo import GRPOConfig, run_grpo
-from rl.grpo.trainer import completion_logprobs
+from rl.grpo.logprobs import completion_logprobs
 from rl.reward import math_reward
 from rl.rollout import SamplingConfig, make_engine
 
