@@ -27,7 +27,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import platform
@@ -125,32 +124,20 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def grpo_config(bf16: bool, **fields):
-    """(GRPOConfig, extra run_grpo kwargs): bf16 autocast wherever this version of the trainer takes it."""
-    from rl.grpo import GRPOConfig
-    from rl.grpo.trainer import GRPOTrainer
-
-    if "bf16" in GRPOConfig.model_fields:
-        return GRPOConfig(bf16=bf16, **fields), {}
-    if "bf16" in inspect.signature(GRPOTrainer.__init__).parameters:
-        return GRPOConfig(**fields), {"bf16": bf16}
-    raise RuntimeError("this GRPOTrainer has no bf16 switch")
-
-
 def run_train(args: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from eksft.models import resolve_model_dir
-    from rl.grpo import run_grpo
+    from rl.grpo import GRPOConfig, run_grpo
     from rl.rollout import RolloutConfig
 
     train, _ = datasets(args)
-    cfg, extra = grpo_config(args.bf16, steps=args.steps, prompts_per_step=args.prompts, group_size=args.group,
-                             max_new_tokens=args.max_new_tokens, temperature=1.0, learning_rate=args.lr,
-                             micro_batch_size=args.micro_batch, beta_kl=0.0, format_weight=args.format_weight,
-                             answer_fallback=args.answer_fallback, save_every=10**6, seed=args.seed)
+    cfg = GRPOConfig(bf16=args.bf16, steps=args.steps, prompts_per_step=args.prompts, group_size=args.group,
+                     max_new_tokens=args.max_new_tokens, temperature=1.0, learning_rate=args.lr,
+                     micro_batch_size=args.micro_batch, beta_kl=0.0, format_weight=args.format_weight,
+                     answer_fallback=args.answer_fallback, save_every=10**6, seed=args.seed)
     rollout = RolloutConfig(engine="vllm", dtype=args.rollout_dtype, max_model_len=args.max_model_len)
     t0 = time.perf_counter()
-    final = run_grpo(resolve_model_dir(args.model), train, cfg, args.run_dir, rollout=rollout, kl_metric=False, **extra)
+    final = run_grpo(resolve_model_dir(args.model), train, cfg, args.run_dir, rollout=rollout, kl_metric=False)
     wall = time.perf_counter() - t0
     metrics = [json.loads(line) for line in (Path(args.run_dir) / "metrics.jsonl").read_text().splitlines() if line]
     return {"final_checkpoint": str(final), "wall_s": wall, "config": cfg.model_dump(), "metrics": metrics}

@@ -177,23 +177,6 @@ def summarise(system: str, steps: list[dict], warmup: int, extra: dict | None = 
 # --------------------------------------------------------------------------------------------
 
 
-def grpo_config(config_cls, bf16: bool, **fields):
-    """(GRPOConfig, extra GRPOTrainer kwargs) with bf16 autocast wherever this version of the trainer takes it.
-
-    The switch moved from ``GRPOTrainer(bf16=...)`` to ``GRPOConfig.bf16``; both are accepted here.
-    """
-    import inspect
-
-    from rl.grpo.trainer import GRPOTrainer
-
-    if "bf16" in config_cls.model_fields:
-        return config_cls(bf16=bf16, **fields), {}
-    if "bf16" in inspect.signature(GRPOTrainer.__init__).parameters:
-        return config_cls(**fields), {"bf16": bf16}
-    raise RuntimeError("this GRPOTrainer has no bf16 switch")
-
-
-
 def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     import torch
@@ -204,17 +187,17 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
 
     rows = make_rows(args.prompts, args.data_seed)
     total = args.warmup + args.steps
-    cfg, precision_kwargs = grpo_config(GRPOConfig, args.bf16, group_size=args.group, prompts_per_step=args.prompts,
-                                        max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0, beta_kl=0.0,
-                                        learning_rate=args.lr, micro_batch_size=args.micro_batch, steps=total,
-                                        save_every=10**6, seed=args.seed)
+    cfg = GRPOConfig(bf16=args.bf16, group_size=args.group, prompts_per_step=args.prompts,
+                     max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0, beta_kl=0.0,
+                     learning_rate=args.lr, micro_batch_size=args.micro_batch, steps=total,
+                     save_every=10**6, seed=args.seed)
     rollout = RolloutConfig(engine="vllm", dtype=args.rollout_dtype, max_model_len=args.max_model_len,
                             kv_cache_gib=args.kv_cache_gib)
     threads_before = torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="grpo_step_ours_") as tmp:
         t0 = time.perf_counter()
         trainer = GRPOTrainer(model_dir=model_dir(args), rows=rows, config=cfg, out_dir=tmp, rollout=rollout,
-                              kl_metric=False, **precision_kwargs)
+                              kl_metric=False)
         init_s = time.perf_counter() - t0
         captured: dict[str, Any] = {}
         original_rollout = trainer._rollout
