@@ -12,28 +12,9 @@
 # Environment: EKSFT_GPU_WHEELS (wheel folder, default .cache/gpu-wheels), PYTHON (default python3),
 # SFT_STEP_ARGS (extra arguments for sft_step.py, e.g. "--steps 5").
 set -uo pipefail
-cd "$(dirname "$0")/.."
-
-PY=${PYTHON:-python3}
-WHEELS=${EKSFT_GPU_WHEELS:-.cache/gpu-wheels}
-RESULTS=${OUT:-benchmarks/results}
-mkdir -p "$RESULTS"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-
-if ! "$PY" -c "import pydantic" 2>/dev/null; then
-    if ! ls "$WHEELS"/pydantic-*.whl >/dev/null 2>&1; then
-        echo "pydantic is missing and there are no wheels in $WHEELS (see benchmarks/README.md)" >&2
-        exit 1
-    fi
-    # typing_extensions only when the image's is older than pydantic needs (>= 4.16).
-    wheels=$(ls "$WHEELS"/*.whl | grep -v typing_extensions)
-    if ! "$PY" -c "import sys, importlib.metadata as m; v = tuple(int(x) for x in m.version('typing_extensions').split('.')[:2]); sys.exit(v < (4, 16))" 2>/dev/null; then
-        wheels="$wheels $(ls "$WHEELS"/typing_extensions-*.whl 2>/dev/null)"
-    fi
-    # shellcheck disable=SC2086
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/eksft-site $wheels || exit 1
-    export PYTHONPATH="/tmp/eksft-site:$PYTHONPATH"
-fi
+# shellcheck source=benchmarks/gpu_env.sh
+source "$(dirname "$0")/gpu_env.sh"
+ensure_pydantic || exit 1
 
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
