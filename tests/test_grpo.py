@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -138,6 +139,11 @@ def test_killed_run_resumes_exactly(tmp_path, tiny_qwen2_dir):
     full = run_grpo(tiny_qwen2_dir, data, GRPOConfig(steps=2, **common), tmp_path / "full")
     run_grpo(tiny_qwen2_dir, data, GRPOConfig(steps=1, **common), tmp_path / "killed")
     assert (tmp_path / "killed/checkpoints/step-1/trainer_state.pt").is_file()
+    # A kill between the last write of step 2's checkpoint and its rename leaves a complete-looking
+    # `step-2.tmp`; resuming must ignore it (it once crashed on int("2.tmp")) and start from step-1.
+    shutil.copytree(tmp_path / "killed/checkpoints/step-1", tmp_path / "killed/checkpoints/step-2.tmp")
+    with (tmp_path / "killed/metrics.jsonl").open("a") as f:  # and a kill inside a metrics write
+        f.write('{"phase": "rl", "step": 2, "rew')
     resumed = run_grpo(tiny_qwen2_dir, data, GRPOConfig(steps=2, **common), tmp_path / "killed")
     a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "killed")
     assert [m["step"] for m in b] == [1, 2]

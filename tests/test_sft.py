@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -71,9 +72,16 @@ def test_killed_run_resumes_exactly(tmp_path):
     overrides = [*BASE, "sft.max_steps=4", "sft.save_steps=2", "sft.batch_size=2", "sft.lr_scheduler=cosine",
                  "sft.learning_rate=5e-3"]
     full = run_sft(load_recipe(None, overrides), tmp_path / "full")
-    run_sft(load_recipe(None, overrides), tmp_path / "killed", callbacks=[StopAt(2)])
-    assert (tmp_path / "killed/checkpoints/checkpoint-2").is_dir()
-    resumed = run_sft(load_recipe(None, overrides), tmp_path / "killed")
+    run_sft(load_recipe(None, overrides), tmp_path / "killed", callbacks=[StopAt(3)])
+    ckpts = tmp_path / "killed/checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-2"]
+    assert [r["step"] for r in read_metrics(tmp_path / "killed")] == [1, 2, 3]
+    # Where a real kill can land: inside the save of checkpoint-4 (every file but trainer_state.json,
+    # which the Trainer writes last) and inside a metrics write (half a line).
+    shutil.copytree(ckpts / "checkpoint-2", ckpts / "checkpoint-4", ignore=shutil.ignore_patterns("trainer_state.json"))
+    with (tmp_path / "killed/metrics.jsonl").open("a") as f:
+        f.write('{"phase": "sft", "step": 4, "lo')
+    resumed = run_sft(load_recipe(None, overrides), tmp_path / "killed")  # resumes from checkpoint-2
     w_full, w_res = weights(full), weights(resumed)
     for k in w_full:
         torch.testing.assert_close(w_res[k], w_full[k], rtol=1e-6, atol=1e-7)

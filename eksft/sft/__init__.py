@@ -27,7 +27,10 @@ def build_sft_dataset(recipe, tokenizer):
 def run_sft(recipe, out_dir: str | Path, *, callbacks=()) -> Path:
     """Train the recipe's cold start; returns the final checkpoint directory. Resumes from ``out_dir/checkpoints``."""
     from transformers import TrainingArguments
-    from transformers.trainer_utils import get_last_checkpoint
+    from transformers.trainer import TRAINER_STATE_NAME
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    from rl.resume import latest_complete_checkpoint, truncate_metrics
 
     from eksft.models import load_model
     from eksft.objectives import get_objective
@@ -96,9 +99,13 @@ def run_sft(recipe, out_dir: str | Path, *, callbacks=()) -> Path:
         kl_metric_every=0 if get_objective(cfg.objective.name).needs_reference else cfg.kl_metric_every,
         callbacks=[MetricsJsonlCallback(out_dir / "metrics.jsonl"), *callbacks],
     )
-    last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+    # The Trainer writes trainer_state.json last: a checkpoint without it was cut short by a kill.
+    last = latest_complete_checkpoint(args.output_dir, PREFIX_CHECKPOINT_DIR, last_file=TRAINER_STATE_NAME)
+    resumed_step = json.loads((last / TRAINER_STATE_NAME).read_text())["global_step"] if last else 0
+    truncate_metrics(out_dir / "metrics.jsonl", resumed_step)  # the steps after it are logged again
     if last:
-        print(f"[sft] resuming from {last}", flush=True)
+        print(f"[sft] resuming from {last} (step {resumed_step})", flush=True)
+        last = str(last)
     trainer.train(resume_from_checkpoint=last)
 
     final = out_dir / "checkpoint"

@@ -33,6 +33,7 @@ from rl.grpo.config import GRPOConfig
 from rl.grpo.core import fill_groups, group_advantages, mask_truncated, minibatches, policy_loss, zero_variance_groups
 from rl.grpo.logprobs import completion_logprobs
 from rl.metrics import pass_at_k
+from rl.resume import latest_complete_checkpoint, truncate_metrics
 from rl.rollout import RolloutConfig, Sample, SamplingConfig, engine_from_config
 
 
@@ -97,8 +98,8 @@ class GRPOTrainer:
             ).to(self.device).eval().requires_grad_(False)
         if resume_dir:
             self._load_state(resume_dir)
-            self._truncate_metrics(self.step)
             print(f"[rl] resumed from {resume_dir} (step {self.step})", flush=True)
+        truncate_metrics(self.out / "metrics.jsonl", self.step)  # steps after the checkpoint are logged again
         self.prompt_ids = [self.tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True,
                                                               return_dict=False) for r in rows]
         self.engine = engine_from_config(self.rollout_cfg, start_dir, seed=config.seed,
@@ -288,18 +289,9 @@ class GRPOTrainer:
                     f.write(json.dumps({"problem": g.row.get("problem"), "answer": g.row["answer"],
                                         "completion": s.text, "reward": r, "truncated": s.truncated}) + "\n")
 
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop lines logged after the checkpoint we resume from (they will be produced again)."""
-        path = self.out / "metrics.jsonl"
-        if path.is_file():
-            kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
-            path.write_text("".join(ln + "\n" for ln in kept))
-
     # ------------------------------------------------------------------ checkpoints
     def latest_checkpoint(self) -> Path | None:
-        ckpts = sorted((p for p in (self.out / "checkpoints").glob("step-*") if (p / "trainer_state.pt").is_file()),
-                       key=lambda p: int(p.name.split("-")[1]))
-        return ckpts[-1] if ckpts else None
+        return latest_complete_checkpoint(self.out / "checkpoints", "step", last_file="trainer_state.pt")
 
     def save_checkpoint(self) -> Path:
         target = self.out / "checkpoints" / f"step-{self.step}"
