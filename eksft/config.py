@@ -198,7 +198,12 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     parts = [k for k in key.strip().split(".") if k]
     if not parts:
         raise RecipeError(f"--set expects key.path=value, got {item!r}")
-    value = yaml.safe_load(text) if text.strip() else None
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError(f"--set {key.strip()}: the value {text!r} is not valid YAML ({problem}); "
+                          f"quote it to pass a string, e.g. --set {key.strip()}='\"...\"'") from None
     node = raw
     for i, k in enumerate(parts[:-1]):
         child = node.setdefault(k, {})

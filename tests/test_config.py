@@ -65,6 +65,10 @@ def test_set_overrides_are_typed_and_validated():
         load_recipe(None, ["data.maxlen=3"])
     with pytest.raises(RecipeError, match="key.path=value"):
         load_recipe(None, ["data.max_length"])
+    # A value that is not YAML names the key and the value (it used to escape as a yaml traceback).
+    with pytest.raises(RecipeError, match=r"--set model\.name: the value '\[a' is not valid YAML"):
+        load_recipe(None, ["model.name=[a"])
+    assert load_recipe(None, ['model.name="[a"']).model.name == "[a"  # quoted, it is a string
 
 
 def test_trust_remote_code_is_off_by_default():
