@@ -63,9 +63,13 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
     from eksft.sft import run_sft
 
+    if args.objective and args.arm:
+        raise RecipeError("--objective and --arm both choose the objective: give one of them")
     overrides = list(args.overrides) + ([f"sft.objective.name={args.objective}"] if args.objective else [])
     recipe = load_recipe(args.recipe, overrides)
-    out = Path(args.output or Path(recipe.output_dir) / recipe.name / recipe.sft.objective.name / "sft")
+    if args.arm:
+        recipe = recipe.for_arm(args.arm)
+    out = Path(args.output or Path(recipe.output_dir) / recipe.name / (args.arm or recipe.sft.objective.name) / "sft")
     final = run_sft(recipe, out)
     print(f"[sft] checkpoint: {final}\n[sft] metrics: {out / 'metrics.jsonl'}")
     return 0
@@ -104,6 +108,8 @@ def cmd_inspect_masks(args: argparse.Namespace) -> int:
     from eksft.inspect_masks import run_inspect
 
     recipe = load_recipe(args.recipe, args.overrides)
+    if args.arm:
+        recipe = recipe.for_arm(args.arm)
     out = Path(args.out or Path(recipe.output_dir) / recipe.name / "inspect" / "masks.html")
     run_inspect(recipe, args.n, args.checkpoint, out, terminal=not args.quiet)
     print(f"wrote {out}")
@@ -187,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_recipe_args(sft)
     sft.add_argument("--objective", choices=["sft", "eksft", "dft"], help="shorthand for --set sft.objective.name=...")
-    sft.add_argument("--output", "-o", help="stage directory (default: <output_dir>/<recipe name>/<objective>/sft)")
+    sft.add_argument("--arm", help="train the objective of this arm of the recipe's `arms` (e.g. --arm eksft)")
+    sft.add_argument("--output", "-o",
+                     help="stage directory (default: <output_dir>/<recipe name>/<arm, or objective name>/sft)")
     sft.set_defaults(func=cmd_sft)
 
     run = sub.add_parser(
@@ -240,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_recipe_args(inspect)
     inspect.add_argument("-n", type=int, default=5, help="number of examples (default 5)")
+    inspect.add_argument("--arm", help="use the selection of this arm of the recipe's `arms` (default: the recipe's "
+                                       "sft.objective)")
     inspect.add_argument("--checkpoint", "-c", help="policy checkpoint directory (default: the starting model)")
     inspect.add_argument("--out", "-o", help="HTML path (default: <output_dir>/<recipe name>/inspect/masks.html)")
     inspect.add_argument("--quiet", "-q", action="store_true", help="no terminal rendering")

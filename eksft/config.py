@@ -156,6 +156,15 @@ class Recipe(Strict):
                              "intermediate evaluations read the RL checkpoints")
         return self
 
+    def for_arm(self, name: str) -> "Recipe":
+        """This recipe with ``sft.objective`` set to the named arm's objective (what that arm's SFT stage trains)."""
+        arm = next((a for a in self.arms if a.name == name), None)
+        if arm is None:
+            raise RecipeError(f"--arm {name}: no such arm (arms: {', '.join(a.name for a in self.arms)})")
+        if arm.objective is None:
+            raise RecipeError(f"--arm {name}: this arm has no cold-start objective (it starts RL from the base model)")
+        return self.model_copy(update={"sft": self.sft.model_copy(update={"objective": arm.objective})})
+
     def arm_rl(self, arm: ArmConfig) -> GRPOConfig:
         """The recipe's RL settings with the arm's overrides applied (validated)."""
         return GRPOConfig.model_validate({**self.rl.model_dump(), **arm.rl})

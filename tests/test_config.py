@@ -82,3 +82,16 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_recipe(write(tmp_path, "a: [1, 2\n"))
     with pytest.raises(RecipeError, match="top level must be a mapping"):
         load_recipe(write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_for_arm_sets_the_arms_objective():
+    arms = ("arms=[{name: a, objective: {name: eksft, ratio: 0.1, combine: intersection}}, "
+            "{name: base, objective: null}]")
+    r = load_recipe(None, ["sft.objective.ratio=0.3", arms])
+    a = r.for_arm("a")
+    assert a.sft.objective.ratio == 0.1 and a.sft.objective.combine == "intersection"
+    assert r.sft.objective.ratio == 0.3 and a.sft.learning_rate == r.sft.learning_rate  # the recipe is unchanged
+    with pytest.raises(RecipeError, match=r"--arm base: this arm has no cold-start objective"):
+        r.for_arm("base")
+    with pytest.raises(RecipeError, match=r"--arm x: no such arm \(arms: a, base\)"):
+        r.for_arm("x")

@@ -143,7 +143,26 @@ def test_inspect_masks_writes_page(tmp_path, capsys):
                  "-n", "2", "--out", str(out)]) == 0
     page = out.read_text()
     assert page.count("<h2>Example") == 2
-    assert 'class="tok both"' in page or 'class="tok entropy"' in page
+    # Token spans carry a title (their values); the legend's spans of the same classes do not.
+    assert 'class="tok both" title=' in page or 'class="tok entropy" title=' in page
     assert "KL set decided by position ties" in page  # starting model == reference
     assert "H=" in page and "KL=" in page
     assert "removed: high entropy" in capsys.readouterr().out
+
+
+def test_inspect_masks_uses_the_named_arms_selection(tmp_path, capsys):
+    """--arm reads the arm's objective, not the recipe's sft.objective (here: ratio 0 selects nothing)."""
+    out = tmp_path / "masks.html"
+    arms = "arms=[{name: sft, objective: {name: sft}}, {name: none, objective: {name: eksft, ratio: 0.0}}]"
+    common = ["inspect-masks", "--set", "model.name=tiny:qwen2", "--set", "data.sft.num_examples=3", "--set", arms,
+              "-n", "2", "--out", str(out), "--quiet"]
+    assert main([*common, "--arm", "none"]) == 0
+    page = out.read_text()
+    assert page.count("<h2>Example") == 2 and 'class="tok kept" title=' in page
+    assert not any(f'class="tok {k}" title=' in page for k in ("entropy", "kl", "both"))
+    assert main(common) == 0  # the recipe's sft.objective: eksft at ratio 0.2
+    page = out.read_text()
+    assert 'class="tok both" title=' in page or 'class="tok entropy" title=' in page
+    capsys.readouterr()
+    assert main([*common, "--arm", "nope"]) == 2
+    assert "--arm nope: no such arm (arms: sft, none)" in capsys.readouterr().err

@@ -133,8 +133,7 @@ def _run_sft(stage: Stage, recipe, run_dir: Path) -> None:
     from eksft.inspect_masks import run_inspect
     from eksft.sft import run_sft
 
-    arm = _arm(recipe, stage.arm)
-    arm_recipe = recipe.model_copy(update={"sft": recipe.sft.model_copy(update={"objective": arm.objective})})
+    arm_recipe = recipe.for_arm(stage.arm)
     final = run_sft(arm_recipe, stage.out_dir)
     run_inspect(arm_recipe, 5, str(final), stage.out_dir / "masks.html", terminal=False)
 
