@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
@@ -71,7 +72,8 @@ def cmd_sft(args: argparse.Namespace) -> int:
         recipe = recipe.for_arm(args.arm)
     out = Path(args.output or Path(recipe.output_dir) / recipe.name / (args.arm or recipe.sft.objective.name) / "sft")
     final = run_sft(recipe, out)
-    print(f"[sft] checkpoint: {final}\n[sft] metrics: {out / 'metrics.jsonl'}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, once
+        print(f"[sft] checkpoint: {final}\n[sft] metrics: {out / 'metrics.jsonl'}")
     return 0
 
 

@@ -44,6 +44,33 @@ def test_two_accumulation_steps_of_one_equal_one_batch_of_two(tmp_path, objectiv
     assert m_b2["grad_norm"] == pytest.approx(m_a2["grad_norm"], rel=1e-4)
 
 
+@pytest.mark.slow
+def test_two_processes_under_torchrun_equal_two_accumulation_steps(tmp_path):
+    """Data parallel (2 CPU processes, gloo, batch 1 each) = one process accumulating 2 batches of 1.
+
+    Two steps of EKSFT with its reference: the per-process losses are sequence means, DDP averages the
+    gradients, so the update is the accumulated one. Only the first process writes metrics and the checkpoint;
+    the objective metrics are averaged over the processes like the Trainer's loss.
+    """
+    common = [*BASE, "data.sft.num_examples=2", "sft.max_steps=2", "sft.batch_size=1", "sft.learning_rate=1e-3",
+              "sft.objective.name=eksft", "sft.objective.ratio=0.3", "sft.logging_steps=1"]
+    accum = run_sft(load_recipe(None, [*common, "sft.grad_accum=2"]), tmp_path / "accum")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "eksft.cli",
+           "sft", *[a for c in common for a in ("--set", c)], "--output", str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("[sft] checkpoint:") == 1 and proc.stdout.count("2 examples") == 1
+    w_acc, w_ddp = weights(accum), weights(tmp_path / "ddp/checkpoint")
+    for k in w_acc:
+        torch.testing.assert_close(w_ddp[k], w_acc[k], rtol=1e-6, atol=1e-7)
+    m_acc, m_ddp = read_metrics(tmp_path / "accum"), read_metrics(tmp_path / "ddp")
+    assert [m["step"] for m in m_ddp] == [1, 2]
+    assert m_ddp[1]["kl_mean"] > 0  # step 2 ran against the reference after a real update
+    for a, d in zip(m_acc, m_ddp):
+        for key in ("loss", "objective_loss", "ce", "entropy_mean", "kl_mean", "grad_norm"):
+            assert d[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+
+
 def test_metrics_jsonl_has_the_objective_terms(tmp_path):
     run_sft(load_recipe(None, [*BASE, "sft.max_steps=2", "sft.batch_size=2"]), tmp_path / "s")
     rows = read_metrics(tmp_path / "s")

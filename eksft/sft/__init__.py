@@ -9,6 +9,7 @@ Layout of ``out_dir`` (resumable):
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -42,8 +43,12 @@ def run_sft(recipe, out_dir: str | Path, *, callbacks=()) -> Path:
     torch.manual_seed(recipe.seed)
     model, tokenizer = load_model(recipe.model.name, recipe.model.dtype, recipe.model.trust_remote_code)
     examples, stats = build_sft_dataset(recipe, tokenizer)
-    print(f"[sft] {recipe.data.sft.source}: {stats.summary()}", flush=True)
-    (out_dir / "data_stats.json").write_text(json.dumps({k: v for k, v in vars(stats).items() if k != "truncated_rows"}))
+    # Under torchrun every process runs this function; only the first one writes files and prints.
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    if main_process:
+        print(f"[sft] {recipe.data.sft.source}: {stats.summary()}", flush=True)
+        (out_dir / "data_stats.json").write_text(
+            json.dumps({k: v for k, v in vars(stats).items() if k != "truncated_rows"}))
 
     needs_reference = get_objective(cfg.objective.name).needs_reference or cfg.kl_metric_every > 0
     reference = None
@@ -88,6 +93,7 @@ def run_sft(recipe, out_dir: str | Path, *, callbacks=()) -> Path:
         dataloader_num_workers=0,
         dataloader_pin_memory=False,
         disable_tqdm=False,
+        ddp_find_unused_parameters=False,  # every trainable parameter takes part in the forward
     )
     trainer = SelectiveSFTTrainer(
         model=model,
@@ -102,16 +108,18 @@ def run_sft(recipe, out_dir: str | Path, *, callbacks=()) -> Path:
     # The Trainer writes trainer_state.json last: a checkpoint without it was cut short by a kill.
     last = latest_complete_checkpoint(args.output_dir, PREFIX_CHECKPOINT_DIR, last_file=TRAINER_STATE_NAME)
     resumed_step = json.loads((last / TRAINER_STATE_NAME).read_text())["global_step"] if last else 0
-    truncate_metrics(out_dir / "metrics.jsonl", resumed_step)  # the steps after it are logged again
-    if last:
-        print(f"[sft] resuming from {last} (step {resumed_step})", flush=True)
-        last = str(last)
-    trainer.train(resume_from_checkpoint=last)
+    if main_process:
+        truncate_metrics(out_dir / "metrics.jsonl", resumed_step)  # the steps after it are logged again
+        if last:
+            print(f"[sft] resuming from {last} (step {resumed_step})", flush=True)
+    trainer.train(resume_from_checkpoint=str(last) if last else None)
 
     final = out_dir / "checkpoint"
-    trained = trainer.model
-    if cfg.lora.enabled:
-        trained = trained.merge_and_unload()  # a plain model directory that vLLM serves directly
-    trained.save_pretrained(final, safe_serialization=True)
-    tokenizer.save_pretrained(final)
+    if trainer.is_world_process_zero():
+        trained = trainer.model
+        if cfg.lora.enabled:
+            trained = trained.merge_and_unload()  # a plain model directory that vLLM serves directly
+        trained.save_pretrained(final, safe_serialization=True)
+        tokenizer.save_pretrained(final)
+    trainer.accelerator.wait_for_everyone()  # every process returns a directory that exists
     return final

@@ -93,8 +93,14 @@ class SelectiveSFTTrainer(Trainer):
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         # Training logs carry "loss"; attach the objective metrics averaged since the last log.
         if "loss" in logs and self._metric_sums:
-            for name, total in self._metric_sums.items():
-                logs[name if name != "loss" else "objective_loss"] = round(float(total) / self._metric_counts[name], 6)
+            names = sorted(self._metric_sums)
+            means = torch.stack([torch.as_tensor(self._metric_sums[n]).double() / self._metric_counts[n] for n in names])
+            if self.accelerator.num_processes > 1:
+                # Every process logs at the same step (like the Trainer's own loss): mean over processes,
+                # which for the default seq-mean aggregation is the mean over all their sequences.
+                means = self.accelerator.reduce(means, reduction="mean")
+            for name, value in zip(names, means.tolist()):
+                logs[name if name != "loss" else "objective_loss"] = round(value, 6)
             self._metric_sums.clear()
             self._metric_counts.clear()
         super().log(logs, *args, **kwargs)
