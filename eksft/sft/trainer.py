@@ -1,7 +1,8 @@
 """The cold-start trainer: transformers' Trainer with a token-level objective and a frozen reference.
 
 What the Trainer already gives (and we keep): gradient accumulation, bf16 autocast, gradient
-checkpointing, DDP/FSDP/DeepSpeed through accelerate, checkpoint + resume, TensorBoard/W&B.
+checkpointing, data parallel under torchrun (tested: 2 processes = 2 accumulation steps), FSDP/DeepSpeed
+through accelerate (untested here), checkpoint + resume, TensorBoard/W&B.
 What this adds:
   * ``compute_loss`` runs the policy forward once, the reference forward (no grad) when the
     objective needs it, and the registered objective on the shifted logits;
