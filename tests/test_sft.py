@@ -193,3 +193,13 @@ def test_inspect_masks_uses_the_named_arms_selection(tmp_path, capsys):
     capsys.readouterr()
     assert main([*common, "--arm", "nope"]) == 2
     assert "--arm nope: no such arm (arms: sft, none)" in capsys.readouterr().err
+
+
+def test_bf16_weights_without_master_copy_are_flagged(tmp_path, capsys):
+    """A bf16 model trained directly loses most updates of size lr; run_sft says so, float32 + autocast does not."""
+    common = [*BASE, "sft.max_steps=1", "sft.batch_size=2", "sft.learning_rate=1e-5"]
+    run_sft(load_recipe(None, [*common, "model.dtype=bfloat16", "sft.bf16=false"]), tmp_path / "bf16")
+    out = capsys.readouterr().out
+    assert "[sft] WARNING: training bfloat16 parameters directly" in out and "lr=1e-05" in out
+    run_sft(load_recipe(None, [*common, "sft.bf16=true"]), tmp_path / "fp32")
+    assert "WARNING" not in capsys.readouterr().out

@@ -35,6 +35,7 @@ def run_sft(recipe, out_dir: str | Path, *, callbacks=()) -> Path:
 
     from eksft.models import load_model
     from eksft.objectives import get_objective
+    from eksft.sft.precision import low_precision_warning
     from eksft.sft.trainer import MetricsJsonlCallback, ReferenceModel, SelectiveSFTTrainer, pad_collate
 
     cfg = recipe.sft
@@ -59,6 +60,8 @@ def run_sft(recipe, out_dir: str | Path, *, callbacks=()) -> Path:
             r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
             target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM",
         ))
+    if main_process and (warning := low_precision_warning(model, cfg.learning_rate)):
+        print(f"[sft] WARNING: {warning}", flush=True)
     if needs_reference:
         if cfg.reference == "adapter":
             reference = ReferenceModel("adapter")
