@@ -91,6 +91,9 @@ class SFTConfig(Strict):
     logging_steps: int = Field(1, gt=0)
     save_steps: int = Field(500, gt=0)
     save_total_limit: int | None = Field(2, gt=0)
+    # > 1: data parallel under torchrun, one process per GPU (gloo processes on CPU); batch_size is per process.
+    num_processes: int = Field(1, ge=1)
+
     @model_validator(mode="after")
     def _adapter_needs_lora(self):
         if self.reference == "adapter" and not self.lora.enabled:
@@ -150,6 +153,9 @@ class Recipe(Strict):
             except ValidationError as e:
                 bad = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
                 raise ValueError(f"arms.{i}.rl ({arm.name}): {bad} (allowed keys: {', '.join(sorted(GRPOConfig.model_fields))})") from None
+        gpus, procs = self.resources.sft.num_gpus, self.sft.num_processes
+        if gpus and procs > 1 and procs != gpus:
+            raise ValueError(f"sft.num_processes ({procs}) must equal resources.sft.num_gpus ({gpus:g}): one process per GPU")
         every = self.eval.every_rl_steps
         if every and every % self.rl.save_every:
             raise ValueError(f"eval.every_rl_steps ({every}) must be a multiple of rl.save_every ({self.rl.save_every}): "

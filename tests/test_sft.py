@@ -45,7 +45,7 @@ def test_two_accumulation_steps_of_one_equal_one_batch_of_two(tmp_path, objectiv
 
 
 @pytest.mark.slow
-def test_two_processes_under_torchrun_equal_two_accumulation_steps(tmp_path):
+def test_two_torchrun_processes_equal_two_accumulation_steps(tmp_path):
     """Data parallel (2 CPU processes, gloo, batch 1 each) = one process accumulating 2 batches of 1.
 
     Two steps of EKSFT with its reference: the per-process losses are sequence means, DDP averages the
@@ -55,10 +55,12 @@ def test_two_processes_under_torchrun_equal_two_accumulation_steps(tmp_path):
     common = [*BASE, "data.sft.num_examples=2", "sft.max_steps=2", "sft.batch_size=1", "sft.learning_rate=1e-3",
               "sft.objective.name=eksft", "sft.objective.ratio=0.3", "sft.logging_steps=1"]
     accum = run_sft(load_recipe(None, [*common, "sft.grad_accum=2"]), tmp_path / "accum")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "eksft.cli",
-           "sft", *[a for c in common for a in ("--set", c)], "--output", str(tmp_path / "ddp")]
+    # `eksft sft` with sft.num_processes=2 launches torchrun itself (what the pipeline's SFT stage does too).
+    cmd = [sys.executable, "-m", "eksft.cli", "sft", *[a for c in [*common, "sft.num_processes=2"] for a in ("--set", c)],
+           "--output", str(tmp_path / "ddp")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[sft] 2 processes: -m torch.distributed.run" in proc.stdout
     assert proc.stdout.count("[sft] checkpoint:") == 1 and proc.stdout.count("2 examples") == 1
     w_acc, w_ddp = weights(accum), weights(tmp_path / "ddp/checkpoint")
     for k in w_acc:

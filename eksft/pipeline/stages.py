@@ -131,10 +131,10 @@ def _start_model(recipe, run_dir: Path, arm) -> str:
 
 def _run_sft(stage: Stage, recipe, run_dir: Path) -> None:
     from eksft.inspect_masks import run_inspect
-    from eksft.sft import run_sft
+    from eksft.sft import launch_sft
 
     arm_recipe = recipe.for_arm(stage.arm)
-    final = run_sft(arm_recipe, stage.out_dir)
+    final = launch_sft(arm_recipe, stage.out_dir)
     run_inspect(arm_recipe, 5, str(final), stage.out_dir / "masks.html", terminal=False)
 
 

@@ -25,6 +25,35 @@ def build_sft_dataset(recipe, tokenizer):
     return examples, stats
 
 
+LAUNCHED_BY_EKSFT = "EKSFT_SFT_LAUNCHED"  # set in the torchrun processes that launch_sft starts
+
+
+def launch_sft(recipe, out_dir: str | Path) -> Path:
+    """Run the cold start here, or, for ``sft.num_processes > 1``, as that many torchrun processes.
+
+    The processes read the recipe from ``out_dir/sft_recipe.yaml`` and run ``run_sft`` (data parallel:
+    each process takes its share of every batch; the first one writes metrics and checkpoints).
+    """
+    import subprocess
+    import sys
+
+    from eksft.config import recipe_to_yaml
+
+    out_dir = Path(out_dir)
+    procs = recipe.sft.num_processes
+    if procs == 1 or "RANK" in os.environ:  # already one of the torchrun processes
+        return run_sft(recipe, out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    recipe_file = out_dir / "sft_recipe.yaml"
+    recipe_file.write_text(recipe_to_yaml(recipe))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
+           "-m", "eksft.cli", "sft", "--recipe", str(recipe_file), "--output", str(out_dir)]
+    print(f"[sft] {procs} processes: {' '.join(cmd[1:])}", flush=True)
+    if subprocess.run(cmd, env={**os.environ, LAUNCHED_BY_EKSFT: "1"}).returncode != 0:
+        raise RuntimeError(f"the {procs} SFT processes failed (their output is above); rerun to resume")
+    return out_dir / "checkpoint"
+
+
 def run_sft(recipe, out_dir: str | Path, *, callbacks=()) -> Path:
     """Train the recipe's cold start; returns the final checkpoint directory. Resumes from ``out_dir/checkpoints``."""
     from transformers import TrainingArguments
