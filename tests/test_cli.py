@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -37,7 +38,9 @@ def test_data_preview_marks_trained_tokens(capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert "5 examples" in out and "truncated 0" in out
-    assert out.count("example ") >= 2 and "\\boxed{" in out
+    heads = re.findall(r"example \d+: (\d+) tokens, (\d+) trained", out)
+    assert len(heads) == 2 and all(0 < int(trained) < int(total) for total, trained in heads)  # -n 2; prompt untrained
+    assert out.count("\\boxed{") == 4  # per example: the instruction's empty box and the answer's
 
 
 def test_data_preview_reports_truncation(capsys):

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from eksft.data import DataError
 from eksft.eval import BENCHMARKS, RESULT_KEYS, EvalConfig, benchmark_filename, evaluate, load_benchmark, summarize
-from eksft.eval.benchmarks import EMBEDDED_DEFAULT_SIZE, normalize_gsm8k
+from eksft.eval.benchmarks import EMBEDDED_DEFAULT_SIZE, EMBEDDED_EVAL_SEED, normalize_gsm8k
 from eksft.eval.cli import add_eval_parser, eval_config_from_args, model_basename
 from eksft.eval.runner import maj_ks
 
@@ -138,8 +138,11 @@ def test_embedded_benchmark_uses_held_out_seed_and_default_size():
     rows = load_benchmark("embedded:arithmetic")
     assert len(rows) == EMBEDDED_DEFAULT_SIZE
     assert all(r["answer"] and r["prompt"][-1]["content"].endswith("\\boxed{}.") for r in rows)
-    train = [r.data["problem"] for r in read_rows("embedded:arithmetic", num_examples=EMBEDDED_DEFAULT_SIZE, seed=1)]
-    assert [r["problem"] for r in rows] != train
+    def problems(seed):
+        return [r.data["problem"] for r in read_rows("embedded:arithmetic", num_examples=EMBEDDED_DEFAULT_SIZE, seed=seed)]
+
+    assert [r["problem"] for r in rows] == problems(EMBEDDED_EVAL_SEED)
+    assert problems(EMBEDDED_EVAL_SEED) != problems(0) and problems(EMBEDDED_EVAL_SEED) != problems(1)  # SFT / RL defaults
     assert len(load_benchmark("embedded:arithmetic", num_problems=5)) == 5
 
 
@@ -154,13 +157,10 @@ def test_filenames():
     assert benchmark_filename("embedded:arithmetic") == "embedded_arithmetic"
     assert benchmark_filename("/data/math500_test.jsonl") == "_data_math500_test.jsonl"
     assert benchmark_filename("gsm8k") == "gsm8k"
-    try:  # the report finds the files by the same rule
-        from eksft.report.layout import benchmark_stem
-    except ImportError:
-        benchmark_stem = None
-    if benchmark_stem is not None:
-        for name in ("embedded:arithmetic", "/data/math500_test.jsonl", "org/set:test", "gsm8k"):
-            assert benchmark_filename(name) == benchmark_stem(name)
+    from eksft.report.layout import benchmark_stem  # the report finds the files by the same rule
+
+    for name in ("embedded:arithmetic", "/data/math500_test.jsonl", "org/set:test", "gsm8k"):
+        assert benchmark_filename(name) == benchmark_stem(name)
     assert model_basename("embedded:smollm2-135m-instruct") == "embedded_smollm2-135m-instruct"
     assert model_basename("Qwen/Qwen2.5-Math-1.5B") == "Qwen2.5-Math-1.5B"
     assert model_basename("runs/r/eksft/sft/checkpoint") == "sft-checkpoint"

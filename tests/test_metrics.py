@@ -43,11 +43,13 @@ def test_pass_at_k_edges() -> None:
 
 
 @pytest.mark.parametrize(
-    "n,c,k",
-    [(5, -1, 1), (5, 6, 1), (5, 2, 0), (5, 2, 6), (0, 0, 1), (5, 2, 1.0), (5.0, 2, 1), (5, True, 1)],
+    "n,c,k,message",
+    [(5, -1, 1, r"c must satisfy"), (5, 6, 1, r"c must satisfy"), (5, 2, 0, r"k must satisfy"),
+     (5, 2, 6, r"k must satisfy"), (0, 0, 1, r"n must be >= 1"), (5, 2, 1.0, r"\bk\b.*int"),
+     (5.0, 2, 1, r"\bn\b.*int"), (5, True, 1, r"\bc\b.*int")],
 )
-def test_pass_at_k_invalid(n, c, k) -> None:
-    with pytest.raises(ValueError):
+def test_pass_at_k_invalid(n, c, k, message) -> None:
+    with pytest.raises(ValueError, match=message):  # each case fails on its own check
         pass_at_k(n, c, k)
 
 

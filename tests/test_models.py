@@ -20,8 +20,21 @@ def test_tiny_models_load_with_chat_template(arch):
     ids = ids["input_ids"] if not torch.is_tensor(ids) else ids
     out = model(ids)
     assert out.logits.shape[-1] == model.config.vocab_size and torch.isfinite(out.logits).all()
-    # Deterministic: the cached directory is created once from a fixed seed.
-    assert resolve_model_dir(f"tiny:{arch}") == resolve_model_dir(f"tiny:{arch}")
+
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_tiny_models_are_deterministic(arch, tmp_path):
+    """A fresh build from the fixed seed has exactly the weights of the cached directory tests share."""
+    from safetensors.torch import load_file
+
+    from eksft.models.tiny import prepare_tiny
+
+    cached = load_file(str(Path(resolve_model_dir(f"tiny:{arch}")) / "model.safetensors"))
+    fresh = load_file(str(prepare_tiny(arch, tmp_path) / "model.safetensors"))
+    assert cached.keys() == fresh.keys() and all(torch.equal(cached[k], fresh[k]) for k in cached)
+    other = load_file(str(prepare_tiny(arch, tmp_path / "seed1", seed=1) / "model.safetensors"))
+    assert not all(torch.equal(cached[k], other[k]) for k in cached)  # the seed is what fixes them
 
 
 def test_embedded_model_converts_without_quantization_config(embedded_dir):

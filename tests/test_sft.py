@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -176,7 +177,16 @@ def test_inspect_masks_writes_page(tmp_path, capsys):
     assert 'class="tok both" title=' in page or 'class="tok entropy" title=' in page
     assert "KL set decided by position ties" in page  # starting model == reference
     assert "H=" in page and "KL=" in page
-    assert "removed: high entropy" in capsys.readouterr().out
+    # Per example, ratio 0.2 (the default): |S_H| = |S_KL| = k = floor(n / 5), so the union removes k..2k tokens.
+    summaries = re.findall(r"<p>(\d+) response tokens: (.*?)(?: &mdash;|</p>)", page)
+    assert len(summaries) == 2
+    for n, body in summaries:
+        counts = {name: int(c) for c, name in re.findall(r"(\d+) ([^,]+)(?:, |$)", body)}
+        removed = sum(c for name, c in counts.items() if name.startswith("removed"))
+        k = int(n) // 5
+        assert k >= 1 and k <= removed <= 2 * k, (n, counts)
+        assert counts.get("kept (imitated)", 0) == int(n) - removed
+    assert capsys.readouterr().out.count("(KL set decided by ties)") == 2  # the terminal rendering
 
 
 def test_inspect_masks_uses_the_named_arms_selection(tmp_path, capsys):
