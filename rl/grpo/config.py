@@ -18,9 +18,24 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["GRPOConfig", "AggregationName"]
+__all__ = ["GRPOConfig", "GRPOLoraConfig", "AggregationName"]
 
 AggregationName = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+
+
+class GRPOLoraConfig(BaseModel):
+    """Train LoRA adapters instead of every weight (the reference is then the base with adapters off)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    enabled: bool = False
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    # Dropout would make the trainer's log-probs differ from the engine's (and rho != 1 on policy): off.
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+    # The frozen base may be bf16 (it never receives updates, so nothing is lost); the adapters train in float32.
+    base_dtype: Literal["float32", "bfloat16"] = "float32"
 
 
 class GRPOConfig(BaseModel):
@@ -59,6 +74,8 @@ class GRPOConfig(BaseModel):
 
     # Precision: bf16 autocast for the trainer's forward passes (weights and optimizer stay float32)
     bf16: bool = Field(False, description="bf16 autocast in the trainer (CPU: AVX512-bf16; GPU: any Ampere+)")
+
+    lora: GRPOLoraConfig = Field(default_factory=GRPOLoraConfig)
 
     # Optimiser
     learning_rate: float = Field(1e-6, gt=0)

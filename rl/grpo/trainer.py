@@ -12,12 +12,13 @@ Run directory::
 
     metrics.jsonl          one line per step
     rollouts/step-N.jsonl  prompts, completions, rewards
-    checkpoints/step-N/    HF model dir + trainer_state.pt (optimizer, cursor, RNG)
+    checkpoints/step-N/    HF model dir + trainer_state.pt (optimizer, cursor, RNG) [+ adapter/ with LoRA]
     checkpoint/            the final model (HF dir)
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -32,6 +33,7 @@ import torch
 from rl.grpo.config import GRPOConfig
 from rl.grpo.core import fill_groups, group_advantages, mask_truncated, minibatches, policy_loss, zero_variance_groups
 from rl.grpo.logprobs import completion_logprobs
+from rl.grpo.lora import ADAPTER_DIR, adapters_disabled, merged_state_dict, wrap_with_lora
 from rl.metrics import pass_at_k
 from rl.resume import latest_complete_checkpoint, truncate_metrics
 from rl.rollout import RolloutConfig, Sample, SamplingConfig, engine_from_config
@@ -85,14 +87,22 @@ class GRPOTrainer:
         start_dir = str(resume_dir) if resume_dir else model_dir
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.tokenizer = AutoTokenizer.from_pretrained(start_dir, trust_remote_code=trust_remote_code)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            start_dir, dtype=torch.float32, trust_remote_code=trust_remote_code).to(self.device)
-        self.model.train()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.learning_rate,
-                                           betas=tuple(config.adam_betas), weight_decay=config.weight_decay)
-        needs_ref = config.beta_kl > 0 or kl_metric
+        self.lora = config.lora.enabled
+        if self.lora:
+            # The base is always the starting model; a resumed run reloads its adapters.
+            base = AutoModelForCausalLM.from_pretrained(
+                model_dir, dtype=getattr(torch, config.lora.base_dtype), trust_remote_code=trust_remote_code)
+            self.model = wrap_with_lora(base, config.lora, resume_dir / ADAPTER_DIR if resume_dir else None)
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(
+                start_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        self.model.to(self.device).train()
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
+                                           lr=config.learning_rate, betas=tuple(config.adam_betas),
+                                           weight_decay=config.weight_decay)
+        self.needs_ref = config.beta_kl > 0 or kl_metric
         self.reference = None
-        if needs_ref:
+        if self.needs_ref and not self.lora:  # with LoRA the reference is the base: adapters_disabled(self.model)
             self.reference = AutoModelForCausalLM.from_pretrained(
                 reference_dir or model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code
             ).to(self.device).eval().requires_grad_(False)
@@ -145,7 +155,7 @@ class GRPOTrainer:
             metrics.update(self._update(groups))
             timings["train"] = time.perf_counter() - t
             t = time.perf_counter()
-            self.engine.update_weights(self.model.state_dict())
+            self.engine.update_weights(self._hf_weights())
             timings["sync"] = time.perf_counter() - t
         n_tokens = sum(len(s.completion_ids) for g in groups for s in g.samples)
         metrics.update({f"time/{k}": v for k, v in timings.items()})
@@ -197,9 +207,10 @@ class GRPOTrainer:
                     gap.append(_engine_gap(lp, m, chunk))
                     for i in range(len(chunk)):
                         old_logp[start + i] = lp[i][m[i]]
-                if self.reference is not None:
-                    lp, _, m = completion_logprobs(self.reference, chunk, cfg.temperature, with_entropy=False,
-                                                   autocast_dtype=self.autocast_dtype)
+                if self.needs_ref:
+                    with self._reference() as reference:
+                        lp, _, m = completion_logprobs(reference, chunk, cfg.temperature, with_entropy=False,
+                                                       autocast_dtype=self.autocast_dtype)
                     for i in range(len(chunk)):
                         ref_logp[start + i] = lp[i][m[i]]
 
@@ -317,8 +328,25 @@ class GRPOTrainer:
         random.setstate(state["rng"]["python"])
 
     def _save_model(self, path: Path) -> None:
-        self.model.save_pretrained(path, safe_serialization=True)
+        """An HF model directory (LoRA: the merged weights, plus the adapters for resuming)."""
+        if self.lora:
+            self.model.get_base_model().save_pretrained(path, state_dict=self._hf_weights(), safe_serialization=True)
+            self.model.save_pretrained(path / ADAPTER_DIR)
+        else:
+            self.model.save_pretrained(path, safe_serialization=True)
         self.tokenizer.save_pretrained(path)
+
+    def _hf_weights(self) -> dict[str, torch.Tensor]:
+        """What the engine serves and checkpoints hold: plain HF parameter names and values."""
+        return merged_state_dict(self.model) if self.lora else self.model.state_dict()
+
+    @contextlib.contextmanager
+    def _reference(self):
+        if self.lora:
+            with adapters_disabled(self.model) as base:
+                yield base
+        else:
+            yield self.reference
 
 
 def _engine_gap(logp: torch.Tensor, mask: torch.Tensor, chunk: list[Sample]) -> tuple[float, int]:
