@@ -287,7 +287,7 @@ def _completion_only_logprobs(model, samples, autocast_dtype):
     """
     import torch
 
-    import rl.grpo.trainer as trainer_module  # its token_statistics (timed by timed_update)
+    import rl.grpo.logprobs as logprobs_module  # its token_statistics (timed by timed_update)
 
     width = max(len(s.prompt_ids) + len(s.completion_ids) for s in samples)
     ids = torch.zeros((len(samples), width), dtype=torch.long)
@@ -306,7 +306,7 @@ def _completion_only_logprobs(model, samples, autocast_dtype):
         hidden = model.model(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state
         logits = model.lm_head(hidden[torch.tensor(rows), torch.tensor(cols)])  # [n_tokens, V]
     mask = torch.ones((1, logits.shape[0]), dtype=torch.bool)
-    stats = trainer_module.token_statistics(logits[None], mask, labels=torch.tensor(labels)[None])
+    stats = logprobs_module.token_statistics(logits[None], mask, labels=torch.tensor(labels)[None])
     return stats.label_logprob[0], stats.entropy[0], torch.tensor(rows)
 
 
@@ -321,13 +321,13 @@ def timed_update(trainer, samples, advantages, *, micro: int, order: list[int], 
     import torch
 
     from rl.grpo.core import policy_loss
+    import rl.grpo.logprobs as logprobs_module
     from rl.grpo.logprobs import completion_logprobs
-    import rl.grpo.trainer as trainer_module
 
     cfg, model = trainer.cfg, trainer.model
     body_timer, head_timer = _Timer(model.model), _Timer(model.lm_head)
     stats_time = [0.0]
-    original_stats = trainer_module.token_statistics
+    original_stats = logprobs_module.token_statistics  # completion_logprobs looks it up there
 
     def timed_stats(*a, **k):
         t = time.perf_counter()
@@ -335,7 +335,7 @@ def timed_update(trainer, samples, advantages, *, micro: int, order: list[int], 
         stats_time[0] += time.perf_counter() - t
         return out
 
-    trainer_module.token_statistics = timed_stats
+    logprobs_module.token_statistics = timed_stats
     n_tokens = sum(len(s.completion_ids) for s in samples)
     t_fwd = t_loss = t_bwd = 0.0
     try:
@@ -368,7 +368,7 @@ def timed_update(trainer, samples, advantages, *, micro: int, order: list[int], 
         t_opt = time.perf_counter() - t
         total = time.perf_counter() - t_all
     finally:
-        trainer_module.token_statistics = original_stats
+        logprobs_module.token_statistics = original_stats
         body_timer.remove()
         head_timer.remove()
     return {"total_s": total, "forward_s": t_fwd, "forward_body_s": body_timer.total,
