@@ -9,8 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from rl.grpo import GRPOConfig, run_grpo
-from rl.grpo.config import GRPOLoraConfig
+from rl.grpo import GRPOConfig, GRPOLoraConfig, run_grpo
 from rl.grpo.lora import merged_state_dict, wrap_with_lora
 
 LORA = {"enabled": True, "r": 4, "alpha": 8}
@@ -82,3 +81,16 @@ def test_killed_lora_run_resumes_exactly(tmp_path, tiny_qwen2_dir):
     w_full, w_res = load_file(str(full / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     for k in w_full:
         torch.testing.assert_close(w_res[k], w_full[k], rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.slow
+def test_lora_measures_kl_to_another_reference_when_given(tmp_path, tiny_qwen2_dir):
+    """In `eksft run` the RL start is the SFT checkpoint but the KL is to the base: a separate reference."""
+    from eksft.models.tiny import prepare_tiny
+
+    other = prepare_tiny("qwen2", tmp_path / "other", seed=1)
+    cfg = GRPOConfig(steps=1, lora=LORA, **COMMON)
+    run_grpo(tiny_qwen2_dir, rows(), cfg, tmp_path / "same", reference_dir=tiny_qwen2_dir)
+    run_grpo(tiny_qwen2_dir, rows(), cfg, tmp_path / "other_ref", reference_dir=str(other))
+    assert read_metrics(tmp_path / "same")[0]["kl"] == 0.0  # the base, adapters off: B = 0 at step 1
+    assert read_metrics(tmp_path / "other_ref")[0]["kl"] > 0.01

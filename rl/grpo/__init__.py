@@ -1,8 +1,9 @@
-"""GRPO: pure maths (``core``: advantages, clipped loss, k3 KL, aggregation, batching), typed config, and the loop."""
+"""GRPO: pure maths (``core``: advantages, clipped loss, k3 KL, aggregation, batching), typed config, the loop,
+and LoRA (``lora``: adapters on a frozen base, merged weights for the engine)."""
 
-from rl.grpo.config import GRPOConfig
+from rl.grpo.config import GRPOConfig, GRPOLoraConfig
 
-__all__ = ["GRPOConfig", "run_grpo"]
+__all__ = ["GRPOConfig", "GRPOLoraConfig", "run_grpo"]
 
 
 def run_grpo(model_dir: str, rows: list[dict], config: GRPOConfig, out_dir, **kwargs):

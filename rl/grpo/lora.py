@@ -2,7 +2,8 @@
 
 What changes against full fine-tuning, and where:
   * the policy is a PEFT model; the optimizer holds only the adapter weights (float32);
-  * the reference is the same model with its adapters disabled: no second copy in memory;
+  * the reference is the same model with its adapters disabled (no second copy in memory), unless the
+    caller gives another reference model (the trainer then loads that one);
   * the rollout engine and the saved checkpoints get plain HF weights, base + scaled B @ A,
     computed out of place (merging in place and unmerging would round a bf16 base each step);
   * resuming reloads the adapters saved beside each checkpoint.

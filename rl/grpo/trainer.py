@@ -101,10 +101,12 @@ class GRPOTrainer:
                                            lr=config.learning_rate, betas=tuple(config.adam_betas),
                                            weight_decay=config.weight_decay)
         self.needs_ref = config.beta_kl > 0 or kl_metric
-        self.reference = None
-        if self.needs_ref and not self.lora:  # with LoRA the reference is the base: adapters_disabled(self.model)
+        other_reference = reference_dir is not None and Path(reference_dir).resolve() != Path(model_dir).resolve()
+        self.reference = None  # None with LoRA on the reference itself: adapters_disabled(self.model) is it
+        if self.needs_ref and (not self.lora or other_reference):
+            dtype = getattr(torch, config.lora.base_dtype) if self.lora else torch.float32
             self.reference = AutoModelForCausalLM.from_pretrained(
-                reference_dir or model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code
+                reference_dir or model_dir, dtype=dtype, trust_remote_code=trust_remote_code
             ).to(self.device).eval().requires_grad_(False)
         if resume_dir:
             self._load_state(resume_dir)
@@ -342,7 +344,7 @@ class GRPOTrainer:
 
     @contextlib.contextmanager
     def _reference(self):
-        if self.lora:
+        if self.reference is None:  # LoRA whose base is the reference
             with adapters_disabled(self.model) as base:
                 yield base
         else:
