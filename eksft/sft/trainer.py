@@ -20,6 +20,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from eksft.objectives import IGNORE_INDEX, ObjectiveConfig, get_objective
+from rl.lora import adapters_disabled
 
 
 class ReferenceModel:
@@ -37,13 +38,8 @@ class ReferenceModel:
         if self.mode == "copy":
             return self.copy(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         unwrapped = policy.module if hasattr(policy, "module") else policy
-        was_training = unwrapped.training
-        unwrapped.eval()  # no LoRA dropout noise in the reference (the base has none anyway)
-        try:
-            with unwrapped.disable_adapter():
-                return unwrapped(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        finally:
-            unwrapped.train(was_training)
+        with adapters_disabled(unwrapped) as base:  # eval mode inside: no LoRA dropout noise in the reference
+            return base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
 
 class SelectiveSFTTrainer(Trainer):

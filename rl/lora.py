@@ -1,12 +1,9 @@
-"""GRPO with LoRA adapters: the base stays frozen (in float32 or bfloat16), only the adapters train.
+"""LoRA adapters on a frozen base, for both stages (the SFT cold start in eksft, and GRPO).
 
-What changes against full fine-tuning, and where:
-  * the policy is a PEFT model; the optimizer holds only the adapter weights (float32);
-  * the reference is the same model with its adapters disabled (no second copy in memory), unless the
-    caller gives another reference model (the trainer then loads that one);
-  * the rollout engine and the saved checkpoints get plain HF weights, base + scaled B @ A,
-    computed out of place (merging in place and unmerging would round a bf16 base each step);
-  * resuming reloads the adapters saved beside each checkpoint.
+  * ``wrap_with_lora``: the trainable PEFT model (fresh adapters, or saved ones to resume);
+  * ``adapters_disabled``: the base alone, i.e. the reference, with no second copy in memory;
+  * ``merged_state_dict`` (GRPO): plain HF weights, base + scaled B @ A, computed out of place for the
+    rollout engine and the checkpoints (merging in place and unmerging would round a bf16 base each step).
 """
 
 from __future__ import annotations
@@ -16,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-ADAPTER_DIR = "adapter"  # inside checkpoints/step-N/, beside the merged HF weights
+ADAPTER_DIR = "adapter"  # GRPO: inside checkpoints/step-N/, beside the merged HF weights
 
 
 def wrap_with_lora(model, settings, adapter_dir: str | Path | None = None):
