@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import _child  # benchmarks/_child.py: run one phase in a fresh subprocess of this script
+import _precision  # benchmarks/_precision.py: --bf16 / --rollout-dtype resolved as the trainers do
 
 REPO_ROOT = _child.REPO_ROOT
 INSTRUCTION = "Put your final answer within \\boxed{}."
@@ -149,7 +150,8 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_child(args: argparse.Namespace, task: str, extra: list[str]) -> dict[str, Any]:
-    child = _child.run_child(__file__, task, [*sys.argv[1:], *extra], timeout_s=args.child_timeout,
+    child = _child.run_child(__file__, task, [*sys.argv[1:], *extra, *_precision.pinned_argv(args)],
+                             timeout_s=args.child_timeout,
                              echo=lambda line: line.startswith(("[eval]", "[rl]")))
     if not child.ok:
         why = f"timed out after {args.child_timeout} s" if child.timed_out else f"exit {child.returncode}"
@@ -175,6 +177,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"### grpo_learns: {s['model']}, one-digit arithmetic, {s['steps']} GRPO steps of {s['prompts']} prompts x "
         f"{s['group']} samples x <= {s['max_new_tokens']} tokens, lr {s['lr']}, format weight {s['format_weight']}"
         + f", answer fallback {s['answer_fallback']}",
+        "",
+        _precision.header(result["precision"]),
         "",
         f"Held-out: {b['problems']} problems (seed {s['eval_seed']}, disjoint from the {s['train_rows']} training rows of "
         f"seed {s['train_seed']}), {n} samples each at temperature 1.0, same seeds before and after.",
@@ -208,8 +212,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="weight of the format term (exactly one closed \\boxed{}) added to the 0/1 correctness reward")
     p.add_argument("--answer-fallback", default="last_number", choices=["none", "last_number"],
                    help="answer of a completion without a closed \\boxed{} (training reward and evaluation)")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="trainer bf16 autocast")
-    p.add_argument("--rollout-dtype", default="float32", choices=["float32", "bfloat16"])
+    _precision.add_precision_args(p)  # --bf16 / --no-bf16, --rollout-dtype; default auto
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--train-rows", type=int, default=256)
     p.add_argument("--train-seed", type=int, default=1)
@@ -220,7 +223,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--run-dir", default=None, help="GRPO run directory (default: a temporary one)")
     p.add_argument("--child-timeout", type=float, default=3600)
-    p.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results" / "grpo_learns.json"))
+    p.add_argument("--out", help="JSON path (default: benchmarks/results/grpo_learns_<capability tag>.json)")
     p.add_argument("--child", choices=["eval", "train"], help=argparse.SUPPRESS)
     p.add_argument("--eval-model", help=argparse.SUPPRESS)
     p.add_argument("--json-out", help=argparse.SUPPRESS)
@@ -229,6 +232,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    _precision.resolve(args)  # the parent's values reach the children through pinned_argv
+    if args.out is None:
+        args.out = str(REPO_ROOT / "benchmarks" / "results" / f"grpo_learns_{_precision.record(args)['hardware']['tag']}.json")
     if args.child:
         result = {"eval": run_eval, "train": run_train}[args.child](args)
         Path(args.json_out).write_text(json.dumps(result, indent=1, default=str))
@@ -252,6 +258,7 @@ def main(argv=None) -> int:
     result = {
         "benchmark": "grpo_learns",
         "settings": settings,
+        "precision": _precision.record(args),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
         "before": before,
         "after": after,

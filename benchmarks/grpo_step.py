@@ -4,8 +4,10 @@
 One run, one model, the same prompts x group size x max new tokens x steps for every system:
 
 * ``ours``   - `rl.grpo.trainer.GRPOTrainer` with the in-process vLLM engine, ``beta_kl=0``,
-  ``kl_metric=False`` (no reference model), CPU bf16 autocast for the trainer forwards
-  (``--bf16``); the engine's dtype is ``--rollout-dtype``. Step time = wall time of
+  ``kl_metric=False`` (no reference model), the trainer's precision from ``--bf16`` / ``--no-bf16``
+  (default auto: bf16 autocast where the CPU computes bf16 natively, float32 elsewhere; TRL runs at
+  the same one); the engine's dtype is ``--rollout-dtype`` (default auto, same rule). The results
+  record the CPU capability and the precisions. Step time = wall time of
   ``train_step()``; the split comes from its own metrics (``time/generate``, ``time/reward``,
   ``time/train``, ``time/sync``; ``other`` = wall - their sum: rollout files, metrics).
 * ``trl``    - ``trl.GRPOTrainer`` with its default transformers ``generate`` (``use_vllm=False``),
@@ -36,9 +38,10 @@ process would compete for RAM and threads), sequentially, and the parent merges 
 into ``--out`` (JSON) and a Markdown table beside it. ``--profile`` (on by default) adds, in the
 ``ours`` child, a breakdown of the trainer update on the last step's rollouts: the trainer's own
 ``_update``, then a replica with phase timings (forward: model body vs LM head, token statistics,
-loss, backward, clip + AdamW) for micro-batches sorted by length (what ``_update`` does) vs in random
-order, other micro-batch sizes, float32 vs bf16, logits restricted to completion tokens, and
-flushed denormals; plus the padding share of the computed positions for each micro-batch size.
+loss, backward, clip + AdamW) for micro-batches of whole groups (what ``_update`` does: each prompt is
+computed once per micro-batch, see `rl.grpo.logprobs.completion_logprobs`) vs in random order, other
+micro-batch sizes, float32 vs bf16, and flushed denormals; plus the share of padding and of
+completion tokens among the computed positions for each micro-batch size.
 
 Examples:
   python benchmarks/grpo_step.py                                   # 8 prompts x 8 x 128 tokens, 1+2 steps
@@ -61,6 +64,7 @@ from pathlib import Path
 from typing import Any
 
 import _child  # benchmarks/_child.py: run one phase in a fresh subprocess of this script
+import _precision  # benchmarks/_precision.py: --bf16 / --rollout-dtype resolved as the trainers do
 
 REPO_ROOT = _child.REPO_ROOT
 INSTRUCTION = "Put your final answer within \\boxed{}."
@@ -247,13 +251,18 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _padding(samples, micro: int, order: list[int]) -> dict[str, Any]:
-    """Positions the forward computes vs real tokens vs completion tokens, over micro-batches."""
+    """Positions the forwards compute vs real tokens vs completion tokens, over micro-batches.
+
+    As `completion_logprobs` computes them: per micro-batch, each distinct prompt once (left-padded to the
+    longest), then every completion but its last token (right-padded to the longest) on the prompts' cache.
+    """
     computed = real = completion = 0
     for start in range(0, len(order), micro):
         chunk = [samples[i] for i in order[start:start + micro]]
-        lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in chunk]
-        computed += len(chunk) * max(lengths)
-        real += sum(lengths)
+        prompts = {tuple(s.prompt_ids) for s in chunk}
+        longest = max(len(s.completion_ids) for s in chunk)
+        computed += len(prompts) * max(len(p) for p in prompts) + len(chunk) * max(longest - 1, 0)
+        real += sum(len(p) for p in prompts) + sum(max(len(s.completion_ids) - 1, 0) for s in chunk)
         completion += sum(len(s.completion_ids) for s in chunk)
     return {"computed_positions": computed, "real_tokens": real, "completion_tokens": completion,
             "padding_share": 1 - real / computed, "completion_share_of_computed": completion / computed}
@@ -277,46 +286,12 @@ class _Timer:
             h.remove()
 
 
-def _completion_only_logprobs(model, samples, autocast_dtype):
-    """Variant for the profile: the LM head (and softmax) only at completion positions.
-
-    The trainer's `completion_logprobs` runs the LM head from the shortest prompt's last token on
-    (``logits_to_keep``), padding positions included. Here the body runs on the same padded batch,
-    the hidden states of exactly the positions that predict completion tokens are gathered, and
-    only those go through the LM head and `token_statistics` (the lower bound of that approach).
-    """
-    import torch
-
-    import rl.grpo.logprobs as logprobs_module  # its token_statistics (timed by timed_update)
-
-    width = max(len(s.prompt_ids) + len(s.completion_ids) for s in samples)
-    ids = torch.zeros((len(samples), width), dtype=torch.long)
-    attention = torch.zeros_like(ids)
-    rows, cols, labels = [], [], []
-    for i, s in enumerate(samples):
-        seq = s.prompt_ids + s.completion_ids
-        ids[i, :len(seq)] = torch.tensor(seq)
-        attention[i, :len(seq)] = 1
-        p, n = len(s.prompt_ids), len(s.completion_ids)
-        rows += [i] * n
-        cols += list(range(p - 1, p - 1 + n))
-        labels += s.completion_ids
-    ctx = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
-    with ctx:
-        hidden = model.model(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state
-        logits = model.lm_head(hidden[torch.tensor(rows), torch.tensor(cols)])  # [n_tokens, V]
-    mask = torch.ones((1, logits.shape[0]), dtype=torch.bool)
-    stats = logprobs_module.token_statistics(logits[None], mask, labels=torch.tensor(labels)[None])
-    return stats.label_logprob[0], stats.entropy[0], torch.tensor(rows)
-
-
-def timed_update(trainer, samples, advantages, *, micro: int, order: list[int], autocast_dtype,
-                 head: str = "full") -> dict[str, Any]:
+def timed_update(trainer, samples, advantages, *, micro: int, order: list[int], autocast_dtype) -> dict[str, Any]:
     """One on-policy update (forward + policy loss + backward per micro-batch, clip, AdamW step) with phase timings.
 
     Mirrors `GRPOTrainer._update` for ``ppo_epochs=1``, one mini-batch, beta 0 (the same building blocks:
     `completion_logprobs`, `policy_loss` with global token normalisation); ``order`` decides which samples
-    share a micro-batch. ``head="completion"`` computes logits only at completion positions.
+    share a micro-batch.
     """
     import torch
 
@@ -345,14 +320,9 @@ def timed_update(trainer, samples, advantages, *, micro: int, order: list[int], 
             idx = order[start:start + micro]
             chunk = [samples[i] for i in idx]
             t = time.perf_counter()
-            if head == "full":
-                logp, entropy, mask = completion_logprobs(model, chunk, cfg.temperature, with_entropy=True,
-                                                          autocast_dtype=autocast_dtype)
-                adv = advantages[idx]
-            else:
-                flat_lp, flat_ent, flat_rows = _completion_only_logprobs(model, chunk, autocast_dtype)
-                logp, entropy, mask = flat_lp[None], flat_ent[None], torch.ones_like(flat_lp, dtype=torch.bool)[None]
-                adv = advantages[idx][flat_rows][None]  # per-token advantages, [1, n_tokens]
+            logp, entropy, mask = completion_logprobs(model, chunk, cfg.temperature, with_entropy=True,
+                                                      autocast_dtype=autocast_dtype)
+            adv = advantages[idx]
             t_fwd += time.perf_counter() - t
             t = time.perf_counter()
             loss, _ = policy_loss(logp, logp.detach(), adv, mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
@@ -391,7 +361,9 @@ def profile_update(trainer, groups, args: argparse.Namespace) -> dict[str, Any]:
     # sorted by total length (what _update does with it before cutting micro-batches).
     seed = trainer.cfg.seed * 7919 + trainer.step
     shuffled = minibatches(n, None, torch.Generator().manual_seed(seed))[0].tolist()
-    by_length = sorted(shuffled, key=lambda i: len(samples[i].prompt_ids) + len(samples[i].completion_ids))
+    G = len(groups[0].samples)
+    group_length = [len(g.prompt_ids) + max(len(s.completion_ids) for s in g.samples) for g in groups]
+    by_group = sorted(shuffled, key=lambda i: (group_length[i // G], i // G, i))  # as GRPOTrainer._update
     bf16 = torch.bfloat16 if args.bf16 else None
     out: dict[str, Any] = {
         "sequences": n,
@@ -406,7 +378,7 @@ def profile_update(trainer, groups, args: argparse.Namespace) -> dict[str, Any]:
             str(m): statistics.mean(_padding(samples, m, torch.randperm(n, generator=torch.Generator().manual_seed(k))
                                              .tolist())["padding_share"] for k in range(200))
             for m in (4, 8, 16)},
-        "padding_sorted_by_length": {str(m): _padding(samples, m, by_length) for m in (4, 8, 16, 32)},
+        "padding_whole_groups": {str(m): _padding(samples, m, by_group) for m in (4, 8, 16, 32)},
         "updates": [],
     }
 
@@ -429,20 +401,18 @@ def profile_update(trainer, groups, args: argparse.Namespace) -> dict[str, Any]:
     print(f"[ours/profile] GRPOTrainer._update: {out['trainer_update_s']:.2f}s", flush=True)
     micro = args.micro_batch
     prec = "bf16" if bf16 else "fp32"
-    record(f"micro {micro}, sorted by length, {prec} (as GRPOTrainer._update)", micro=micro, order=by_length,
+    record(f"micro {micro}, whole groups, {prec} (as GRPOTrainer._update)", micro=micro, order=by_group,
            autocast_dtype=bf16)
     record(f"micro {micro}, random order, {prec}", micro=micro, order=shuffled, autocast_dtype=bf16)
     for m in args.profile_micro:
         if m != micro:
-            record(f"micro {m}, sorted by length, {prec}", micro=m, order=by_length, autocast_dtype=bf16)
+            record(f"micro {m}, whole groups, {prec}", micro=m, order=by_group, autocast_dtype=bf16)
     other = "fp32" if bf16 else "bf16"
-    record(f"micro {micro}, sorted by length, {other}", micro=micro, order=by_length,
+    record(f"micro {micro}, whole groups, {other}", micro=micro, order=by_group,
            autocast_dtype=None if bf16 else torch.bfloat16)
-    record(f"micro {micro}, sorted by length, {prec}, LM head on completion tokens only", micro=micro,
-           order=by_length, autocast_dtype=bf16, head="completion")
     previous = torch.set_flush_denormal(True)
     try:
-        record(f"micro {micro}, sorted by length, {prec}, flush denormals", micro=micro, order=by_length,
+        record(f"micro {micro}, whole groups, {prec}, flush denormals", micro=micro, order=by_group,
                autocast_dtype=bf16)
     finally:
         torch.set_flush_denormal(False)
@@ -664,7 +634,8 @@ CHILDREN = {"ours": run_ours, "trl": run_trl, "engine": run_engine, "plain-defau
 
 def run_child(args: argparse.Namespace, system: str) -> dict[str, Any]:
     # echo the children's progress lines ("[ours] ...", not torch's "[W ..." warnings)
-    child = _child.run_child(__file__, system, sys.argv[1:], timeout_s=args.child_timeout,
+    child = _child.run_child(__file__, system, [*sys.argv[1:], *_precision.pinned_argv(args)],
+                             timeout_s=args.child_timeout,
                              echo=lambda line: line.startswith("[") and not line.startswith("[W"))
     if child.timed_out:
         return {"system": system, "status": "timeout", "error": f"child exceeded {args.child_timeout} s"}
@@ -713,6 +684,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"{c['steps']} timed steps after {c['warmup']} warm-up, CPU ({c['cpu_count']} cores), "
         f"trainer {'bf16 autocast' if c['bf16'] else 'float32'}, vLLM {c['rollout_dtype']}, micro-batch {c['micro_batch']}",
         "",
+        _precision.header(result["precision"]),
+        "",
         "| system | step s (median) | step s (min) | generate s | reward s | train s | sync s | other s "
         "| completion tokens/step | s / 1k completion tokens | generate tok/s | reward mean | others' CPU share |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -759,10 +732,12 @@ def markdown(result: dict[str, Any]) -> str:
                          f"{_f(u['completion_share_of_computed'])} |")
     if prof:
         rnd = prof.get("padding_share_random_mean", {})
-        srt = prof.get("padding_sorted_by_length", {})
-        lines += ["", "Padding share of the positions the forward computes, by micro-batch size: "
-                      + "; ".join(f"{m}: mean over random orders {_f(rnd.get(m))}, sorted by length "
-                                  f"{_f((srt.get(m) or {}).get('padding_share'))}" for m in ("4", "8", "16"))
+        grp = prof.get("padding_whole_groups", {})
+        lines += ["", "Padding share of the positions the forwards compute, by micro-batch size: "
+                      + "; ".join(f"{m}: mean over random orders {_f(rnd.get(m))}, whole groups "
+                                  f"{_f((grp.get(m) or {}).get('padding_share'))} (completion share "
+                                  f"{_f((grp.get(m) or {}).get('completion_share_of_computed'))})"
+                                  for m in ("4", "8", "16"))
                       + f". Prompt lengths {prof['prompt_lengths']}, completion lengths "
                         f"{prof['completion_length_min_max'][0]}-{prof['completion_length_min_max'][1]}."]
     if result.get("notes"):
@@ -789,6 +764,7 @@ def run_parent(args: argparse.Namespace) -> dict[str, Any]:
     result = {
         "benchmark": "grpo_step",
         "config": config,
+        "precision": _precision.record(args),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
                     "torch": torch.__version__},
         "total_wall_s": time.perf_counter() - t0,
@@ -816,11 +792,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward, both trainers")
     p.add_argument("--lr", type=float, default=1e-6)
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
-                   help="CPU bf16 autocast in both trainers (default on)")
-    p.add_argument("--rollout-dtype", default="bfloat16", choices=["float32", "bfloat16"],
-                   help="our vLLM engine's dtype (default bf16: the precision the trainer computes in with --bf16, "
-                        "and verl's rollout default; float32 generates ~1.4x slower on this CPU)")
+    _precision.add_precision_args(p)  # --bf16 / --no-bf16 (both trainers), --rollout-dtype; default auto
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--kv-cache-gib", type=float, default=1.0)
     p.add_argument("--systems", default=",".join(SYSTEMS), help="comma list of ours, trl, engine, plain-default")
@@ -829,11 +801,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
                    help="profile our update on the last rollout batch (ours child)")
     p.add_argument("--profile-micro", type=lambda s: [int(x) for x in s.split(",")], default=[4, 16, 32],
-                   help="extra micro-batch sizes timed by --profile (sorted by length)")
+                   help="extra micro-batch sizes timed by --profile (whole groups)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-seed", type=int, default=1)
     p.add_argument("--child-timeout", type=float, default=1800)
-    p.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results" / "grpo_step.json"))
+    p.add_argument("--out", help="JSON path (default: benchmarks/results/grpo_step_<capability tag>.json, "
+                                 "e.g. grpo_step_cpu-avx2.json)")
     p.add_argument("--child", choices=list(CHILDREN), help=argparse.SUPPRESS)
     p.add_argument("--json-out", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -841,6 +814,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    _precision.resolve(args)  # the parent's values reach the children through pinned_argv
+    if args.out is None:
+        args.out = str(REPO_ROOT / "benchmarks" / "results" / f"grpo_step_{_precision.record(args)['hardware']['tag']}.json")
     if args.child:
         result = CHILDREN[args.child](args)
         Path(args.json_out).write_text(json.dumps(result, indent=1, default=str))

@@ -37,15 +37,15 @@ Memory:
 In both cases the AdamW state is allocated before "right before the first step", so the delta is
 what the step itself needs (activations, gradients, logits and loss temporaries).
 
-Precision (``--bf16``): on CPU ``torch.autocast("cpu", dtype=torch.bfloat16)`` around forwards +
-loss, weights and AdamW in float32. On CUDA the model is loaded in bfloat16 directly (weights,
-gradients and AdamW state bf16, no autocast); ``--bf16-mode autocast`` selects fp32 weights +
-autocast instead.
+Precision (``--bf16 auto|true|false``, default auto: bf16 where the device computes it natively, as the
+trainers decide in ``rl.precision``; the JSON and its table record the capability and the decision). bf16 on
+CPU is ``torch.autocast("cpu", dtype=torch.bfloat16)`` around forwards + loss, weights and AdamW in float32.
+On CUDA the model is loaded in bfloat16 directly (weights, gradients and AdamW state bf16, no autocast);
+``--bf16-mode autocast`` selects fp32 weights + autocast instead. Every variant runs at the same precision.
 
-Examples:
-  python benchmarks/sft_step.py --model embedded:smollm2-135m-instruct --batch 8 --seq 160 \
-      --steps 4 --warmup 1 --bf16 --out benchmarks/results/sft_step_cpu_embedded.json
-  python benchmarks/sft_step.py --model random-qwen2-0.5b --device cuda --bf16 --batch 1 --seq 4096 \
+Examples (the default output name carries the machine's capability tag, e.g. ``cpu-avx512-bf16``, ``cpu-avx2``):
+  python benchmarks/sft_step.py --model embedded:smollm2-135m-instruct --batch 8 --seq 160 --steps 4 --warmup 1
+  python benchmarks/sft_step.py --model random-qwen2-0.5b --device cuda --batch 1 --seq 4096 \
       --steps 10 --warmup 3 --out benchmarks/results/sft_step_gpu_qwen2-0.5b.json
 
 Imports only torch, transformers, pydantic (through eksft.objectives) and the standard library:
@@ -82,7 +82,11 @@ try:  # run from a plain checkout (e.g. the GPU machine, where the project is no
 except ImportError:  # pragma: no cover - depends on the environment
     sys.path.insert(0, str(REPO_ROOT))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_precision.py, also when loaded as a file
+
+import _precision  # noqa: E402
 from eksft.objectives import IGNORE_INDEX, ObjectiveConfig, get_objective, select_masked_tokens  # noqa: E402
+from rl.precision import detect_hardware, resolve_bf16  # noqa: E402
 from eksft.objectives import token_statistics, tokens_to_select  # noqa: E402
 
 VARIANTS = ("sft", "eksft", "naive")
@@ -138,15 +142,17 @@ def resolve_device(name: str) -> torch.device:
 
 
 def precision(args: argparse.Namespace, device: torch.device) -> tuple[torch.dtype, bool, str]:
-    """(weights dtype, autocast?, description)."""
-    if not args.bf16:
-        return torch.float32, False, "float32"
+    """(weights dtype, autocast?, description), with ``--bf16 auto`` resolved as the trainers resolve it."""
+    choice = resolve_bf16(args.bf16, device.type)
+    setting = getattr(args, "bf16_setting", choice.setting)  # "auto" when the parent resolved it
+    if not choice.bf16:
+        return torch.float32, False, f"float32 ({setting})"
     mode = args.bf16_mode
     if mode == "auto":
         mode = "weights" if device.type == "cuda" else "autocast"
     if mode == "weights":
-        return torch.bfloat16, False, "bf16 weights (model loaded in bfloat16, no autocast)"
-    return torch.float32, True, f"bf16 autocast ({device.type}), float32 weights and AdamW"
+        return torch.bfloat16, False, f"bf16 weights (model loaded in bfloat16, no autocast; {setting})"
+    return torch.float32, True, f"bf16 autocast ({device.type}), float32 weights and AdamW ({setting})"
 
 
 def build_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -629,6 +635,8 @@ def markdown_table(result: dict[str, Any]) -> str:
         f"### sft_step: {c['model']} ({_fmt(model.get('params_m'), 1)}M params, V={model.get('vocab')}), "
         f"batch {c['batch']} x seq {c['seq']}, {dev.get('type')} ({dev.get('name')}), {c['precision']}",
         "",
+        _precision.header(result["precision_record"]),
+        "",
         f"{c['steps']} timed steps after {c['warmup']} warm-up; torch {result['torch_version']}, "
         f"transformers {result.get('transformers_version')}; objective: scope=batch, aggregation=token-mean, "
         f"ratio {c['ratio']}; {(result.get('batch') or {}).get('response_tokens')} response tokens.",
@@ -693,6 +701,7 @@ def assemble(args: argparse.Namespace, facts: dict[str, Any], rows: list[dict[st
     device = resolve_device(args.device)
     config = {k: v for k, v in vars(args).items() if k not in ("child", "child_args", "json_out")}
     config["precision"] = precision(args, device)[2]
+    precision_record = _precision.record(args, device.type)
     config["objective"] = objective_config(args).model_dump()
     device_info = dict(facts.get("device") or _device_info(device))
     if hasattr(os, "getloadavg"):  # background load explains noisy CPU timings
@@ -702,6 +711,7 @@ def assemble(args: argparse.Namespace, facts: dict[str, Any], rows: list[dict[st
     return {
         "benchmark": "sft_step",
         "config": config,
+        "precision_record": precision_record,
         "device": device_info,
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
@@ -780,7 +790,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=160, help="tokens per sequence (the longest; others are 75-100%%)")
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 (CPU: autocast; CUDA: bf16 weights)")
+    _precision.add_precision_args(p, rollout=False)  # --bf16 / --no-bf16 (CPU: autocast; CUDA: bf16 weights); auto
     p.add_argument("--bf16-mode", choices=["auto", "weights", "autocast"], default="auto")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--variants", default=",".join(VARIANTS))
@@ -831,9 +841,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         return None
     if args.out is None:
         tag = args.model.replace(":", "-").replace("/", "_")
-        args.out = str(REPO_ROOT / "benchmarks" / "results" / f"sft_step_{tag}_{resolve_device(args.device).type}.json")
+        machine = detect_hardware(resolve_device(args.device).type).tag
+        args.out = str(REPO_ROOT / "benchmarks" / "results" / f"sft_step_{tag}_{machine}.json")
     if args.threads:
         torch.set_num_threads(args.threads)
+    _precision.resolve(args, resolve_device(args.device).type)  # the children get the resolved value
     result = run_benchmark(args)
     json_path, md_path = write_results(args.out, result)
     print(markdown_table(result))

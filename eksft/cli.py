@@ -122,14 +122,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from eksft.data import build_prompt
     from eksft.models import resolve_model_dir
 
+    from rl.precision import resolve_dtype
+
     messages = build_prompt(args.prompt, instruction=args.instruction)
     model_dir = resolve_model_dir(args.model)
+    precision = resolve_dtype(args.dtype)
+    print(f"[generate] dtype: {precision.describe()}", flush=True)
     if args.engine == "vllm":
         from vllm import SamplingParams
 
         from rl.rollout import make_llm
 
-        llm = make_llm(model_dir, max_model_len=2048, seed=args.seed)
+        llm = make_llm(model_dir, dtype=precision.dtype, max_model_len=2048, seed=args.seed)
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
         for i, out in enumerate(llm.chat([messages] * args.n, params, use_tqdm=False)):
             print(f"--- sample {i + 1} ---\n{out.outputs[0].text}")
@@ -138,7 +142,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from eksft.models import load_model
 
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, precision.dtype)
     enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     torch.manual_seed(args.seed)
     for i in range(args.n):
@@ -265,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", "-m", required=True, help="model name or checkpoint directory")
     gen.add_argument("prompt", help="the problem text")
     gen.add_argument("--engine", choices=["vllm", "hf"], default="vllm", help="vllm (default) or hf (transformers generate)")
+    gen.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                     help="auto (default): bfloat16 where this machine computes it natively, float32 elsewhere")
     gen.add_argument("--n", type=int, default=1, help="number of samples")
     gen.add_argument("--max-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0)

@@ -14,6 +14,7 @@ the GRPO loss (log-probs and entropy of sampled tokens) are built on it.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,14 @@ IGNORE_INDEX = -100
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 26
 """Default chunk budget in vocabulary entries: 64M float32 = 256 MiB per temporary."""
+
+
+def takes_logits_to_keep(model) -> bool:
+    """Whether ``model`` (transformers' causal LMs: Llama, Qwen2, ...; PEFT and DDP wrappers of them) accepts
+    ``logits_to_keep``: the LM head then runs only on the last positions, where the labels are."""
+    base = model.module if hasattr(model, "module") else model  # DistributedDataParallel
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 def default_chunk_size(vocab_size: int) -> int:

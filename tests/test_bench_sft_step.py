@@ -36,8 +36,9 @@ def bench():
 
 @pytest.fixture(scope="module")
 def args(bench, tiny_qwen2_dir):
+    # float32 on every CPU (auto would be bf16 where native): the equivalence check's tolerance is float32's
     return bench.parse_args(["--model", "tiny:qwen2", "--batch", "3", "--seq", "48", "--steps", "2", "--warmup", "1",
-                             "--device", "cpu"])
+                             "--device", "cpu", "--no-bf16"])
 
 
 def _grads(setup):

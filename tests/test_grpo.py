@@ -13,7 +13,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rl.grpo import GRPOConfig, run_grpo
 from rl.grpo.logprobs import completion_logprobs
 from rl.reward import math_reward
-from rl.rollout import SamplingConfig, make_engine
+from rl.rollout import RolloutConfig, SamplingConfig, make_engine
+
+# Engine-vs-trainer log-prob comparisons pin float32 on both sides, so they hold on every CPU
+# (the default `auto` is bf16 on CPUs with native bf16, where the gap is ~1e-3 by rounding alone).
+FLOAT32 = dict(bf16=False)
+FLOAT32_ENGINE = RolloutConfig(dtype="float32")
 
 PROMPTS = [[{"role": "user", "content": "Calculate 3 + 4.\nPut your final answer within \\boxed{}."}],
            [{"role": "user", "content": "Calculate 9 - 5.\nPut your final answer within \\boxed{}."}]]
@@ -54,6 +59,46 @@ def test_completion_logprobs_equal_a_float64_full_logits_computation(tiny_qwen2_
             torch.testing.assert_close(entropy[i, :n].double(), want_h, rtol=0, atol=2e-5)
 
 
+def test_shared_prompt_gradients_equal_one_forward_per_sample(tiny_qwen2_dir):
+    """Groups sharing a prompt (computed once, its keys/values reused by every sample): the gradient of a loss on
+    the log-probs and entropies equals that of one full-sequence forward per sample, in float64."""
+    from rl.rollout.base import Sample
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir, dtype=torch.float64).train()
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 300, (p,), generator=gen).tolist() for p in (9, 4)]
+    shapes = [(0, 6), (0, 2), (0, 0), (1, 7), (1, 3), (0, 5)]  # (prompt, completion length); groups interleaved
+    samples = [Sample(prompts[p], torch.randint(0, 300, (c,), generator=gen).tolist(), [0.0] * c, "", "stop")
+               for p, c in shapes]
+    T = 0.8
+    w = torch.randn(len(samples), 7, generator=gen, dtype=torch.float64)
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    logp, entropy, mask = completion_logprobs(model, samples, T, with_entropy=True)
+    assert logp.shape == (6, 7) and mask.sum(-1).tolist() == [c for _, c in shapes]
+    shared = grads((logp * w[:, :7] * mask).sum() + (entropy * w[:, :7] * mask).sum() / 3)
+    loss = 0
+    for i, s in enumerate(samples):
+        n = len(s.completion_ids)
+        if not n:
+            continue
+        seq = torch.tensor([s.prompt_ids + s.completion_ids])
+        rows = torch.log_softmax(model(input_ids=seq).logits[0] / T, dim=-1)[len(s.prompt_ids) - 1:len(seq[0]) - 1]
+        lp = rows[torch.arange(n), torch.tensor(s.completion_ids)]
+        ent = -(rows.exp() * rows).sum(-1)
+        loss = loss + (lp * w[i, :n]).sum() + (ent * w[i, :n]).sum() / 3
+    per_sample = grads(loss)
+    # Not to 1e-15: the model's RMSNorm computes in float32 even for float64 weights (transformers upcasts to
+    # float32), so one backward of the summed loss and separate backwards round differently there.
+    relative = float((shared - per_sample).norm() / per_sample.norm())
+    assert relative < 1e-6, relative
+    torch.testing.assert_close(shared, per_sample, rtol=1e-4, atol=2e-6)
+
+
 def sync_check(engine, model, tokenizer):
     prompt_ids = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False)
                   for p in PROMPTS]
@@ -74,7 +119,7 @@ def test_vllm_engine_serves_synced_weights(embedded_dir):
     """Embedded SmolLM2 ties its output head to the embeddings (the vLLM-CPU reload corner case)."""
     model = AutoModelForCausalLM.from_pretrained(embedded_dir, dtype=torch.float32)
     assert model.config.tie_word_embeddings
-    engine = make_engine("vllm", embedded_dir, max_model_len=512)
+    engine = make_engine("vllm", embedded_dir, dtype="float32", max_model_len=512)
     try:
         fresh, stale, synced = sync_check(engine, model, AutoTokenizer.from_pretrained(embedded_dir))
     finally:
@@ -86,7 +131,7 @@ def test_vllm_engine_serves_synced_weights(embedded_dir):
 
 def test_hf_engine_serves_synced_weights(tiny_qwen2_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir, dtype=torch.float32)
-    engine = make_engine("hf", tiny_qwen2_dir)
+    engine = make_engine("hf", tiny_qwen2_dir, dtype="float32")
     fresh, stale, synced = sync_check(engine, model, AutoTokenizer.from_pretrained(tiny_qwen2_dir))
     assert fresh < 1e-3 and synced < 1e-3 and stale > 1e-2, (fresh, stale, synced)
 
@@ -106,8 +151,8 @@ def read_metrics(out: Path):
 @pytest.mark.slow
 def test_two_real_grpo_steps_on_the_embedded_model(tmp_path, embedded_dir):
     cfg = GRPOConfig(steps=2, prompts_per_step=4, group_size=4, max_new_tokens=48, learning_rate=1e-5,
-                     format_weight=0.1, answer_fallback="last_number", micro_batch_size=8, save_every=1)
-    final = run_grpo(embedded_dir, rows(), cfg, tmp_path)
+                     format_weight=0.1, answer_fallback="last_number", micro_batch_size=8, save_every=1, **FLOAT32)
+    final = run_grpo(embedded_dir, rows(), cfg, tmp_path, rollout=FLOAT32_ENGINE)
     metrics = read_metrics(tmp_path)
     assert [m["step"] for m in metrics] == [1, 2]
     for m in metrics:
@@ -174,7 +219,7 @@ def test_vllm_engine_in_a_ray_actor_generates_and_syncs(tiny_qwen2_dir):
 
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
     try:
-        engine = RayEngine("vllm", tiny_qwen2_dir, num_cpus=1, max_model_len=512)
+        engine = RayEngine("vllm", tiny_qwen2_dir, num_cpus=1, dtype="float32", max_model_len=512)
         model = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir, dtype=torch.float32)
         fresh, stale, synced = sync_check(engine, model, AutoTokenizer.from_pretrained(tiny_qwen2_dir))
         engine.shutdown()

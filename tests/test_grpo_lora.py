@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from rl.grpo import GRPOConfig, GRPOLoraConfig, run_grpo
 from rl.lora import merged_state_dict, wrap_with_lora
-from test_grpo import read_metrics, rows  # the same prompts and metrics reader as the full-weight tests
+from test_grpo import FLOAT32, FLOAT32_ENGINE, read_metrics, rows  # the full-weight tests' prompts and pins
 
 LORA = {"enabled": True, "r": 4, "alpha": 8}
 # The entropy bonus gives a gradient even when every reward of the random tiny model is 0.
@@ -40,8 +40,8 @@ def test_merged_weights_equal_peft_merge_and_leave_the_model_alone(tiny_qwen2_di
 
 @pytest.mark.slow
 def test_two_lora_grpo_steps(tmp_path, tiny_qwen2_dir):
-    cfg = GRPOConfig(steps=2, lora=LORA, **COMMON)
-    final = run_grpo(tiny_qwen2_dir, rows(8), cfg, tmp_path)
+    cfg = GRPOConfig(steps=2, lora=LORA, **COMMON, **FLOAT32)
+    final = run_grpo(tiny_qwen2_dir, rows(8), cfg, tmp_path, rollout=FLOAT32_ENGINE)
     m1, m2 = read_metrics(tmp_path)
     # Step 1: B = 0, so the policy is the base exactly and the KL to it (adapters off) is exactly 0.
     assert m1["kl"] == 0.0 and m2["kl"] > 0

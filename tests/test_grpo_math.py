@@ -565,3 +565,34 @@ def test_grpo_config_messages_and_extra_keys() -> None:
     with pytest.raises(ValidationError, match="mini_batch_size"):
         GRPOConfig(prompts_per_step=2, group_size=4, mini_batch_size=9)
     assert GRPOConfig(prompts_per_step=2, group_size=4, mini_batch_size=8).mini_batch_size == 8
+
+
+# ---------------------------------------------------------------- length buckets (completion_logprobs)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_length_buckets_partition_and_bound_padding(seed):
+    from rl.grpo.logprobs import length_buckets
+
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, 97, (int(torch.randint(1, 40, (1,), generator=g)),), generator=g).tolist()
+    buckets = length_buckets(lengths, max_padding=0.2)
+    assert sorted(i for b in buckets for i in b) == list(range(len(lengths)))  # each sample exactly once
+    longest = [max(lengths[i] for i in b) for b in buckets]
+    assert longest == sorted(longest, reverse=True)  # longest first
+    for b in buckets:
+        padded, real = len(b) * max(lengths[i] for i in b), sum(lengths[i] for i in b)
+        if len(b) > 1:
+            assert padded - real <= 0.2 * padded + 1e-9, (b, [lengths[i] for i in b])
+    # Greedy: the next bucket's longest sample would have broken the bound of the previous bucket.
+    for prev, nxt in zip(buckets, buckets[1:]):
+        padded = (len(prev) + 1) * max(lengths[i] for i in prev)
+        assert padded - (sum(lengths[i] for i in prev) + lengths[nxt[0]]) > 0.2 * padded - 1e-9
+
+
+def test_length_buckets_by_hand():
+    from rl.grpo.logprobs import length_buckets
+
+    assert length_buckets([20, 22, 96, 21, 40, 0, 19, 45]) == [[2], [7, 4], [1, 3, 0, 6], [5]]
+    assert length_buckets([5, 5, 5, 5]) == [[0, 1, 2, 3]]
+    assert length_buckets([3]) == [[0]]

@@ -12,9 +12,14 @@ import pytest
 
 from eksft.cli import main
 from eksft.config import RecipeError, load_recipe
-from eksft.pipeline import plan, run_pipeline
+from eksft.pipeline import launch_order, plan, run_pipeline
+from eksft.pipeline.stages import run_stage
+from rl import precision as precision_module
+from rl.precision import Hardware, detect_hardware, resolve_bf16
 
 MINI = Path(__file__).parent / "fixtures" / "quickstart_mini.yaml"
+NATIVE = Hardware("cpu", "AVX512", "AVX512_BF16+AMX", True, "native bf16 in torch and oneDNN")
+EMULATED = Hardware("cpu", "AVX2", "", False, "no AVX512_BF16/AMX: bf16 is emulated")
 LOCAL_HF = ["rollout.engine=hf"]  # the cheap engine for the resume/rerun tests; the Ray test uses vLLM
 
 
@@ -48,6 +53,50 @@ def test_plan_keys_follow_dependencies():
     assert {n for n in a if a[n] != c[n]} == {n for n in a if not n.startswith("_base")}
 
 
+def test_resolved_precision_is_part_of_every_stage_key():
+    recipe = load_recipe(MINI)
+    native = plan(recipe, Path("/tmp/x"), {k: NATIVE for k in ("sft", "rl", "eval")})
+    emulated = plan(recipe, Path("/tmp/x"), {k: EMULATED for k in ("sft", "rl", "eval")})
+    assert all(a.key != b.key for a, b in zip(native, emulated))  # a finished bf16 stage is not reused in float32
+    by_name = {s.name: s for s in native}
+    assert by_name["eksft/sft"].settings["precision"] == {"sft.bf16": "bfloat16"}
+    assert by_name["eksft/rl"].settings["precision"] == {"rl.bf16": "bfloat16", "rollout.dtype": "bfloat16"}
+    assert by_name["_base/eval:before_sft"].settings["precision"] == {"rollout.dtype": "bfloat16"}
+    assert {s.name: s.settings["precision"] for s in emulated}["eksft/rl"] == {"rl.bf16": "float32",
+                                                                               "rollout.dtype": "float32"}
+    # Explicit settings resolve the same on every machine: the keys agree.
+    pinned = load_recipe(MINI, ["sft.bf16=false", "rl.bf16=false", "rollout.dtype=float32"])
+    assert [s.key for s in plan(pinned, Path("/tmp/x"), {k: NATIVE for k in ("sft", "rl", "eval")})] == \
+        [s.key for s in plan(pinned, Path("/tmp/x"), {k: EMULATED for k in ("sft", "rl", "eval")})]
+
+
+def test_a_run_refuses_arms_at_different_precisions():
+    recipe = load_recipe(MINI, ["arms=[{name: sft, objective: {name: sft}, rl: {bf16: true}}, "
+                                "{name: eksft, objective: {name: eksft}}]"])
+    with pytest.raises(RecipeError, match=r"different precisions \(sft: bfloat16, eksft: float32\).*rl.bf16"):
+        plan(recipe, Path("/tmp/x"), {k: EMULATED for k in ("sft", "rl", "eval")})
+    plan(recipe, Path("/tmp/x"), {k: NATIVE for k in ("sft", "rl", "eval")})  # both bf16 there: one precision
+
+
+def test_a_worker_that_resolves_differently_is_refused_before_it_writes(tmp_path, monkeypatch):
+    recipe = load_recipe(MINI)
+    stages = {s.name: s for s in plan(recipe, tmp_path, {k: NATIVE for k in ("sft", "rl", "eval")})}
+    monkeypatch.setattr(precision_module, "detect_hardware", lambda device=None: EMULATED)
+    with pytest.raises(RuntimeError, match=r"eksft/sft: this worker resolves sft.bf16=auto -> float32 \(cpu AVX2\), "
+                                           r"but the run was planned with \{'sft.bf16': 'bfloat16'\}"):
+        run_stage(stages["eksft/sft"], recipe.model_dump(mode="json"), str(tmp_path))
+    assert not (tmp_path / "eksft").exists()
+
+
+def test_launch_order_puts_the_longest_chains_first():
+    stages = plan(load_recipe(MINI), Path("/tmp/x"))
+    order = [s.name for s in launch_order(stages)]
+    # sft -> rl -> eval chains first (both arms), then rl, then the evaluations, the base model's first.
+    assert order[:4] == ["sft/sft", "eksft/sft", "sft/rl", "eksft/rl"]
+    assert order[4] == "_base/eval:before_sft"
+    assert set(order[5:]) == {s.name for s in stages if s.kind == "eval" and s.arm != "_base"}
+
+
 @pytest.mark.slow
 def test_mini_recipe_through_the_ray_pipeline(tmp_path, capsys):
     import ray
@@ -65,6 +114,13 @@ def test_mini_recipe_through_the_ray_pipeline(tmp_path, capsys):
     assert "| sft" in out and "| eksft" in out  # the table is printed at the end
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["sft_steps"] == {"sft": 2, "eksft": 2}
+    # The precision the Ray workers resolved (a probe task per stage kind), in run.json and in each stage's DONE.
+    want = resolve_bf16("auto", hardware=detect_hardware()).dtype
+    assert run["precision"]["sft"]["sft.bf16"]["dtype"] == run["precision"]["rl"]["rl.bf16"]["dtype"] == want
+    assert run["precision"]["eval"]["rollout.dtype"]["setting"] == "auto"
+    assert run["precision"]["sft"]["sft.bf16"]["capability"] == detect_hardware().capability
+    assert done_marker(tmp_path, "eksft/rl")["precision"]["rl.bf16"]["dtype"] == want
+    assert done_marker(tmp_path, "sft/eval:after_rl")["precision"]["rollout.dtype"]["dtype"] == want
 
 
 @pytest.mark.slow

@@ -50,8 +50,51 @@ def eval_points(rl_steps: int, every: int) -> list[tuple[str, int | None]]:
     return points + [("after_rl", None)]
 
 
-def plan(recipe, run_dir: Path) -> list[Stage]:
-    """All stages of the recipe, dependencies first, keys computed."""
+KINDS = ("sft", "rl", "eval")
+
+
+def stage_precision(recipe, arm, kind: str, hardware) -> dict:
+    """The precision settings a stage of ``kind`` reads, resolved on ``hardware`` (``rl.precision.Precision`` each).
+
+    Resolved values, not the ``auto`` written in the recipe, go into the stage keys: a finished stage is not
+    reused by a run whose workers resolve ``auto`` differently.
+    """
+    from rl.precision import resolve_bf16, resolve_dtype
+
+    if kind == "sft":
+        return {"sft.bf16": resolve_bf16(recipe.sft.bf16, hardware=hardware)}
+    engine = {"rollout.dtype": resolve_dtype(recipe.rollout.dtype, hardware=hardware)}
+    if kind == "rl":
+        rl = recipe.arm_rl(arm) if arm is not None else recipe.rl
+        return {"rl.bf16": resolve_bf16(rl.bf16, hardware=hardware), **engine}
+    return engine
+
+
+def resolved_dtypes(precision: dict) -> dict[str, str]:
+    return {key: p.dtype for key, p in precision.items()}
+
+
+def plan(recipe, run_dir: Path, hardware: dict | None = None) -> list[Stage]:
+    """All stages of the recipe, dependencies first, keys computed.
+
+    ``hardware``: ``{kind: rl.precision.Hardware}`` of the workers that run each kind of stage (default: this
+    machine), to resolve the ``auto`` precisions. One run computes every arm at one precision: arms whose RL
+    settings resolve differently (an arm overriding ``rl.bf16``) are refused.
+    """
+    from eksft.config import RecipeError
+    from rl.precision import detect_hardware
+
+    if hardware is None:
+        here = detect_hardware()
+        hardware = {kind: here for kind in KINDS}
+
+    def precision(arm, kind: str) -> dict[str, str]:
+        return resolved_dtypes(stage_precision(recipe, arm, kind, hardware[kind]))
+
+    per_arm = {arm.name: precision(arm, "rl")["rl.bf16"] for arm in recipe.arms}
+    if len(set(per_arm.values())) > 1:
+        raise RecipeError(f"the arms would train RL at different precisions ({', '.join(f'{a}: {d}' for a, d in per_arm.items())}): "
+                          "a comparison needs one; set rl.bf16 in the recipe's rl section, not in an arm's rl overrides")
     base = {
         "model": recipe.model.model_dump(mode="json"),
         "seed": recipe.seed,
@@ -59,25 +102,30 @@ def plan(recipe, run_dir: Path) -> list[Stage]:
     }
     evaluation = {"eval": recipe.eval.model_dump(mode="json"), "rollout": recipe.rollout.model_dump(mode="json"), **base}
     stages: list[Stage] = [Stage(f"{BASE_EVAL}/eval:before_sft", BASE_EVAL, "eval",
-                                 run_dir / BASE_EVAL / "eval" / "before_sft", {**evaluation, "point": "before_sft"})]
+                                 run_dir / BASE_EVAL / "eval" / "before_sft",
+                                 {**evaluation, "point": "before_sft", "precision": precision(None, "eval")})]
     for arm in recipe.arms:
         arm_dir = run_dir / arm.name
         start_dep = stages[0].name
         if arm.objective is not None:
             sft_settings = {**base, "data": recipe.data.model_dump(mode="json"),
-                            "sft": {**recipe.sft.model_dump(mode="json"), "objective": arm.objective.model_dump(mode="json")}}
+                            "sft": {**recipe.sft.model_dump(mode="json"), "objective": arm.objective.model_dump(mode="json")},
+                            "precision": precision(arm, "sft")}
             stages.append(Stage(f"{arm.name}/sft", arm.name, "sft", arm_dir / "sft", sft_settings))
             stages.append(Stage(f"{arm.name}/eval:after_sft", arm.name, "eval", arm_dir / "eval" / "after_sft",
-                                {**evaluation, "point": "after_sft"}, deps=[f"{arm.name}/sft"]))
+                                {**evaluation, "point": "after_sft", "precision": precision(arm, "eval")},
+                                deps=[f"{arm.name}/sft"]))
             start_dep = f"{arm.name}/sft"
         rl_cfg = recipe.arm_rl(arm)
         stages.append(Stage(f"{arm.name}/rl", arm.name, "rl", arm_dir / "rl",
                             {**base, "data_rl": recipe.data.rl.model_dump(mode="json"),
-                             "rl": rl_cfg.model_dump(mode="json"), "rollout": recipe.rollout.model_dump(mode="json")},
+                             "rl": rl_cfg.model_dump(mode="json"), "rollout": recipe.rollout.model_dump(mode="json"),
+                             "precision": precision(arm, "rl")},
                             deps=[start_dep]))
         for point, _step in eval_points(rl_cfg.steps, recipe.eval.every_rl_steps):
             stages.append(Stage(f"{arm.name}/eval:{point}", arm.name, "eval", arm_dir / "eval" / point,
-                                {**evaluation, "point": point}, deps=[f"{arm.name}/rl"]))
+                                {**evaluation, "point": point, "precision": precision(arm, "eval")},
+                                deps=[f"{arm.name}/rl"]))
     by_name = {s.name: s for s in stages}
     for s in stages:  # in dependency order, so upstream keys exist
         s.key = stable_hash({"settings": s.settings, "deps": [by_name[d].key for d in s.deps]})
@@ -97,13 +145,29 @@ def run_stage(stage: Stage, recipe_json: dict, run_dir: str, *, num_threads: int
         torch.set_num_threads(max(1, int(num_threads)))
     if stage.done():
         return {"stage": stage.name, "status": "skipped"}
-    _prepare_dir(stage)
     recipe = Recipe.model_validate(recipe_json)
+    precision = _check_precision(stage, recipe)
+    _prepare_dir(stage)
     started = time.time()
     RUNNERS[stage.kind](stage, recipe, Path(run_dir))
     (stage.out_dir / "DONE").write_text(json.dumps({"key": stage.key, "finished": time.time(),
-                                                    "seconds": round(time.time() - started, 1)}))
+                                                    "seconds": round(time.time() - started, 1),
+                                                    "precision": precision}))
     return {"stage": stage.name, "status": "done", "seconds": round(time.time() - started, 1)}
+
+
+def _check_precision(stage: Stage, recipe) -> dict:
+    """This worker's resolution of the stage's precision settings; it must be the one the run was planned with."""
+    from rl.precision import detect_hardware
+
+    arm = None if stage.arm == BASE_EVAL else _arm(recipe, stage.arm)
+    here = stage_precision(recipe, arm, stage.kind, detect_hardware())
+    planned = stage.settings["precision"]
+    if resolved_dtypes(here) != planned:
+        got = ", ".join(f"{k}={p.setting} -> {p.dtype} ({p.hardware.describe()})" for k, p in here.items())
+        raise RuntimeError(f"{stage.name}: this worker resolves {got}, but the run was planned with {planned}: the "
+                           "cluster's workers differ; set these keys explicitly so that every arm computes alike")
+    return {key: p.as_dict() for key, p in here.items()}
 
 
 def _prepare_dir(stage: Stage) -> None:

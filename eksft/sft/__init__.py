@@ -66,11 +66,11 @@ def run_sft(recipe, out_dir: str | Path, *, callbacks=()) -> Path:
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
     from rl.lora import wrap_with_lora
+    from rl.precision import low_precision_warning, resolve_bf16, slow_bf16_warning, stage_device
     from rl.resume import latest_complete_checkpoint, truncate_metrics
 
     from eksft.models import load_model
     from eksft.objectives import get_objective
-    from eksft.sft.precision import low_precision_warning
     from eksft.sft.trainer import MetricsJsonlCallback, ReferenceModel, SelectiveSFTTrainer, pad_collate
 
     cfg = recipe.sft
@@ -92,6 +92,11 @@ def run_sft(recipe, out_dir: str | Path, *, callbacks=()) -> Path:
         model = wrap_with_lora(model, cfg.lora)
     if main_process and (warning := low_precision_warning(model, cfg.learning_rate)):
         print(f"[sft] WARNING: {warning}", flush=True)
+    precision = resolve_bf16(cfg.bf16, stage_device())
+    if main_process:
+        print(f"[sft] compute: {precision.describe()}", flush=True)
+        if warning := slow_bf16_warning(precision, "sft.bf16"):
+            print(f"[sft] WARNING: {warning}", flush=True)
     if needs_reference:
         if cfg.reference == "adapter":
             reference = ReferenceModel("adapter")
@@ -112,7 +117,7 @@ def run_sft(recipe, out_dir: str | Path, *, callbacks=()) -> Path:
         adam_beta2=cfg.adam_betas[1],
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
-        bf16=cfg.bf16,
+        bf16=precision.bf16,
         use_cpu=not torch.cuda.is_available(),  # CPU bf16 autocast needs this flag
         gradient_checkpointing=cfg.gradient_checkpointing,
         logging_steps=cfg.logging_steps,

@@ -5,7 +5,12 @@ checkpointing, data parallel under torchrun (tested: 2 processes = 2 accumulatio
 through accelerate (untested here), checkpoint + resume, TensorBoard/W&B.
 What this adds:
   * ``compute_loss`` runs the policy forward once, the reference forward (no grad) when the
-    objective needs it, and the registered objective on the shifted logits;
+    objective needs it, and the registered objective on the shifted logits. Both forwards
+    (``causal_lm_logits``) run the LM head only from the micro-batch's first labelled position on:
+    the prompt positions before it predict nothing that is trained, and with a 49k-150k vocabulary
+    the head is a large share of a short sequence's compute (SmolLM2-135M: 21% of the weights; the
+    quickstart's examples are ~70 tokens of which ~20 are trained); and they compute the prefix that
+    every sequence of the micro-batch shares (the system prompt) once;
   * per-step objective metrics, averaged over the step's micro-batches, merged into the
     Trainer's logs and appended to ``metrics.jsonl``.
 """
@@ -21,6 +26,7 @@ from transformers import Trainer, TrainerCallback
 
 from eksft.objectives import IGNORE_INDEX, ObjectiveConfig, get_objective
 from rl.lora import adapters_disabled
+from rl.token_stats import takes_logits_to_keep
 
 
 class ReferenceModel:
@@ -34,12 +40,43 @@ class ReferenceModel:
             copy.eval().requires_grad_(False)
 
     @torch.no_grad()
-    def logits(self, policy: torch.nn.Module, input_ids, attention_mask) -> torch.Tensor:
+    def logits(self, policy: torch.nn.Module, input_ids, attention_mask, first: int) -> torch.Tensor:
         if self.mode == "copy":
-            return self.copy(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            return causal_lm_logits(self.copy, input_ids, attention_mask, first)
         unwrapped = policy.module if hasattr(policy, "module") else policy
         with adapters_disabled(unwrapped) as base:  # eval mode inside: no LoRA dropout noise in the reference
-            return base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            return causal_lm_logits(base, input_ids, attention_mask, first)
+
+
+def common_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
+    """How many leading positions every row of the batch has in common (real tokens, same ids)."""
+    same = (input_ids == input_ids[:1]).all(0) & attention_mask.bool().all(0)
+    return int(same.long().cumprod(0).sum())
+
+
+def causal_lm_logits(model, input_ids, attention_mask, first: int, *, share_prefix: bool = True) -> torch.Tensor:
+    """Logits of positions ``first`` .. T-1 ([B, T - first, V]) of a right-padded batch.
+
+    * The LM head runs only on those positions (``logits_to_keep``), where the labels are predicted.
+    * With ``share_prefix``, the positions every sequence has in common before ``first`` (the chat template's
+      system prompt: ~30 of the quickstart's ~70 tokens) are computed once, and the rest of each sequence
+      runs on their keys and values as KV cache. Causal attention makes this the same computation; the
+      gradients of the shared prefix are the sums over the batch (tested against the plain forward).
+      Not under gradient checkpointing or DistributedDataParallel (one forward per step there).
+    """
+    batch, width = input_ids.shape
+    keep = {"logits_to_keep": width - first} if first > 0 else {}
+    shared = min(common_prefix_length(input_ids, attention_mask), first) if share_prefix and batch > 1 else 0
+    if shared < 2:
+        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **keep).logits
+    from transformers import DynamicCache
+
+    prefix = model(input_ids=input_ids[:1, :shared], use_cache=True, logits_to_keep=1)
+    cache = DynamicCache(ddp_cache_data=[(k.expand(batch, *k.shape[1:]), v.expand(batch, *v.shape[1:]))
+                                         for k, v, *_ in prefix.past_key_values], config=model.config)
+    positions = torch.arange(shared, width, device=input_ids.device).expand(batch, -1)
+    return model(input_ids=input_ids[:, shared:], attention_mask=attention_mask, position_ids=positions,
+                 past_key_values=cache, use_cache=True, **keep).logits
 
 
 class SelectiveSFTTrainer(Trainer):
@@ -54,6 +91,10 @@ class SelectiveSFTTrainer(Trainer):
         if reference is not None and reference.copy is not None:
             reference.copy.to(self.args.device)
         self.kl_metric_every = kl_metric_every
+        self._keeps_logits: bool | None = None  # whether the model takes logits_to_keep (checked once)
+        # The shared prefix needs a second forward with a KV cache: not with recomputed activations, nor
+        # under DistributedDataParallel (whose gradient hooks expect one forward per backward).
+        self._share_prefix = not self.args.gradient_checkpointing and self.args.world_size == 1
         # Objectives return a micro-batch mean (over sequences by default): the Trainer divides by the
         # number of accumulation steps, which keeps the update independent of how a batch is split.
         self.loss_is_scaled_for_ga = False
@@ -70,16 +111,26 @@ class SelectiveSFTTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         input_ids, attention_mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
-        outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        first = self._first_predicting_position(model, labels)
+        logits = causal_lm_logits(model, input_ids, attention_mask, first, share_prefix=self._share_prefix)
         ref_logits = None
         if self._wants_reference():
-            ref_logits = self.reference.logits(model, input_ids, attention_mask)[:, :-1]
+            ref_logits = self.reference.logits(model, input_ids, attention_mask, first)[:, :-1]
         # logits[:, t] predicts token t+1: shift once here, the objectives take aligned tensors.
-        logits, shifted_labels = outputs.logits[:, :-1], labels[:, 1:]
+        logits, shifted_labels = logits[:, :-1], labels[:, first + 1:]
         parts = self.objective.parts(logits, shifted_labels, ref_logits, self.objective_config)
         loss = parts.reduce()
         self._accumulate(parts.metrics)
-        return (loss, outputs) if return_outputs else loss
+        return (loss, {"logits": logits}) if return_outputs else loss
+
+    def _first_predicting_position(self, model, labels: torch.Tensor) -> int:
+        """The first position whose logits predict a label of this micro-batch (0: keep every position)."""
+        if self._keeps_logits is None:
+            self._keeps_logits = takes_logits_to_keep(model)
+        labelled = (labels != IGNORE_INDEX).any(dim=0).nonzero()
+        if not self._keeps_logits or labelled.numel() == 0:
+            return 0
+        return max(0, min(int(labelled[0]) - 1, labels.shape[1] - 2))  # at least two positions stay
 
     def _accumulate(self, metrics: dict[str, torch.Tensor]) -> None:
         for name, value in metrics.items():

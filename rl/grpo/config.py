@@ -73,7 +73,9 @@ class GRPOConfig(BaseModel):
     micro_batch_size: int = Field(4, ge=1, description="sequences per forward/backward (gradient accumulation)")
 
     # Precision: bf16 autocast for the trainer's forward passes (weights and optimizer stay float32)
-    bf16: bool = Field(False, description="bf16 autocast in the trainer (CPU: AVX512-bf16; GPU: any Ampere+)")
+    bf16: Literal["auto"] | bool = Field(
+        "auto", description="bf16 autocast in the trainer; auto: where the device computes bf16 natively "
+                            "(CUDA sm_80+, CPUs with AVX512_BF16/AMX), float32 elsewhere (rl.precision)")
 
     lora: GRPOLoraConfig = Field(default_factory=GRPOLoraConfig)
 

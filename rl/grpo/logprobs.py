@@ -6,13 +6,12 @@ Pure torch (no pydantic, vLLM or Ray), so benchmarks on a bare GPU image can loa
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
-from rl.token_stats import IGNORE_INDEX, token_statistics
+from rl.token_stats import IGNORE_INDEX, takes_logits_to_keep, token_statistics
 
 if TYPE_CHECKING:
     from rl.rollout.base import Sample  # anything with .prompt_ids and .completion_ids (lists of ints)
@@ -23,49 +22,77 @@ def completion_logprobs(model, samples: Sequence[Sample], temperature: float, *,
     """Log-probs (and entropy) of each sample's completion tokens under ``softmax(logits / T)``.
 
     Returns [b, T_max] tensors aligned with the completion tokens and their validity mask.
-    The LM head runs only from the shortest prompt's last token on (``logits_to_keep``): the
-    prompt positions before it predict nothing we train on, and with a vocabulary of 50k-150k
-    the head and the statistics over it are a large part of the step.
+
+    Each distinct prompt is computed once per call, not once per sample: GRPO's G samples of a prompt share
+    it, and the prompt is often longer than the completions. First the distinct prompts (left-padded, LM head
+    on their last position only, which predicts the first completion token), then the completions on their
+    prompt's keys and values as KV cache, in buckets of similar length (`length_buckets`: one 96-token sample
+    would otherwise pad a micro-batch of 20-token ones). With causal attention each completion token sees
+    exactly what it sees in the full sequence, so the values and, through the cache, the gradients are those
+    of one forward per sample (tested against float64 full-sequence log-probs and gradients).
     """
+    from transformers import DynamicCache
+
     device = next(model.parameters()).device
-    lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in samples]
-    width = max(lengths)
-    # logits[t] predicts token t+1: the first completion token of sample i is predicted at p_i - 1.
-    first = min(len(s.prompt_ids) for s in samples) - 1 if _takes_logits_to_keep(model) else 0
-    first = max(0, min(first, width - 2))  # at least one position (all completions may be empty)
-    ids = torch.zeros((len(samples), width), dtype=torch.long)
-    attention = torch.zeros_like(ids)
-    labels = torch.full((len(samples), width - 1 - first), IGNORE_INDEX, dtype=torch.long)
-    for i, s in enumerate(samples):
-        seq = s.prompt_ids + s.completion_ids
-        ids[i, : len(seq)] = torch.tensor(seq)
-        attention[i, : len(seq)] = 1
-        p = len(s.prompt_ids)
-        labels[i, p - 1 - first : len(seq) - 1 - first] = torch.tensor(s.completion_ids)
-    ids, attention, labels = ids.to(device), attention.to(device), labels.to(device)
+    prompts: dict[tuple[int, ...], int] = {}
+    group = torch.tensor([prompts.setdefault(tuple(s.prompt_ids), len(prompts)) for s in samples], device=device)
+    p_max = max(len(p) for p in prompts)
+    prompt_ids = torch.zeros((len(prompts), p_max), dtype=torch.long)
+    prompt_mask = torch.zeros_like(prompt_ids)
+    for j, p in enumerate(prompts):  # left padding: every prompt ends at the last column
+        prompt_ids[j, p_max - len(p):] = torch.tensor(p)
+        prompt_mask[j, p_max - len(p):] = 1
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    lengths = [len(s.completion_ids) for s in samples]
     ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
-    keep = {"logits_to_keep": width - first} if first > 0 else {}
     with ctx:
-        logits = model(input_ids=ids, attention_mask=attention, use_cache=False, **keep).logits[:, :-1]
-    if temperature != 1.0:
-        logits = logits / temperature
-    mask = labels != IGNORE_INDEX
-    stats = token_statistics(logits, mask, labels=labels)
-    # Gather the completion positions into a dense [b, T_max] layout.
-    max_len = max(len(s.completion_ids) for s in samples)
-    logp = torch.zeros((len(samples), max_len), device=device, dtype=stats.label_logprob.dtype)
+        keep = {"logits_to_keep": 1} if takes_logits_to_keep(model) else {}
+        first = model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True,
+                      position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0), **keep)
+    dtype = torch.promote_types(first.logits.dtype, torch.float32)  # what token_statistics computes in
+    logp = torch.zeros((len(samples), max(lengths)), device=device, dtype=dtype)
     entropy = torch.zeros_like(logp) if with_entropy else None
-    resp_mask = torch.zeros((len(samples), max_len), dtype=torch.bool, device=device)
-    for i, s in enumerate(samples):
-        start, n = len(s.prompt_ids) - 1 - first, len(s.completion_ids)
-        logp[i, :n] = stats.label_logprob[i, start : start + n]
+    mask = torch.zeros(logp.shape, dtype=torch.bool, device=device)
+    for bucket in length_buckets(lengths):
+        rows = torch.tensor(bucket, device=device)
+        width = max(lengths[i] for i in bucket)
+        if width == 0:  # empty completions: nothing to score
+            continue
+        ids = torch.zeros((len(bucket), width), dtype=torch.long)
+        for r, i in enumerate(bucket):
+            ids[r, : lengths[i]] = torch.tensor(samples[i].completion_ids, dtype=torch.long)
+        ids = ids.to(device)
+        valid = torch.arange(width, device=device) < torch.tensor([lengths[i] for i in bucket], device=device)[:, None]
+        with ctx:
+            logits = first.logits[:, -1:][group[rows]]  # [k, 1, V]: predicts each completion's first token
+            if width > 1:  # the rest, on the prompts' keys/values (a gather: the gradients of the copies add up)
+                cache = DynamicCache(ddp_cache_data=[(k[group[rows]], v[group[rows]]) for k, v, *_ in first.past_key_values],
+                                     config=model.config)
+                rest = model(input_ids=ids[:, :-1], past_key_values=cache, use_cache=True,
+                             attention_mask=torch.cat([prompt_mask[group[rows]], valid[:, :-1].long()], dim=-1),
+                             position_ids=prompt_mask.sum(-1)[group[rows], None] + torch.arange(width - 1, device=device))
+                logits = torch.cat([logits, rest.logits], dim=1)  # [k, width, V]: position t predicts token t
+        if temperature != 1.0:
+            logits = logits / temperature
+        stats = token_statistics(logits, valid, labels=torch.where(valid, ids, IGNORE_INDEX))
+        logp[rows, :width] = stats.label_logprob
         if with_entropy:
-            entropy[i, :n] = stats.entropy[i, start : start + n]
-        resp_mask[i, :n] = True
-    return logp, entropy, resp_mask
+            entropy[rows, :width] = stats.entropy
+        mask[rows, :width] = valid
+    return logp, entropy, mask
 
 
-def _takes_logits_to_keep(model) -> bool:
-    """transformers' causal LMs (Llama, Qwen2, ... and PEFT wrappers of them) accept ``logits_to_keep``."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+def length_buckets(lengths: Sequence[int], max_padding: float = 0.2) -> list[list[int]]:
+    """Indices grouped by similar length, longest first: a bucket grows while at most ``max_padding`` of its
+    padded positions (``len(bucket) * longest``) are padding. Empty sequences go with the shortest."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    buckets: list[list[int]] = []
+    total = 0
+    for i in order:
+        if buckets and (len(buckets[-1]) + 1) * max(lengths[buckets[-1][0]], 1) * (1 - max_padding) <= total + lengths[i]:
+            buckets[-1].append(i)
+            total += lengths[i]
+        else:
+            buckets.append([i])
+            total = lengths[i]
+    return buckets

@@ -29,6 +29,11 @@ def make_llm(model_dir: str, *, dtype: str = "float32", max_model_len: int = 204
         # Schedule whole prefills only, with a token budget large enough for many of them per step.
         kwargs.setdefault("enable_chunked_prefill", False)
         kwargs.setdefault("max_num_batched_tokens", max(max_model_len, 16384))
+        # Prefix caching shares only full blocks, and vLLM-CPU's default block is 128 tokens: longer than
+        # the quickstart's ~50-token prompts, so the n samples of a prompt each recomputed it. 32 is the
+        # smallest block the CPU attention kernels take; it makes a group's samples share the prompt's
+        # full blocks (an evaluation of 32 problems x 4 samples: 54 s -> 40 s on 1 AVX2-restricted core).
+        kwargs.setdefault("block_size", 32)
 
     return LLM(
         model=model_dir,
