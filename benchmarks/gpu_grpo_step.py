@@ -7,8 +7,9 @@ math-verify, so it uses the pure pieces of ``rl`` rather than the GRPO trainer:
 * **train**: one GRPO update on a synthetic rollout batch of ``--prompts`` x ``--group`` sequences
   (prompt ``--prompt-len`` tokens, completion lengths drawn uniformly in ``[--min-completion,
   --max-completion]``, random 0/1 rewards -> group advantages by `rl.grpo.core.group_advantages`):
-  per micro-batch `rl.grpo.logprobs.completion_logprobs` (forward of the padded batch, log p of the
-  completion tokens and the entropy, chunked over the vocabulary), `rl.grpo.core.policy_loss`
+  per micro-batch `rl.grpo.logprobs.completion_logprobs` (each distinct prompt once, then the
+  completions on its KV cache in length buckets; log p of the completion tokens and the entropy,
+  chunked over the vocabulary), `rl.grpo.core.policy_loss`
   (token-mean, global token normalisation, beta 0), backward; then grad clipping and AdamW. This is
   what `rl.grpo.trainer.GRPOTrainer._update` does for one on-policy mini-batch (without importing
   the trainer module, which needs the rollout stack). Precision modes (``--modes``): ``autocast`` = float32 weights and AdamW +

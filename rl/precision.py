@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass
 from collections.abc import Iterable
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
