@@ -1,4 +1,4 @@
-"""The benchmarks' precision flags, resolved by the rule the trainers use (``rl.precision``).
+"""The benchmarks' precision flags, resolved by the rule the trainers use (``rl.common.precision``).
 
     --bf16 / --no-bf16          trainer bf16 autocast; neither: auto (bf16 where the device computes it natively)
     --rollout-dtype auto|...    the vLLM engine's dtype; auto: the same rule
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from rl.precision import resolve_bf16, resolve_dtype, stage_device
+from rl.common.precision import resolve_bf16, resolve_dtype, stage_device
 
 
 def add_precision_args(p: argparse.ArgumentParser, *, rollout: bool = True) -> None:

@@ -23,7 +23,7 @@ math-verify, so it uses the pure pieces of ``rl`` rather than the GRPO trainer:
 
 The import of `rl.rollout.hf_engine` is checked not to import vLLM. ``rl.grpo`` and ``rl.rollout``
 import pydantic (their typed configs); where pydantic is missing, the pure modules
-(`rl.grpo.loss`, `rl.grpo.advantages`, `rl.grpo.logprobs`, `rl.token_stats`) are loaded without their packages'
+(`rl.grpo.loss`, `rl.grpo.advantages`, `rl.grpo.logprobs`, `rl.common.token_stats`) are loaded without their packages'
 ``__init__`` and the HF-engine part is skipped (carry pydantic wheels: see gpu_grpo_step.sh).
 
 Examples:
@@ -87,7 +87,7 @@ def import_rl() -> dict[str, Any]:
             stub = types.ModuleType(pkg)
             stub.__path__ = [str(REPO_ROOT / pkg.replace(".", "/"))]
             sys.modules[pkg] = stub
-        _load_file("rl.token_stats", REPO_ROOT / "rl" / "token_stats.py")  # imported by rl.grpo.logprobs
+        _load_file("rl.common.token_stats", REPO_ROOT / "rl" / "token_stats.py")  # imported by rl.grpo.logprobs
         logprobs = _load_file("rl.grpo.logprobs", REPO_ROOT / "rl" / "grpo" / "logprobs.py")
         loss = _load_file("rl.grpo.loss", REPO_ROOT / "rl" / "grpo" / "loss.py")
         advantages = _load_file("rl.grpo.advantages", REPO_ROOT / "rl" / "grpo" / "advantages.py")

@@ -38,7 +38,7 @@ In both cases the AdamW state is allocated before "right before the first step",
 what the step itself needs (activations, gradients, logits and loss temporaries).
 
 Precision (``--bf16 auto|true|false``, default auto: bf16 where the device computes it natively, as the
-trainers decide in ``rl.precision``; the JSON and its table record the capability and the decision). bf16 on
+trainers decide in ``rl.common.precision``; the JSON and its table record the capability and the decision). bf16 on
 CPU is ``torch.autocast("cpu", dtype=torch.bfloat16)`` around forwards + loss, weights and AdamW in float32.
 On CUDA the model is loaded in bfloat16 directly (weights, gradients and AdamW state bf16, no autocast);
 ``--bf16-mode autocast`` selects fp32 weights + autocast instead. Every variant runs at the same precision.
@@ -86,7 +86,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_precisio
 
 import _precision  # noqa: E402
 from eksft.objectives import IGNORE_INDEX, ObjectiveConfig, get_objective, select_masked_tokens  # noqa: E402
-from rl.precision import detect_hardware, resolve_bf16  # noqa: E402
+from rl.common.precision import detect_hardware, resolve_bf16  # noqa: E402
 from eksft.objectives import token_statistics, tokens_to_select  # noqa: E402
 
 VARIANTS = ("sft", "eksft", "naive")
@@ -808,7 +808,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--in-process", action="store_true",
                    help="no subprocesses (debugging); CPU peak memory is then cumulative and not comparable")
     p.add_argument("--child-timeout", type=float, default=0, help="seconds per subprocess (0: none)")
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/sft_step_<model>_<device>.json)")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/sft_step_<model>_<capability tag>.json)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-args", default=None, help=argparse.SUPPRESS)
     p.add_argument("--json-out", default=None, help=argparse.SUPPRESS)

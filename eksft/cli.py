@@ -122,7 +122,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from eksft.data import build_prompt
     from eksft.models import resolve_model_dir
 
-    from rl.precision import resolve_dtype
+    from rl.common.precision import resolve_dtype
 
     messages = build_prompt(args.prompt, instruction=args.instruction)
     model_dir = resolve_model_dir(args.model)

@@ -85,7 +85,7 @@ class SFTConfig(Strict):
     weight_decay: float = Field(0.1, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     # bf16 autocast (weights and AdamW stay in model.dtype); auto: bf16 where the device computes it natively
-    # (rl.precision), float32 elsewhere.
+    # (rl.common.precision), float32 elsewhere.
     bf16: Literal["auto"] | bool = "auto"
     gradient_checkpointing: bool = False
     # Objectives that need no reference (sft, dft) still log KL to the starting model every N steps (0: never).

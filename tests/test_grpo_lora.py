@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from rl.grpo import GRPOConfig, GRPOLoraConfig, run_grpo
-from rl.lora import merged_state_dict, wrap_with_lora
+from rl.common.lora import merged_state_dict, wrap_with_lora
 from test_grpo import FLOAT32, FLOAT32_ENGINE, read_metrics, rows  # the full-weight tests' prompts and pins
 
 LORA = {"enabled": True, "r": 4, "alpha": 8}

@@ -14,8 +14,8 @@ from eksft.cli import main
 from eksft.config import RecipeError, load_recipe
 from eksft.pipeline import launch_order, plan, run_pipeline
 from eksft.pipeline.stages import run_stage
-from rl import precision as precision_module
-from rl.precision import Hardware, detect_hardware, resolve_bf16
+from rl.common import precision as precision_module
+from rl.common.precision import Hardware, detect_hardware, resolve_bf16
 
 MINI = Path(__file__).parent / "fixtures" / "quickstart_mini.yaml"
 NATIVE = Hardware("cpu", "AVX512", "AVX512_BF16+AMX", True, "native bf16 in torch and oneDNN")

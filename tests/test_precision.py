@@ -1,4 +1,4 @@
-"""Precision (rl.precision): the share of weights an update of size lr cannot move (against hand values and the
+"""Precision (rl.common.precision): the share of weights an update of size lr cannot move (against hand values and the
 float spacing formula), and the compute precision that ``auto`` resolves to, checked inside real steps."""
 
 import json
@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from rl import precision as precision_module
-from rl.precision import (Hardware, detect_hardware, low_precision_warning, resolve_bf16, resolve_dtype,
+from rl.common import precision as precision_module
+from rl.common.precision import (Hardware, detect_hardware, low_precision_warning, resolve_bf16, resolve_dtype,
                           slow_bf16_warning, vanishing_update_share)
 
 
@@ -68,7 +68,7 @@ EMULATED = Hardware("cpu", "AVX2", "", False, "no AVX512_BF16/AMX: bf16 is emula
 
 def resolve_in_subprocess(env: dict, code: str = "") -> dict:
     """Resolve ``auto`` in a fresh interpreter with ``env`` added (the ISA overrides act at start-up)."""
-    script = ("import json\nfrom rl.precision import detect_hardware, resolve_bf16, resolve_dtype, slow_bf16_warning\n"
+    script = ("import json\nfrom rl.common.precision import detect_hardware, resolve_bf16, resolve_dtype, slow_bf16_warning\n"
               "hw = detect_hardware('cpu')\nout = {'hw': hw.as_dict(), 'bf16': resolve_bf16('auto', 'cpu').dtype,"
               " 'rollout': resolve_dtype('auto', 'cpu').dtype}\n" + code + "print(json.dumps(out))\n")
     proc = subprocess.run([sys.executable, "-c", script], env={**os.environ, **env}, capture_output=True, text=True,

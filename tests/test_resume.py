@@ -2,7 +2,7 @@
 
 import json
 
-from rl.resume import latest_complete_checkpoint, truncate_metrics
+from rl.common.resume import latest_complete_checkpoint, truncate_metrics
 
 
 def make(root, name, *files):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from eksft.objectives import IGNORE_INDEX
+from rl.common.labels import IGNORE_INDEX
 
 
 @dataclass

@@ -38,7 +38,7 @@ from .config import ObjectiveConfig
 from .parts import LossParts, LossTerm
 from .registry import OBJECTIVES, Objective, get_objective, register
 from .selection import select_masked_tokens, selection_decided_by_ties, tokens_to_select
-from rl.token_stats import IGNORE_INDEX, TokenStats, token_entropy_and_kl, token_statistics
+from rl.common.token_stats import IGNORE_INDEX, TokenStats, token_entropy_and_kl, token_statistics
 from .sft import sft_loss, sft_parts
 from .eksft import eksft_loss, eksft_parts
 from .dft import dft_loss, dft_parts

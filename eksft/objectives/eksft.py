@@ -17,7 +17,7 @@ from .config import ObjectiveConfig
 from .parts import LossParts, LossTerm
 from .registry import get_objective, register
 from .selection import select_masked_tokens, selection_decided_by_ties
-from rl.token_stats import IGNORE_INDEX, response_metrics, token_statistics
+from rl.common.token_stats import IGNORE_INDEX, response_metrics, token_statistics
 
 
 @register("eksft", needs_reference=True)

@@ -8,7 +8,7 @@ from torch import Tensor
 from .config import ObjectiveConfig
 from .parts import LossParts, LossTerm
 from .registry import get_objective, register
-from rl.token_stats import IGNORE_INDEX, masked_mean, response_metrics, token_statistics
+from rl.common.token_stats import IGNORE_INDEX, masked_mean, response_metrics, token_statistics
 
 
 @register("sft", needs_reference=False)

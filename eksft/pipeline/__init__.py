@@ -81,7 +81,7 @@ def _run_local(todo: list[Stage], recipe, recipe_json: dict, run_dir: Path) -> l
 
 def _stage_hardware(recipe, local: bool) -> dict:
     """``{kind: Hardware}`` of the workers that will run each kind of stage (Ray: a probe task with its resources)."""
-    from rl.precision import detect_hardware
+    from rl.common.precision import detect_hardware
 
     if local:
         here = detect_hardware()

@@ -54,12 +54,12 @@ KINDS = ("sft", "rl", "eval")
 
 
 def stage_precision(recipe, arm, kind: str, hardware) -> dict:
-    """The precision settings a stage of ``kind`` reads, resolved on ``hardware`` (``rl.precision.Precision`` each).
+    """The precision settings a stage of ``kind`` reads, resolved on ``hardware`` (``rl.common.precision.Precision`` each).
 
     Resolved values, not the ``auto`` written in the recipe, go into the stage keys: a finished stage is not
     reused by a run whose workers resolve ``auto`` differently.
     """
-    from rl.precision import resolve_bf16, resolve_dtype
+    from rl.common.precision import resolve_bf16, resolve_dtype
 
     if kind == "sft":
         return {"sft.bf16": resolve_bf16(recipe.sft.bf16, hardware=hardware)}
@@ -77,12 +77,12 @@ def resolved_dtypes(precision: dict) -> dict[str, str]:
 def plan(recipe, run_dir: Path, hardware: dict | None = None) -> list[Stage]:
     """All stages of the recipe, dependencies first, keys computed.
 
-    ``hardware``: ``{kind: rl.precision.Hardware}`` of the workers that run each kind of stage (default: this
+    ``hardware``: ``{kind: rl.common.precision.Hardware}`` of the workers that run each kind of stage (default: this
     machine), to resolve the ``auto`` precisions. One run computes every arm at one precision: arms whose RL
     settings resolve differently (an arm overriding ``rl.bf16``) are refused.
     """
     from eksft.config import RecipeError
-    from rl.precision import detect_hardware
+    from rl.common.precision import detect_hardware
 
     if hardware is None:
         here = detect_hardware()
@@ -158,7 +158,7 @@ def run_stage(stage: Stage, recipe_json: dict, run_dir: str, *, num_threads: int
 
 def _check_precision(stage: Stage, recipe) -> dict:
     """This worker's resolution of the stage's precision settings; it must be the one the run was planned with."""
-    from rl.precision import detect_hardware
+    from rl.common.precision import detect_hardware
 
     arm = None if stage.arm == BASE_EVAL else _arm(recipe, stage.arm)
     here = stage_precision(recipe, arm, stage.kind, detect_hardware())

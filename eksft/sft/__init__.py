@@ -65,9 +65,9 @@ def run_sft(recipe, out_dir: str | Path, *, callbacks=()) -> Path:
     from transformers.trainer import TRAINER_STATE_NAME
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-    from rl.lora import wrap_with_lora
-    from rl.precision import low_precision_warning, resolve_bf16, slow_bf16_warning, stage_device
-    from rl.resume import latest_complete_checkpoint, truncate_metrics
+    from rl.common.lora import wrap_with_lora
+    from rl.common.precision import low_precision_warning, resolve_bf16, slow_bf16_warning, stage_device
+    from rl.common.resume import latest_complete_checkpoint, truncate_metrics
 
     from eksft.models import load_model
     from eksft.objectives import get_objective

@@ -25,8 +25,8 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from eksft.objectives import IGNORE_INDEX, ObjectiveConfig, get_objective
-from rl.lora import adapters_disabled
-from rl.token_stats import takes_logits_to_keep
+from rl.common.lora import adapters_disabled
+from rl.common.token_stats import takes_logits_to_keep
 
 
 class ReferenceModel:

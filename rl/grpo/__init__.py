@@ -1,5 +1,5 @@
 """GRPO: pure maths (``core``: advantages, clipped loss, k3 KL, aggregation, batching), typed config, and the loop
-(LoRA adapters on a frozen base: ``rl.lora``)."""
+(LoRA adapters on a frozen base: ``rl.common.lora``)."""
 
 from rl.grpo.config import GRPOConfig, GRPOLoraConfig
 

@@ -75,7 +75,7 @@ class GRPOConfig(BaseModel):
     # Precision: bf16 autocast for the trainer's forward passes (weights and optimizer stay float32)
     bf16: Literal["auto"] | bool = Field(
         "auto", description="bf16 autocast in the trainer; auto: where the device computes bf16 natively "
-                            "(CUDA sm_80+, CPUs with AVX512_BF16/AMX), float32 elsewhere (rl.precision)")
+                            "(CUDA sm_80+, CPUs with AVX512_BF16/AMX), float32 elsewhere (rl.common.precision)")
 
     lora: GRPOLoraConfig = Field(default_factory=GRPOLoraConfig)
 

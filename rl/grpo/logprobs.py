@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from rl.token_stats import IGNORE_INDEX, takes_logits_to_keep, token_statistics
+from rl.common.token_stats import IGNORE_INDEX, takes_logits_to_keep, token_statistics
 
 if TYPE_CHECKING:
     from rl.rollout.base import Sample  # anything with .prompt_ids and .completion_ids (lists of ints)

@@ -33,10 +33,10 @@ import torch
 from rl.grpo.config import GRPOConfig
 from rl.grpo.core import fill_groups, group_advantages, mask_truncated, minibatches, policy_loss, zero_variance_groups
 from rl.grpo.logprobs import completion_logprobs
-from rl.lora import ADAPTER_DIR, adapters_disabled, merged_state_dict, wrap_with_lora
+from rl.common.lora import ADAPTER_DIR, adapters_disabled, merged_state_dict, wrap_with_lora
 from rl.metrics import pass_at_k
-from rl.precision import resolve_bf16, slow_bf16_warning, stage_device
-from rl.resume import latest_complete_checkpoint, truncate_metrics
+from rl.common.precision import resolve_bf16, slow_bf16_warning, stage_device
+from rl.common.resume import latest_complete_checkpoint, truncate_metrics
 from rl.rollout import RolloutConfig, Sample, SamplingConfig, engine_from_config
 
 

@@ -18,10 +18,10 @@ __all__ = ["ENGINES", "RolloutConfig", "RolloutEngine", "Sample", "SamplingConfi
 def make_engine(kind: str, model_dir: str, *, dtype: str = "auto", **kwargs) -> RolloutEngine:
     """An engine in this process; kwargs: seed, trust_remote_code, max_model_len, kv_cache_gib (vLLM).
 
-    ``dtype: auto`` is resolved here, where the engine runs (``rl.precision``): bfloat16 on a device that
+    ``dtype: auto`` is resolved here, where the engine runs (``rl.common.precision``): bfloat16 on a device that
     computes it natively, float32 elsewhere. The decision is printed once.
     """
-    from rl.precision import resolve_dtype, slow_bf16_warning
+    from rl.common.precision import resolve_dtype, slow_bf16_warning
 
     precision = resolve_dtype(dtype, kwargs.get("device"))
     print(f"[rollout] {kind} engine dtype: {precision.describe()}", flush=True)

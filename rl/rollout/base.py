@@ -59,7 +59,7 @@ class RolloutConfig(BaseModel):
     use_ray: bool = False
     num_cpus: float = Field(1, gt=0)
     num_gpus: float = Field(0, ge=0)
-    # auto: bfloat16 where the device computes it natively, float32 elsewhere (rl.precision)
+    # auto: bfloat16 where the device computes it natively, float32 elsewhere (rl.common.precision)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_model_len: int = Field(2048, gt=0)
     kv_cache_gib: float = Field(1.0, gt=0, description="vLLM KV-cache size (on CPU: host RAM)")

@@ -8,7 +8,7 @@ alive anyway) and writes the analytic gradient. So at most one chunk of [chunk, 
 float32 temporaries exists in either direction, and the same call serves the detached
 statistics (selection) and the differentiable terms (loss): one forward, not two.
 
-It lives in `rl` (the lower layer) because both the SFT objectives (`eksft.objectives`) and
+It lives in `rl.common` (below both stages) because both the SFT objectives (`eksft.objectives`) and
 the GRPO loss (log-probs and entropy of sampled tokens) are built on it.
 """
 
@@ -20,8 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-IGNORE_INDEX = -100
-"""Label value of prompt and padding positions (the transformers convention)."""
+from rl.common.labels import IGNORE_INDEX
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 26
 """Default chunk budget in vocabulary entries: 64M float32 = 256 MiB per temporary."""
