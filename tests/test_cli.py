@@ -28,9 +28,13 @@ def test_every_subcommand_has_help(capsys):
         assert "usage: eksft" in out and len(out) > 100
 
 
-def test_console_script_help_runs():
-    out = subprocess.run([sys.executable, "-m", "eksft.cli", "--help"], capture_output=True, text=True, check=True).stdout
-    assert "models" in out and "data" in out
+def test_the_command_line_process_exits_with_mains_status(tmp_path):
+    """``python -m eksft.cli`` (what the ``eksft`` script runs) hands main's status to the shell."""
+    bad = tmp_path / "r.yaml"
+    bad.write_text("data:\n  max_lenght: 3\n")
+    done = subprocess.run([sys.executable, "-m", "eksft.cli", "data", "preview", "--recipe", str(bad)],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "data.max_lenght: unknown key" in done.stderr
 
 
 def test_data_preview_marks_trained_tokens(capsys):

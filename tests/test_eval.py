@@ -3,15 +3,18 @@
 import argparse
 import json
 import math
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
 from eksft.data import DataError
-from eksft.eval import BENCHMARKS, RESULT_KEYS, EvalConfig, benchmark_filename, evaluate, load_benchmark, summarize
+from eksft.eval import RESULT_KEYS, EvalConfig, evaluate, load_benchmark, summarize
 from eksft.eval.benchmarks import EMBEDDED_DEFAULT_SIZE, EMBEDDED_EVAL_SEED, normalize_gsm8k
 from eksft.eval.cli import add_eval_parser, eval_config_from_args, model_basename
 from eksft.eval.runner import maj_ks
+
+HUB_ROWS = Path(__file__).parent / "fixtures" / "hub_rows"
 
 
 class _FakeHub:
@@ -21,8 +24,10 @@ class _FakeHub:
         self.rows, self.calls = rows, []
 
     def __call__(self, path, name=None, split=None, **kwargs):
+        import datasets
+
         self.calls.append((path, name, split))
-        return list(self.rows)
+        return datasets.Dataset.from_list([dict(r) for r in self.rows])  # what the hub gives: a Dataset
 
 
 @pytest.fixture
@@ -40,10 +45,26 @@ def fake_hub(monkeypatch):
 # ----------------------------------------------------------------------------- registry field mappings
 
 
-def test_registry_has_the_benchmarks():
-    assert set(BENCHMARKS) >= {"math500", "aime24", "aime25", "amc23", "gsm8k", "minerva", "olympiadbench"}
-    assert BENCHMARKS["gsm8k"].hub_id == "openai/gsm8k" and BENCHMARKS["gsm8k"].config == "main"
-    assert BENCHMARKS["math500"].hub_id == "HuggingFaceH4/MATH-500" and BENCHMARKS["math500"].split == "test"
+def published_rows(file: str) -> list[dict]:
+    """The first 50 rows of a published test set, as the hub serves them (tests/fixtures/hub_rows/README.md)."""
+    return [json.loads(line) for line in (HUB_ROWS / file).read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.mark.parametrize("name,file,problem_field,hub_call,known_answers", [
+    ("math500", "math500_test.jsonl", "problem", ("HuggingFaceH4/MATH-500", None, "test"),
+     {1: "\\left( 3, \\frac{\\pi}{2} \\right)", 5: "\\text{Evelyn}", 26: "1,-2", 45: "1.25"}),
+    ("gsm8k", "gsm8k_test.jsonl", "question", ("openai/gsm8k", "main", "test"),
+     {1: "18", 3: "70000", 18: "57500", 50: "30"}),
+])
+def test_published_rows_through_the_hub_mapping(fake_hub, name, file, problem_field, hub_call, known_answers):
+    rows = published_rows(file)
+    hub = fake_hub(rows)
+    out = load_benchmark(name)
+    assert hub.calls == [hub_call]
+    assert len(out) == len(rows) == 50
+    assert {i: out[i - 1]["answer"] for i in known_answers} == known_answers  # read off the rows by hand
+    assert [r["problem"] for r in out] == [r[problem_field] for r in rows]
+    assert all(r["prompt"][-1]["content"].startswith(r["problem"] + "\n") for r in out)
 
 
 def test_gsm8k_mapping_takes_the_number_after_hashes_without_commas(fake_hub):
@@ -153,14 +174,7 @@ def test_unknown_benchmark_names_list_the_allowed_ones():
         load_benchmark("embedded:algebra")
 
 
-def test_filenames():
-    assert benchmark_filename("embedded:arithmetic") == "embedded_arithmetic"
-    assert benchmark_filename("/data/math500_test.jsonl") == "_data_math500_test.jsonl"
-    assert benchmark_filename("gsm8k") == "gsm8k"
-    from eksft.report.layout import benchmark_stem  # the report finds the files by the same rule
-
-    for name in ("embedded:arithmetic", "/data/math500_test.jsonl", "org/set:test", "gsm8k"):
-        assert benchmark_filename(name) == benchmark_stem(name)
+def test_model_basename():
     assert model_basename("embedded:smollm2-135m-instruct") == "embedded_smollm2-135m-instruct"
     assert model_basename("Qwen/Qwen2.5-Math-1.5B") == "Qwen2.5-Math-1.5B"
     assert model_basename("runs/r/eksft/sft/checkpoint") == "sft-checkpoint"

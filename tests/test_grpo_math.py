@@ -7,13 +7,12 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass
-from typing import get_args
 
 import pytest
 import torch
 from pydantic import ValidationError
 
-from rl.grpo.config import AggregationName, GRPOConfig
+from rl.grpo.config import GRPOConfig
 from rl.grpo.core import (
     AGGREGATIONS,
     FillStats,
@@ -342,7 +341,7 @@ def test_beta_and_alpha_terms_add_exactly_under_token_mean() -> None:
 
 
 def _loop_loss(logp, old, adv, mask, ref, ent, *, eps_low, eps_high, beta, alpha, aggregation, max_len):
-    """Token-by-token float64 implementation of DESIGN.md section 2 (autograd on scalars)."""
+    """Token-by-token float64 implementation of docs/method.md, GRPO loss (autograd on scalars)."""
     n, t = len(mask), len(mask[0])
     seq_values, all_tokens = [], []
     for i in range(n):
@@ -499,21 +498,25 @@ def test_minibatches_cover_each_index_once_and_are_deterministic() -> None:
 # ---------------------------------------------------------------- config
 
 
-def test_grpo_config_defaults() -> None:
-    c = GRPOConfig()
-    assert (c.group_size, c.temperature, c.top_p, c.max_new_tokens) == (8, 1.0, 1.0, 256)
-    assert (c.eps_low, c.eps_high, c.beta_kl, c.alpha_entropy) == (0.2, 0.2, 0.0, 0.0)
-    assert c.aggregation == "token-mean" and c.normalize_std and not c.dynamic_sampling and not c.mask_truncated
-    assert (c.max_sampling_rounds, c.ppo_epochs, c.mini_batch_size, c.micro_batch_size) == (3, 1, None, 4)
-    assert (c.learning_rate, c.weight_decay, c.max_grad_norm, c.adam_betas) == (1e-6, 0.0, 1.0, (0.9, 0.999))
-    assert (c.prompts_per_step, c.steps, c.save_every, c.seed) == (8, 100, 10, 0)
-    assert (c.format_weight, c.reward_timeout_s) == (0.0, 5.0)
-    assert c.rollout_batch_size == 64
-    assert set(get_args(AggregationName)) == set(AGGREGATIONS)
-    kw = GRPOConfig(eps_high=0.28, aggregation="seq-mean-token-sum-norm", max_new_tokens=100).policy_loss_kwargs()
-    assert kw == dict(eps_low=0.2, eps_high=0.28, beta=0.0, alpha=0.0, aggregation="seq-mean-token-sum-norm", max_response_len=100.0)
-    x = torch.zeros(1, 2)
-    policy_loss(x, x, torch.ones(1), torch.ones(1, 2), **kw)  # the kwargs are accepted
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"eps_low": 0.1, "eps_high": 0.28, "beta_kl": 0.04, "alpha_entropy": 0.01, "aggregation": "seq-mean-token-mean"},
+        {"eps_high": 0.3, "beta_kl": 0.5, "alpha_entropy": 0.2, "aggregation": "seq-mean-token-sum-norm", "max_new_tokens": 9},
+    ],
+)
+def test_each_recipe_loss_setting_reaches_the_loss_the_trainer_computes(settings: dict) -> None:
+    """The trainer calls ``policy_loss(..., **cfg.policy_loss_kwargs())``: the loss equals the float64 loop
+    with each recipe key in the place its name says."""
+    cfg = GRPOConfig(**settings)
+    logp, old, adv, ref, ent, mask = (x.double() if x.is_floating_point() else x for x in _random_batch(5, n=16, t=12))
+    loss, _ = policy_loss(logp, old, adv, mask, ref_logp=ref, entropy=ent, **cfg.policy_loss_kwargs())
+    expected = _loop_loss(
+        logp, old, adv, mask.tolist(), ref, ent, eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta_kl,
+        alpha=cfg.alpha_entropy, aggregation=cfg.aggregation, max_len=cfg.max_new_tokens,
+    )  # fmt: skip
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12, abs=1e-14)
 
 
 @pytest.mark.parametrize(

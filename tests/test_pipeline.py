@@ -1,7 +1,9 @@
 """The orchestrator on the quickstart-mini recipe: real Ray, real vLLM/HF engines, real math-verify."""
 
+import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -40,6 +42,30 @@ def expected_outputs(run_dir: Path):
     assert (run_dir / "eksft" / "sft" / "masks.html").is_file()
     for f in ("table.md", "table.csv", "entropy.png", "kl.png", "reward.png", "pass_at_k.png", "index.html"):
         assert (run_dir / "report" / f).is_file(), f
+    report_shows_the_evaluations(run_dir)
+
+
+def report_shows_the_evaluations(run_dir: Path):
+    """Each number of table.md (percent, one decimal) and table.csv (fractions) is the evaluation JSON's metric."""
+    lines = [[c.strip() for c in ln.strip("|").split("|")] for ln in
+             (run_dir / "report" / "table.md").read_text().splitlines() if ln.startswith("| ")]
+    header, *rows = lines
+    assert header == ["Arm", "Stage", "embedded:arithmetic", "Average"]
+    csv_rows = {(r["arm"], r["point"]): r for r in csv.DictReader((run_dir / "report" / "table.csv").open())
+                if r["benchmark"] == "embedded:arithmetic"}
+    points = {"after SFT": "after_sft", "after RL": "after_rl"}
+    assert [(arm, points[stage]) for arm, stage, *_ in rows] == list(csv_rows) == [
+        (arm, point) for arm in ("sft", "eksft") for point in ("after_sft", "after_rl")]
+    for arm, stage, cell, average in rows:
+        data = json.loads((run_dir / arm / "eval" / points[stage] / "embedded_arithmetic.json").read_text())
+        avg, pass_n = data["avg@n"], data["pass@k"][str(data["n"])]
+        shown = re.fullmatch(r"(\d+\.\d) \((\d+\.\d)\)", cell)
+        assert shown and average == cell, (arm, stage, cell, average)  # one benchmark: the average is the cell
+        assert float(shown[1]) == pytest.approx(100 * avg, abs=0.05)
+        assert float(shown[2]) == pytest.approx(100 * pass_n, abs=0.05)
+        row = csv_rows[arm, points[stage]]
+        assert float(row["avg@n"]) == pytest.approx(avg, abs=1e-6)
+        assert float(row[f"pass@{data['n']}"]) == pytest.approx(pass_n, abs=1e-6)
 
 
 def test_plan_keys_follow_dependencies():

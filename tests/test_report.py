@@ -252,12 +252,14 @@ def _parser():
     return p
 
 
-def test_cli_help(capsys):
-    with pytest.raises(SystemExit) as e:
-        _parser().parse_args(["report", "--help"])
-    assert e.value.code == 0
-    out = capsys.readouterr().out
-    assert "usage: eksft report" in out and "RUN_DIR" in out and "pass_at_k.png" in out
+def test_cli_report_out_writes_where_it_says(tmp_path, capsys):
+    run_dir, out = _copy(tmp_path), tmp_path / "elsewhere"
+    args = _parser().parse_args(["report", str(run_dir), "--out", str(out)])
+    assert (args.run_dir, args.out) == (str(run_dir), str(out))
+    assert args.func(args) == 0
+    assert all((out / n).is_file() for n in ("table.md", "table.csv", "index.html", *PLOTS))
+    assert not (run_dir / "report").exists()
+    assert str(out / "index.html") in capsys.readouterr().out
 
 
 def test_cli_report(tmp_path, capsys):

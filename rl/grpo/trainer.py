@@ -249,10 +249,8 @@ class GRPOTrainer:
                     ref = None if ref_logp[idx[0]] is None else _dense([ref_logp[i] for i in idx], logp)
                     loss, m = policy_loss(
                         logp, old, advantages[idx].to(logp.device), mask,
-                        eps_low=cfg.eps_low, eps_high=cfg.eps_high,
-                        ref_logp=ref, beta=cfg.beta_kl,  # with beta 0 the reference only feeds the "kl" metric
-                        entropy=entropy, alpha=cfg.alpha_entropy, aggregation=cfg.aggregation,
-                        max_response_len=cfg.max_new_tokens, num_tokens=max(n_tokens, 1), num_seqs=max(len(trained), 1),
+                        ref_logp=ref, entropy=entropy,  # with beta_kl 0 the reference only feeds the "kl" metric
+                        num_tokens=max(n_tokens, 1), num_seqs=max(len(trained), 1), **cfg.policy_loss_kwargs(),
                     )
                     loss.backward()
                     for k, v in m.items():
