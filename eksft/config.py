@@ -68,7 +68,7 @@ class LoraSettings(Strict):
 
 
 class SFTConfig(Strict):
-    """The cold-start stage; defaults follow the authors' script (DESIGN.md section 1)."""
+    """The cold-start stage; defaults follow the authors' script (docs/method.md, EKSFT objective)."""
 
     objective: ObjectiveConfig = ObjectiveConfig()
     # copy: a frozen copy of the starting model; adapter: the LoRA base with adapters disabled (no second copy).

@@ -3,7 +3,7 @@
 Each term holds per-sequence token sums ``total[b]`` (with gradient) and token counts
 ``count[b]``. Two aggregations:
 
-* ``token-mean``: ``weight * sum_b total[b] / sum_b count[b]`` - the formula of DESIGN.md for one
+* ``token-mean``: ``weight * sum_b total[b] / sum_b count[b]`` - the formula of docs/method.md, EKSFT objective, for one
   micro-batch. Across micro-batches (gradient accumulation, data parallelism) it is exact only
   when every micro-batch divides by the counts summed over the whole batch: ``reduce(counts)``
   with ``LossParts.total_counts(...)``.

@@ -1,4 +1,4 @@
-"""Names and places in a run directory (DESIGN.md section 4), shared by the writers and the report.
+"""Names and places in a run directory (docs/architecture.md, Run directory), shared by the writers and the report.
 
     runs/<recipe>/run.json
     runs/<recipe>/<arm>/sft/{metrics.jsonl, masks.html, DONE}

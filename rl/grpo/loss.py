@@ -1,6 +1,6 @@
 """GRPO / PPO-clip policy loss with k3 KL, entropy bonus and three loss aggregations.
 
-Per valid response token (DESIGN.md section 2):
+Per valid response token (docs/method.md, GRPO loss):
 
     loss_t = -min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A) + beta k3_t - alpha H_t
     rho_t  = exp(logp_t - old_logp_t)
