@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import platform
 import statistics
@@ -48,6 +47,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+import _results  # benchmarks/_results.py (stdlib only): the JSON record and its markdown table
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -357,8 +358,6 @@ def main(argv=None) -> int:
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
         "rl_import": rl["how"], "train": [], "generate": None,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     ok = True
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
         try:
@@ -370,7 +369,7 @@ def main(argv=None) -> int:
                                     "error": f"{type(e).__name__}: {e}"[:2000]})
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        out.write_text(json.dumps(result, indent=1, default=str))  # partial results survive a later crash
+        _results.write_json(args.out, result)  # partial results survive a later crash
     if args.gen:
         try:
             import pydantic  # noqa: F401  (rl.rollout.base needs it)
@@ -382,9 +381,8 @@ def main(argv=None) -> int:
             ok = False
             traceback.print_exc()
             result["generate"] = {"status": "failed", "error": f"{type(e).__name__}: {e}"[:2000]}
-    out.write_text(json.dumps(result, indent=1, default=str))
     table = markdown(result)
-    out.with_suffix(".md").write_text(table)
+    _results.write_results(args.out, result, table)
     print(table)
     return 0 if ok else 1
 

@@ -38,16 +38,14 @@ from typing import Any
 
 import _child  # benchmarks/_child.py: run one phase in a fresh subprocess of this script
 import _precision  # benchmarks/_precision.py: --bf16 / --rollout-dtype resolved as the trainers do
-
-REPO_ROOT = _child.REPO_ROOT
-INSTRUCTION = "Put your final answer within \\boxed{}."
+import _results  # benchmarks/_results.py: the JSON record and its markdown table
 
 
 def rl_rows(rows: list[dict]) -> list[dict]:
-    from eksft.data.formats import build_prompt
+    from eksft.data.formats import BOXED_ANSWER_INSTRUCTION, build_prompt
 
-    return [{"prompt": build_prompt(r["problem"], instruction=INSTRUCTION), "answer": r["answer"], "problem": r["problem"]}
-            for r in rows]
+    return [{"prompt": build_prompt(r["problem"], instruction=BOXED_ANSWER_INSTRUCTION), "answer": r["answer"],
+             "problem": r["problem"]} for r in rows]
 
 
 def datasets(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
@@ -80,15 +78,14 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from rl.metrics import pass_at_k
     from rl.reward import find_last_boxed, math_reward
-    from rl.rollout import SamplingConfig, make_engine
+    from rl.rollout import SamplingConfig, make_engine, prompt_token_ids
 
     _, held = datasets(args)
     t0 = time.perf_counter()
     engine = make_engine("vllm", args.eval_model, dtype=args.rollout_dtype, max_model_len=args.max_model_len,
                          seed=args.seed)
     try:
-        ids = [engine.tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True,
-                                                    return_dict=False) for r in held]
+        ids = prompt_token_ids(engine.tokenizer, [r["prompt"] for r in held])
         sampling = SamplingConfig(n=args.eval_samples, temperature=1.0, top_p=1.0, max_new_tokens=args.max_new_tokens)
         seeds = [args.eval_sampling_seed * 1_000_003 + i for i in range(len(held))]  # same seeds before / after
         t = time.perf_counter()
@@ -234,10 +231,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     _precision.resolve(args)  # the parent's values reach the children through pinned_argv
     if args.out is None:
-        args.out = str(REPO_ROOT / "benchmarks" / "results" / f"grpo_learns_{_precision.record(args)['hardware']['tag']}.json")
+        args.out = _results.default_path("grpo_learns", _precision.record(args)["hardware"]["tag"])
     if args.child:
-        result = {"eval": run_eval, "train": run_train}[args.child](args)
-        Path(args.json_out).write_text(json.dumps(result, indent=1, default=str))
+        _results.write_json(args.json_out, {"eval": run_eval, "train": run_train}[args.child](args))
         return 0
 
     _child.stop_children_on_signal()
@@ -269,11 +265,8 @@ def main(argv=None) -> int:
         "train_wall_s": train["wall_s"],
         "total_wall_s": time.perf_counter() - t0,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=str))
     table = markdown(result)
-    out.with_suffix(".md").write_text(table)
+    _results.write_results(args.out, result, table)
     print(table)
     return 0 if result["went_up"] else 1
 

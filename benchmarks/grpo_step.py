@@ -65,9 +65,8 @@ from typing import Any
 
 import _child  # benchmarks/_child.py: run one phase in a fresh subprocess of this script
 import _precision  # benchmarks/_precision.py: --bf16 / --rollout-dtype resolved as the trainers do
+import _results  # benchmarks/_results.py: the JSON record and its markdown table
 
-REPO_ROOT = _child.REPO_ROOT
-INSTRUCTION = "Put your final answer within \\boxed{}."
 SYSTEMS = ("ours", "trl", "engine")
 
 
@@ -77,11 +76,11 @@ SYSTEMS = ("ours", "trl", "engine")
 
 
 def make_rows(n: int, seed: int) -> list[dict]:
-    from eksft.data.formats import build_prompt
+    from eksft.data.formats import BOXED_ANSWER_INSTRUCTION, build_prompt
     from eksft.data.generators import generate
 
-    return [{"prompt": build_prompt(r["problem"], instruction=INSTRUCTION), "answer": r["answer"], "problem": r["problem"]}
-            for r in generate("arithmetic", n, seed)]
+    return [{"prompt": build_prompt(r["problem"], instruction=BOXED_ANSWER_INSTRUCTION), "answer": r["answer"],
+             "problem": r["problem"]} for r in generate("arithmetic", n, seed)]
 
 
 def model_dir(args: argparse.Namespace) -> str:
@@ -535,8 +534,9 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _prompt_ids(args, tokenizer) -> list[list[int]]:
-    return [tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True, return_dict=False)
-            for r in make_rows(args.prompts, args.data_seed)]
+    from rl.rollout import prompt_token_ids
+
+    return prompt_token_ids(tokenizer, [r["prompt"] for r in make_rows(args.prompts, args.data_seed)])
 
 
 def _plain_generate(llm, ids, args, seeds, logprobs=0):
@@ -816,18 +816,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     _precision.resolve(args)  # the parent's values reach the children through pinned_argv
     if args.out is None:
-        args.out = str(REPO_ROOT / "benchmarks" / "results" / f"grpo_step_{_precision.record(args)['hardware']['tag']}.json")
+        args.out = _results.default_path("grpo_step", _precision.record(args)["hardware"]["tag"])
     if args.child:
-        result = CHILDREN[args.child](args)
-        Path(args.json_out).write_text(json.dumps(result, indent=1, default=str))
+        _results.write_json(args.json_out, CHILDREN[args.child](args))
         return 0
     _child.stop_children_on_signal()
     result = run_parent(args)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=str))
     table = markdown(result)
-    out.with_suffix(".md").write_text(table)
+    _results.write_results(args.out, result, table)
     print(table)
     return 0 if all(r.get("status") == "ok" for r in result["rows"]) else 1
 

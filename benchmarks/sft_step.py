@@ -16,7 +16,7 @@ One run, one model, one batch; each variant is a full training step
   same loss: only the cost differs.)
 
 Before timing, a check asserts that ``eksft`` and ``naive`` give the same loss on the same weights
-and batch (both with ``ObjectiveConfig(scope="batch", aggregation="token-mean")``), so the
+and batch (both with ``EKSFTSettings(scope="batch", aggregation="token-mean")``), so the
 comparison is apples to apples. The reference is the policy plus small seeded noise
 (``--ref-noise``), as after some training: with policy == reference every KL is exactly 0 and the
 KL selection would be decided by tie-breaking (stable sort here, unspecified in torch.topk).
@@ -85,9 +85,10 @@ except ImportError:  # pragma: no cover - depends on the environment
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_precision.py, also when loaded as a file
 
 import _precision  # noqa: E402
-from eksft.objectives import IGNORE_INDEX, ObjectiveConfig, get_objective, select_masked_tokens  # noqa: E402
+import _results  # noqa: E402
+from eksft.objectives import IGNORE_INDEX, EKSFTSettings, SFTSettings, get_objective, select_eksft_tokens  # noqa: E402
 from rl.common.precision import detect_hardware, resolve_bf16  # noqa: E402
-from eksft.objectives import token_statistics, tokens_to_select  # noqa: E402
+from eksft.objectives import tokens_to_select  # noqa: E402
 
 VARIANTS = ("sft", "eksft", "naive")
 
@@ -124,7 +125,7 @@ class Setup:
     input_ids: torch.Tensor  # [B, T]
     attention_mask: torch.Tensor  # [B, T]
     labels: torch.Tensor  # [B, T-1], aligned with logits[:, :-1]
-    objective: ObjectiveConfig
+    objective: EKSFTSettings
     device: torch.device
     autocast: bool
 
@@ -231,9 +232,9 @@ def build_setup(args: argparse.Namespace, need_ref: bool, need_optimizer: bool =
     return Setup(policy, ref, optimizer, input_ids, attention_mask, labels, objective, device, use_autocast)
 
 
-def objective_config(args: argparse.Namespace, name: str = "eksft") -> ObjectiveConfig:
+def objective_config(args: argparse.Namespace) -> EKSFTSettings:
     """The one config of the comparison: batch scope, token-mean aggregation (eksft and naive alike)."""
-    return ObjectiveConfig(name=name, scope="batch", aggregation="token-mean", ratio=args.ratio)
+    return EKSFTSettings(scope="batch", aggregation="token-mean", ratio=args.ratio)
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,7 +252,8 @@ def sft_loss(s: Setup) -> torch.Tensor:
     """`sft`: policy forward with grad + the `sft` objective (plain CE)."""
     with s.amp():
         logits = _logits(s.policy, s)
-        return get_objective("sft").parts(logits, s.labels, None, s.objective).reduce()
+        plain = SFTSettings(aggregation=s.objective.aggregation)
+        return get_objective("sft").parts(logits, s.labels, None, plain).reduce()
 
 
 def eksft_loss(s: Setup) -> torch.Tensor:
@@ -270,7 +272,7 @@ def naive_loss(s: Setup, details: bool = False):
     the statistics, full-vocabulary float32 [B, T, V] probability tensors (for all positions,
     prompt and padding included), and the entropy / KL recomputed with grad over full [B, T, V]
     float32 tensors. Selection: torch.topk over the flattened valid tokens (scope = batch); the
-    loss is token-mean over each set, as `ObjectiveConfig(scope="batch", aggregation="token-mean")`.
+    loss is token-mean over each set, as `EKSFTSettings(scope="batch", aggregation="token-mean")`.
     The KL is the true KL(policy || reference), so the loss equals the `eksft` loss.
     """
     cfg = s.objective
@@ -361,8 +363,8 @@ def compare_losses(s: Setup) -> dict[str, Any]:
         with s.amp():
             logits = _logits(s.policy, s)
             ref_logits = _logits(s.ref, s)
-        stats = token_statistics(logits, mask, ref_logits=ref_logits)
-        _, s_h, s_kl = select_masked_tokens(stats.entropy, stats.kl, mask, s.objective.ratio, scope="batch")
+        chosen = select_eksft_tokens(logits, s.labels, ref_logits, s.objective)
+        stats, s_h, s_kl = chosen.stats, chosen.s_entropy, chosen.s_kl
     diff = abs(eksft_value - naive_value)
     ok = math.isclose(eksft_value, naive_value, rel_tol=LOSS_RTOL, abs_tol=LOSS_ATOL)
     return {
@@ -685,14 +687,7 @@ def markdown_table(result: dict[str, Any]) -> str:
 
 def write_results(path: str | Path, result: dict[str, Any]) -> tuple[Path, Path]:
     """Write `path` (JSON) and the markdown table next to it (`.md`); returns both paths."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    md_path = path.with_suffix(".md")
-    for target, text in ((path, json.dumps(result, indent=2) + "\n"), (md_path, markdown_table(result))):
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, target)
-    return path, md_path
+    return _results.write_results(path, result, markdown_table(result))
 
 
 def assemble(args: argparse.Namespace, facts: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -831,7 +826,7 @@ def child_main(args: argparse.Namespace) -> None:
     except Exception as exc:  # noqa: BLE001 - reported to the parent
         result = {"variant": task, "status": "oom" if _is_oom(exc) else "failed",
                   "error": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-3000:]}"}
-    Path(out).write_text(json.dumps(result))
+    _results.write_json(out, result)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
@@ -842,7 +837,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if args.out is None:
         tag = args.model.replace(":", "-").replace("/", "_")
         machine = detect_hardware(resolve_device(args.device).type).tag
-        args.out = str(REPO_ROOT / "benchmarks" / "results" / f"sft_step_{tag}_{machine}.json")
+        args.out = _results.default_path("sft_step", tag, machine)
     if args.threads:
         torch.set_num_threads(args.threads)
     _precision.resolve(args, resolve_device(args.device).type)  # the children get the resolved value

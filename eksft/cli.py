@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 
 from eksft.config import RecipeError, load_recipe
+from eksft.data.formats import BOXED_ANSWER_INSTRUCTION
 
 EPILOG = "Recipes are YAML files validated against eksft.config.Recipe; override any key with --set a.b=value."
 
@@ -275,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--instruction", default="Put your final answer within \\boxed{}.",
+    gen.add_argument("--instruction", default=BOXED_ANSWER_INSTRUCTION,
                      help="appended to the prompt (default: the recipes' boxed-answer instruction)")
     gen.set_defaults(func=cmd_generate)
     return parser

@@ -9,13 +9,16 @@ checked exactly like keys written in the file.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from eksft.data.formats import BOXED_ANSWER_INSTRUCTION
 from eksft.eval.config import EvalConfig
-from eksft.objectives import ObjectiveConfig
+from eksft.objectives import EKSFTSettings, ObjectiveConfig, SFTSettings
+from rl.common import lora
 from rl.grpo.config import GRPOConfig
 from rl.rollout.base import RolloutConfig
 
@@ -56,21 +59,19 @@ class DataConfig(Strict):
     max_length: int = Field(1024, gt=8)
     system_prompt: str | None = None
     # Appended to every problem when a prompt is built from {problem, ...} rows.
-    instruction: str = "Put your final answer within \\boxed{}."
+    instruction: str = BOXED_ANSWER_INSTRUCTION
 
 
-class LoraSettings(Strict):
-    enabled: bool = False
-    r: int = Field(16, gt=0)
-    alpha: int = Field(32, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: str | list[str] = "all-linear"
+class LoraSettings(lora.LoraSettings):
+    """The cold start's LoRA: the shared settings (rl.common.lora), with dropout 0.05 (GRPO keeps 0)."""
+
+    dropout: lora.LoraDropout = 0.05
 
 
 class SFTConfig(Strict):
     """The cold-start stage; defaults follow the authors' script (docs/method.md, EKSFT objective)."""
 
-    objective: ObjectiveConfig = ObjectiveConfig()
+    objective: ObjectiveConfig = EKSFTSettings()
     # copy: a frozen copy of the starting model; adapter: the LoRA base with adapters disabled (no second copy).
     reference: Literal["copy", "adapter"] = "copy"
     lora: LoraSettings = LoraSettings()
@@ -125,8 +126,7 @@ class ResourcesConfig(Strict):
     eval: StageResources = StageResources()
 
 
-DEFAULT_ARMS = [ArmConfig(name="sft", objective=ObjectiveConfig(name="sft")),
-                ArmConfig(name="eksft", objective=ObjectiveConfig(name="eksft"))]
+DEFAULT_ARMS = [ArmConfig(name="sft", objective=SFTSettings()), ArmConfig(name="eksft", objective=EKSFTSettings())]
 
 
 class Recipe(Strict):
@@ -233,11 +233,18 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
 def format_validation_error(err: ValidationError, root: type[BaseModel], where: str) -> str:
     lines = []
     for e in err.errors():
-        loc = [str(x) for x in e["loc"]]
+        loc, models = _fields_at(root, e["loc"])
         path = ".".join(loc) or "<top level>"
         if e["type"] == "extra_forbidden":
-            allowed = ", ".join(_fields_at(root, loc[:-1]))
+            allowed = ", ".join(sorted({f for m in _fields_at(root, e["loc"][:-1])[1] for f in m.model_fields}))
             lines.append(f"{where}: {path}: unknown key (allowed: {allowed})")
+        elif e["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            # A union told apart by one key (an objective's `name`): the error is that key's.
+            key = e["ctx"]["discriminator"].strip("'")
+            got = e["input"].get(key) if isinstance(e["input"], dict) else None
+            allowed = ", ".join(sorted(m.model_fields[key].default for m in models))
+            problem = "missing" if got is None else f"unknown {loc[-1]} {got!r}"
+            lines.append(f"{where}: {path}.{key}: {problem}; allowed: {allowed}")
         else:
             got = e.get("input")
             shown = f" (got {got!r:.80})" if not isinstance(got, (dict, list)) else ""
@@ -245,15 +252,32 @@ def format_validation_error(err: ValidationError, root: type[BaseModel], where: 
     return "\n".join(lines)
 
 
-def _fields_at(root: type[BaseModel], loc: list[str]) -> list[str]:
-    """Field names of the sub-model found by walking ``loc`` from ``root`` (for 'allowed keys' messages)."""
-    model: Any = root
+def _fields_at(root: type[BaseModel], loc: tuple[Any, ...]) -> tuple[list[str], list[type[BaseModel]]]:
+    """Walk ``loc`` from ``root``: the key path as the recipe spells it, and the models found there.
+
+    Inside a union told apart by a key, pydantic adds the chosen member's tag to the location
+    (``arms.0.objective.eksft.ratio``); the recipe has no such key, so the path leaves it out.
+    """
+    path: list[str] = []
+    types: list[Any] = [root]
     for key in loc:
-        field = getattr(model, "model_fields", {}).get(key)
-        if field is None:
-            return []
-        model = field.annotation
-    return sorted(getattr(model, "model_fields", {}))
+        models = [t for t in _members(types) if isinstance(t, type) and issubclass(t, BaseModel)]
+        tagged = [m for m in models if key not in m.model_fields
+                  and any(get_args(f.annotation) == (key,) for f in m.model_fields.values())]
+        path += [] if tagged else [str(key)]
+        types = tagged or [m.model_fields[key].annotation for m in models if key in m.model_fields] or [
+            get_args(t)[0] for t in _members(types) if isinstance(key, int) and get_origin(t) is list]
+    return path, [t for t in _members(types) if isinstance(t, type) and issubclass(t, BaseModel)]
+
+
+def _members(types: list[Any]) -> list[Any]:
+    """The alternatives of each type: ``Annotated``, ``X | Y`` and ``Optional`` unwrapped."""
+    out = []
+    for t in types:
+        origin = get_origin(t)
+        inner = get_args(t)[:1] if origin is Annotated else get_args(t) if origin in (Union, UnionType) else ()
+        out += _members(list(inner)) if inner else [t]
+    return out
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

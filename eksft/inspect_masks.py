@@ -1,9 +1,11 @@
-"""Token-mask inspection: which tokens EKSFT removes from the imitation loss, and why.
+"""Token-mask inspection: which tokens the objective removes from the imitation loss, and why.
 
-For each example the policy (a checkpoint, or the starting model) and the reference (the
-starting model) are run once; entropy and KL are computed exactly as in training
-(``token_entropy_and_kl``) and the recipe's selection is applied (``select_masked_tokens``).
-The result is an HTML page (values on hover) and coloured terminal output.
+For each example the policy and the reference are run once, the reference as the SFT stage runs it
+(`eksft.sft.trainer.ReferenceModel`: a frozen model, or the LoRA base with adapters disabled), and the
+objective's own selection, the function its loss calls (`get_objective(name).select`: for EKSFT
+`select_eksft_tokens`), gives the statistics and the sets. The result is an HTML page (values on hover)
+and coloured terminal output. `write_masks_page` works on models already in memory (the SFT stage after
+training); `run_inspect` loads them first.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from pathlib import Path
 
 import torch
 
-from eksft.objectives import IGNORE_INDEX, ObjectiveConfig, select_masked_tokens, selection_decided_by_ties, token_entropy_and_kl
+from eksft.objectives import ObjectiveSettings, TokenSelection, get_objective
+from eksft.sft.trainer import ReferenceModel, causal_lm_logits
+from rl.common.lora import eval_mode
 
 # token class -> (css colour, rich style, legend text)
 CLASSES = {
@@ -36,39 +40,43 @@ class InspectedToken:
     logprob: float
 
 
-def inspect_examples(policy, reference, examples: list[dict], tokenizer, config: ObjectiveConfig):
+def inspect_examples(policy, reference: ReferenceModel, examples: list[dict], tokenizer,
+                     objective: ObjectiveSettings) -> list[tuple[list[InspectedToken], bool]]:
     """Per example: a list of InspectedToken, and whether the KL set was decided by ties."""
+    select = get_objective(objective.name).select
+    device = next(policy.parameters()).device
     out = []
     for ex in examples:
-        ids = torch.tensor([ex["input_ids"]])
-        labels = torch.tensor([ex["labels"]])[:, 1:]
-        with torch.no_grad():
-            logits = policy(input_ids=ids).logits[:, :-1].float()
-            ref_logits = reference(input_ids=ids).logits[:, :-1].float()
-        mask = labels != IGNORE_INDEX
-        entropy, kl = token_entropy_and_kl(logits, ref_logits, mask, config.chunk_size)
-        removed, s_h, s_kl = select_masked_tokens(
-            entropy, kl, mask, config.ratio, combine=config.combine, largest_entropy=config.largest_entropy,
-            largest_kl=config.largest_kl, scope=config.scope,
-        )
-        logprob = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
-        tokens = [InspectedToken(tokenizer.decode([ex["input_ids"][0]]), "prompt", 0.0, 0.0, 0.0)]
-        for t in range(labels.shape[1]):
-            if not mask[0, t]:
-                kind = "prompt"
-            elif removed[0, t]:
-                kind = "both" if s_h[0, t] and s_kl[0, t] else "entropy" if s_h[0, t] else "kl"
-            elif s_h[0, t] or s_kl[0, t]:
-                kind = "selected"
-            else:
-                kind = "kept"
-            tokens.append(InspectedToken(tokenizer.decode([ex["input_ids"][t + 1]]), kind, float(entropy[0, t]),
-                                         float(kl[0, t]), float(logprob[0, t]) if mask[0, t] else 0.0))
-        out.append((tokens, selection_decided_by_ties(kl, s_kl, mask, scope=config.scope)))
+        ids = torch.tensor([ex["input_ids"]], device=device)
+        attention = torch.ones_like(ids)
+        labels = torch.tensor([ex["labels"]], device=device)[:, 1:]
+        with torch.no_grad():  # logits[:, t] predicts token t + 1: shifted as in training
+            logits = causal_lm_logits(policy, ids, attention, 0)[:, :-1]
+            ref_logits = reference.logits(policy, ids, attention, 0)[:, :-1]
+            chosen = select(logits, labels, ref_logits, objective)
+        texts = [tokenizer.decode([token]) for token in ex["input_ids"]]
+        out.append((_tokens(texts, chosen), chosen.kl_ties))
     return out
 
 
-def render_html(results, config: ObjectiveConfig, title: str) -> str:
+def _tokens(texts: list[str], chosen: TokenSelection) -> list[InspectedToken]:
+    """The first token (never predicted), then token t + 1 with what the selection did at position t."""
+    mask, removed, s_h, s_kl = (x[0].tolist() for x in (chosen.mask, chosen.removed, chosen.s_entropy, chosen.s_kl))
+    stats = chosen.stats
+    entropy, kl, logprob = (x[0].tolist() for x in (stats.entropy, stats.kl, stats.label_logprob))
+    tokens = [InspectedToken(texts[0], "prompt", 0.0, 0.0, 0.0)]
+    for t, text in enumerate(texts[1:]):
+        if not mask[t]:
+            kind = "prompt"
+        elif removed[t]:
+            kind = "both" if s_h[t] and s_kl[t] else "entropy" if s_h[t] else "kl"
+        else:
+            kind = "selected" if s_h[t] or s_kl[t] else "kept"
+        tokens.append(InspectedToken(text, kind, entropy[t], kl[t], logprob[t] if mask[t] else 0.0))
+    return tokens
+
+
+def render_html(results, config: ObjectiveSettings, title: str) -> str:
     legend = " ".join(f'<span class="tok {k}">{html.escape(v[2])}</span>' for k, v in CLASSES.items())
     css = "\n".join(f".{k} {{ color: {'#fff' if k in ('kl', 'both', 'entropy') else v[0]}; "
                     f"{'background:' + v[0] + ';' if k in ('kl', 'both', 'entropy') else ''} }}"
@@ -112,17 +120,40 @@ def print_terminal(results) -> None:
         console.print(text)
 
 
-def run_inspect(recipe, n: int, checkpoint: str | None, out: Path, terminal: bool = True) -> Path:
+def write_masks_page(policy, reference, tokenizer, examples: list[dict], objective: ObjectiveSettings, out: Path, *,
+                     n: int, terminal: bool = False, title: str = "EKSFT token masks") -> Path:
+    """Write the page of the first ``n`` tokenized SFT examples (as `eksft.sft.build_sft_dataset` returns them).
+
+    ``policy``: a loaded causal LM (put in eval mode while it runs). ``reference``: the frozen starting model, or
+    the LoRA ``policy`` itself (its base with adapters disabled is the reference), or a `ReferenceModel`.
+    """
+    with eval_mode(policy):
+        results = inspect_examples(policy, _as_reference(policy, reference), examples[:n], tokenizer, objective)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render_html(results, objective, title))
+    if terminal:
+        print_terminal(results)
+    return out
+
+
+def _as_reference(policy, reference) -> ReferenceModel:
+    if isinstance(reference, ReferenceModel):
+        return reference
+    if reference is policy and hasattr(policy, "disable_adapter"):  # a PEFT model: its base is the reference
+        return ReferenceModel("adapter")
+    return ReferenceModel("copy", reference)
+
+
+def run_inspect(recipe, objective: ObjectiveSettings, n: int, checkpoint: str | None, out: Path, *,
+                terminal: bool = True) -> Path:
+    """Load the starting model (the reference) and ``checkpoint`` (the policy; default: the starting model), in
+    float32, and write the page of ``objective``'s selection on the recipe's first ``n`` SFT examples."""
     from eksft.models import load_model
     from eksft.sft import build_sft_dataset
 
     reference, tokenizer = load_model(recipe.model.name, "float32", recipe.model.trust_remote_code)
     policy = load_model(checkpoint, "float32", recipe.model.trust_remote_code)[0] if checkpoint else reference
     examples, _ = build_sft_dataset(recipe, tokenizer)
-    results = inspect_examples(policy.eval(), reference.eval(), examples[:n], tokenizer, recipe.sft.objective)
     title = f"EKSFT token masks: {checkpoint or recipe.model.name} on {recipe.data.sft.source}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_html(results, recipe.sft.objective, title))
-    if terminal:
-        print_terminal(results)
-    return out
+    return write_masks_page(policy, reference, tokenizer, examples, objective, out, n=n, terminal=terminal, title=title)

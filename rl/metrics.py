@@ -38,6 +38,14 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - miss
 
 
+def power_of_two_ks(n: int) -> list[int]:
+    """The k reported for pass@k / maj@k over n samples: the powers of two below n, and n (1, 2, 4, ..., n)."""
+    n = _check_int("n", n)
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    return [1 << i for i in range((n - 1).bit_length())] + [n]
+
+
 def pass_at_k_groups(correct_counts: Sequence[int], n: int, k: int) -> float:
     """Mean pass@k over problems, each with n samples and ``correct_counts[i]`` correct."""
     if len(correct_counts) == 0:

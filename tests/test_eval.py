@@ -12,7 +12,6 @@ from eksft.data import DataError
 from eksft.eval import RESULT_KEYS, EvalConfig, evaluate, load_benchmark, summarize
 from eksft.eval.benchmarks import EMBEDDED_DEFAULT_SIZE, EMBEDDED_EVAL_SEED, normalize_gsm8k
 from eksft.eval.cli import add_eval_parser, eval_config_from_args, model_basename
-from eksft.eval.runner import maj_ks
 
 HUB_ROWS = Path(__file__).parent / "fixtures" / "hub_rows"
 
@@ -227,7 +226,6 @@ def test_summarize_against_hand_computed_values():
 
 
 def test_summarize_edge_cases():
-    assert maj_ks(1) == [1] and maj_ks(6) == [1, 2, 4, 6] and maj_ks(8) == [1, 2, 4, 8]
     m = summarize([[1, 0, 0, 0, 0, 0]], [["3", "3", "4", "4", "4", None]], None, 6)
     assert list(m["pass@k"]) == [str(k) for k in range(1, 7)]
     assert m["pass@k"]["6"] == 1.0 and m["pass@k"]["1"] == pytest.approx(1 / 6)

@@ -8,7 +8,7 @@ from fractions import Fraction
 
 import pytest
 
-from rl.metrics import maj_at_k, mean_at_n, pass_at_k, pass_at_k_groups
+from rl.metrics import maj_at_k, mean_at_n, pass_at_k, pass_at_k_groups, power_of_two_ks
 
 
 def _brute_pass_at_k(n: int, c: int, k: int) -> float:
@@ -65,6 +65,32 @@ def test_groups_and_mean_at_n() -> None:
         mean_at_n([5], 4)
     with pytest.raises(ValueError):
         mean_at_n([], 4)
+
+
+@pytest.mark.parametrize("n", range(1, 70))
+def test_power_of_two_ks_are_the_powers_below_n_then_n(n: int) -> None:
+    assert power_of_two_ks(n) == sorted({k for k in range(1, n) if k & (k - 1) == 0} | {n})
+
+
+def test_power_of_two_ks_invalid() -> None:
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        power_of_two_ks(0)
+
+
+def test_grpo_rollout_metrics_report_pass_at_the_power_of_two_ks() -> None:
+    """The trainer's pass@k over its groups: k = 1, 2, 4, ..., G, each the mean of the unbiased estimator."""
+    from types import SimpleNamespace
+
+    from rl.grpo.trainer import Group, GRPOTrainer
+    from rl.rollout import Sample
+
+    flags = [[True, False, False, False, False, True], [False] * 6, [True] * 6]
+    sample = Sample(prompt_ids=[1], completion_ids=[2, 3], logprobs=[0.0, 0.0], text="", finish_reason="stop")
+    groups = [Group({}, [1], [sample] * 6, [float(f) for f in g], g) for g in flags]
+    metrics = GRPOTrainer._rollout_metrics(SimpleNamespace(cfg=SimpleNamespace(group_size=6)), groups)
+    assert sorted(int(key[5:]) for key in metrics if key.startswith("pass@")) == [1, 2, 4, 6]
+    for k in (1, 2, 4, 6):
+        assert metrics[f"pass@{k}"] == pytest.approx(sum(_brute_pass_at_k(6, sum(g), k) for g in flags) / 3)
 
 
 def test_maj_at_k_examples() -> None:

@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
+import ast
+import graphlib
 import math
+from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import torch
 import yaml
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from eksft.objectives import (
     OBJECTIVES,
+    DFTSettings,
+    EKSFTSettings,
     LossParts,
     ObjectiveConfig,
+    ObjectiveSettings,
+    SFTSettings,
     dft_loss,
     eksft_loss,
     get_objective,
+    objective_names,
     register,
     select_masked_tokens,
     selection_decided_by_ties,
@@ -26,6 +35,8 @@ from eksft.objectives import (
     token_statistics,
     tokens_to_select,
 )
+import eksft.objectives as objectives_package
+from eksft.objectives.registry import settings_union
 
 IGNORE = -100
 
@@ -74,7 +85,7 @@ def test_hand_built_removed_set_union_and_intersection():
     removed_i, _, _ = select_masked_tokens(entropy, kl, mask, 0.2, combine="intersection")
     assert positions(removed_i) == {(0, 9)}
 
-    config = ObjectiveConfig(ratio=0.2, lambda_entropy=0.1, lambda_kl=0.3)
+    config = EKSFTSettings(ratio=0.2, lambda_entropy=0.1, lambda_kl=0.3)
     loss, metrics = eksft_loss(logits, labels, ref, config)
     kept = [t for t in range(2, 12) if t not in (3, 6, 9)]
     logp = torch.log_softmax(logits[0], -1)
@@ -259,10 +270,10 @@ def test_non_contiguous_logits_from_shift():
     logits = full[:, :-1]  # the usual causal shift: a non-contiguous view
     ref = torch.randn(2, 7, 6)
     labels = torch.randint(0, 6, (2, 7))
-    loss, _ = eksft_loss(logits, labels, ref, ObjectiveConfig(ratio=0.3, chunk_size=3))
+    loss, _ = eksft_loss(logits, labels, ref, EKSFTSettings(ratio=0.3, chunk_size=3))
     loss.backward()
     expected_full = full.detach().clone().requires_grad_()
-    expected, _ = eksft_loss(expected_full[:, :-1].contiguous(), labels, ref, ObjectiveConfig(ratio=0.3))
+    expected, _ = eksft_loss(expected_full[:, :-1].contiguous(), labels, ref, EKSFTSettings(ratio=0.3))
     expected.backward()
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(full.grad, expected_full.grad)
@@ -270,6 +281,11 @@ def test_non_contiguous_logits_from_shift():
 
 
 # --- losses -------------------------------------------------------------------------------
+
+
+def settings_of(name: str, **common) -> ObjectiveSettings:
+    """The named objective's settings; EKSFT at ratio 0.3, so that it removes tokens."""
+    return get_objective(name).settings(**common, **({"ratio": 0.3} if name == "eksft" else {}))
 
 
 def random_batch(seed: int, batch=3, length=9, vocab=11, dtype=torch.float64):
@@ -284,7 +300,7 @@ def random_batch(seed: int, batch=3, length=9, vocab=11, dtype=torch.float64):
 
 def test_ratio_with_k_zero_is_plain_sft_exactly():
     logits, ref, labels = random_batch(5)
-    config = ObjectiveConfig(ratio=0.1)  # at most 7 valid tokens per row: k = 0
+    config = EKSFTSettings(ratio=0.1)  # at most 7 valid tokens per row: k = 0
     loss, metrics = eksft_loss(logits, labels, ref, config)
     (grad,) = torch.autograd.grad(loss, logits)
     plain, _ = sft_loss(logits, labels)
@@ -293,7 +309,7 @@ def test_ratio_with_k_zero_is_plain_sft_exactly():
     assert torch.equal(grad, plain_grad)
     assert metrics["removed_fraction"].item() == 0 and metrics["entropy_bonus"].item() == 0
     expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
-    token_mean, _ = sft_loss(logits, labels, config=ObjectiveConfig(name="sft", aggregation="token-mean"))
+    token_mean, _ = sft_loss(logits, labels, config=SFTSettings(aggregation="token-mean"))
     torch.testing.assert_close(token_mean, expected, rtol=1e-12, atol=0)
     per_seq = [torch.nn.functional.cross_entropy(logits[b], labels[b], ignore_index=IGNORE) for b in range(len(labels))]
     torch.testing.assert_close(plain, torch.stack(per_seq).mean(), rtol=1e-12, atol=0)
@@ -301,7 +317,7 @@ def test_ratio_with_k_zero_is_plain_sft_exactly():
 
 def test_cross_entropy_gradient_is_zero_on_removed_tokens():
     logits, ref, labels = random_batch(6)
-    config = ObjectiveConfig(ratio=0.4)
+    config = EKSFTSettings(ratio=0.4)
     mask = labels != IGNORE
     parts = get_objective("eksft").parts(logits, labels, ref, config)
     parts.terms["ce"].value().backward()
@@ -332,7 +348,7 @@ def test_cross_entropy_gradient_is_zero_on_removed_tokens_tiny_model():
     labels = input_ids[:, 1:].clone()
     labels[:, :3] = IGNORE
     ref = logits.detach() + torch.randn_like(logits)
-    parts = get_objective("eksft").parts(logits, labels, ref, ObjectiveConfig(ratio=0.3))
+    parts = get_objective("eksft").parts(logits, labels, ref, EKSFTSettings(ratio=0.3))
     parts.terms["ce"].value().backward()
     mask = labels != IGNORE
     entropy, kl = token_entropy_and_kl(logits.detach(), ref, mask)
@@ -345,7 +361,7 @@ def test_cross_entropy_gradient_is_zero_on_removed_tokens_tiny_model():
 def test_kl_term_and_gradient_zero_when_policy_equals_reference():
     logits, _, labels = random_batch(8, dtype=torch.float32)
     ref = logits.detach().clone()
-    parts = get_objective("eksft").parts(logits, labels, ref, ObjectiveConfig())
+    parts = get_objective("eksft").parts(logits, labels, ref, EKSFTSettings())
     kl_value = parts.terms["kl"].value()
     assert kl_value.item() == 0
     (grad,) = torch.autograd.grad(kl_value, logits)
@@ -356,7 +372,7 @@ def test_kl_term_and_gradient_zero_when_policy_equals_reference():
 
 def test_dft_matches_float64_hand_computation():
     logits, _, labels = random_batch(9, dtype=torch.float32)
-    loss, metrics = dft_loss(logits, labels, config=ObjectiveConfig(name="dft", aggregation="token-mean"))
+    loss, metrics = dft_loss(logits, labels, config=DFTSettings(aggregation="token-mean"))
     total, count = 0.0, 0
     z = logits.detach().double()
     for b in range(labels.shape[0]):
@@ -378,7 +394,7 @@ def test_dft_matches_float64_hand_computation():
     assert metrics["ce"].item() > metrics["loss"].item()
 
 
-def brute_force_eksft(logits, ref, labels, config: ObjectiveConfig) -> torch.Tensor:
+def brute_force_eksft(logits, ref, labels, config: EKSFTSettings) -> torch.Tensor:
     """Independent float64 EKSFT: Python loops over tokens, sorting by (value, position)."""
     batch, length, vocab = logits.shape
     entropy, kl, nll = {}, {}, {}
@@ -435,7 +451,7 @@ def brute_force_eksft(logits, ref, labels, config: ObjectiveConfig) -> torch.Ten
     ],
 )
 def test_eksft_matches_brute_force(settings):
-    config = ObjectiveConfig(chunk_size=5, **settings)
+    config = EKSFTSettings(chunk_size=5, **settings)
     for seed in (10, 11):
         logits, ref, labels = random_batch(seed)
         loss, _ = eksft_loss(logits, labels, ref, config)
@@ -452,7 +468,7 @@ def test_eksft_matches_brute_force(settings):
 def test_loss_parts_global_counts_over_halves_equal_full_batch(name):
     logits, ref, labels = random_batch(12, batch=4)
     objective = get_objective(name)
-    config = ObjectiveConfig(name=name, ratio=0.3, aggregation="token-mean")
+    config = settings_of(name, aggregation="token-mean")
     full = objective.parts(logits, labels, ref, config)
     halves = [objective.parts(logits[i : i + 2], labels[i : i + 2], ref[i : i + 2], config) for i in (0, 2)]
     total = LossParts.total_counts(halves)
@@ -471,7 +487,7 @@ def test_loss_parts_global_counts_over_halves_equal_full_batch(name):
 def test_metrics_are_detached_scalars():
     logits, ref, labels = random_batch(13)
     for name in OBJECTIVES:
-        _, metrics = get_objective(name)(logits, labels, ref, ObjectiveConfig(name=name))
+        _, metrics = get_objective(name)(logits, labels, ref, get_objective(name).settings())
         assert {"ce", "entropy_mean", "kl_mean", "tokens_trained", "loss"} <= metrics.keys()
         for value in metrics.values():
             assert value.dim() == 0 and not value.requires_grad
@@ -493,7 +509,6 @@ def test_metrics_are_detached_scalars():
         ({"ratio": float("nan")}, "ratio", "[0, 1]"),
         ({"combine": "xor"}, "combine", "union"),
         ({"scope": "global"}, "scope", "sequence"),
-        ({"name": "nope"}, "name", "allowed: dft, eksft, sft"),
         ({"lambda": 0.1}, "lambda", "Extra inputs are not permitted"),
         ({"chunk_size": 0}, "chunk_size", "greater than 0"),
         ({"lambda_kl": float("inf")}, "lambda_kl", "finite"),
@@ -501,7 +516,7 @@ def test_metrics_are_detached_scalars():
 )
 def test_config_errors_name_the_field(kwargs, field, text):
     with pytest.raises(ValidationError) as info:
-        ObjectiveConfig(**kwargs)
+        EKSFTSettings(**kwargs)
     (error,) = info.value.errors()
     assert error["loc"] == (field,)
     assert text in error["msg"]
@@ -513,7 +528,68 @@ def test_config_defaults_are_the_paper_recipes_eksft_arm():
     recipe = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "paper_qwen3_8b.yaml").read_text())
     (spelled_out,) = [arm["objective"] for arm in recipe["arms"] if arm["name"] == "eksft"]
     assert len(spelled_out) > 1
-    assert ObjectiveConfig.model_validate(spelled_out) == ObjectiveConfig()
+    assert TypeAdapter(ObjectiveConfig).validate_python(spelled_out) == EKSFTSettings()
+
+
+@pytest.mark.parametrize("name", objective_names())
+def test_every_objective_validates_from_its_name_alone(name):
+    """The union picks the named objective's own settings class, with that class's defaults."""
+    settings = TypeAdapter(ObjectiveConfig).validate_python({"name": name})
+    objective = get_objective(name)
+    assert type(settings) is objective.settings and settings == objective.settings()
+    assert settings.name == name
+    logits, ref, labels = random_batch(15)
+    loss, _ = objective(logits, labels, ref, settings)
+    assert torch.isfinite(loss)
+
+
+def test_settings_of_another_objective_are_refused():
+    """Each objective reads only its own settings: EKSFT's ratio handed to `sft` is an error, not ignored."""
+    with pytest.raises(ValidationError, match="ratio") as info:
+        TypeAdapter(ObjectiveConfig).validate_python({"name": "sft", "ratio": 0.3})
+    assert info.value.errors()[0]["type"] == "extra_forbidden"
+    logits, ref, labels = random_batch(16)
+    with pytest.raises(TypeError, match="objective 'sft' takes SFTSettings, got EKSFTSettings"):
+        get_objective("sft")(logits, labels, ref, EKSFTSettings(ratio=0.3))
+
+
+def test_a_new_objective_is_one_registration():
+    """Registering a settings class with its parts function is all the union and the registry need."""
+
+    class HalfSettings(ObjectiveSettings):
+        name: Literal["half-ce"] = "half-ce"
+        factor: float = 0.5
+
+    def half_parts(logits, labels, ref_logits, config):
+        parts = get_objective("sft").parts(logits, labels, None, SFTSettings(aggregation=config.aggregation))
+        return LossParts({"ce": replace(parts.terms["ce"], weight=config.factor)}, {}, config.aggregation)
+
+    register(HalfSettings, needs_reference=False)(half_parts)
+    try:
+        settings = TypeAdapter(settings_union()).validate_python({"name": "half-ce", "factor": 0.25})
+        assert isinstance(settings, HalfSettings) and "half-ce" in objective_names()
+        logits, _, labels = random_batch(17)
+        loss, _ = get_objective("half-ce")(logits, labels, None, settings)
+        torch.testing.assert_close(loss, 0.25 * sft_loss(logits, labels)[0])
+    finally:
+        del OBJECTIVES["half-ce"]
+
+
+def test_no_objectives_module_imports_one_that_imports_it_back():
+    """The registry knows settings only through their base class; objectives import the registry, never back."""
+    package = Path(objectives_package.__file__).parent
+    imports: dict[str, set[str]] = {}
+    for path in package.glob("*.py"):
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                names |= {node.module} if node.module else {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("eksft.objectives"):
+                names.add(node.module.removeprefix("eksft.objectives").lstrip(".") or "__init__")
+        imports[path.stem] = names
+    assert all("__init__" not in names for names in imports.values())  # no module goes through the package
+    order = list(graphlib.TopologicalSorter(imports).static_order())  # raises CycleError on a cycle
+    assert order.index("registry") < order.index("eksft") < order.index("catalog") < order.index("__init__")
 
 
 def test_registry():
@@ -523,7 +599,7 @@ def test_registry():
     with pytest.raises(KeyError, match="registered: dft, eksft, sft"):
         get_objective("nope")
     with pytest.raises(ValueError, match="already registered"):
-        register("sft", needs_reference=False)(lambda *args: None)
+        register(SFTSettings, needs_reference=False)(lambda *args: None)
     logits, _, labels = random_batch(14)
     with pytest.raises(ValueError, match="needs reference logits"):
         eksft_loss(logits, labels, None)
@@ -534,7 +610,7 @@ def test_sequence_mean_needs_no_global_counts_for_accumulation(name):
     """Default aggregation: micro-batch losses weighted by their share of sequences add up to the full batch."""
     logits, ref, labels = random_batch(14, batch=4)
     objective = get_objective(name)
-    config = ObjectiveConfig(name=name, ratio=0.3)
+    config = settings_of(name)
     full, _ = objective(logits, labels, ref, config)
     accumulated = sum(objective(logits[i : i + 1], labels[i : i + 1], ref[i : i + 1], config)[0] / 4 for i in range(4))
     torch.testing.assert_close(accumulated, full, rtol=1e-12, atol=1e-14)

@@ -7,12 +7,12 @@
 
 from __future__ import annotations
 
-from eksft.data.formats import build_prompt, to_prompt_answer, to_sft_messages
+from eksft.data.formats import BOXED_ANSWER_INSTRUCTION, build_prompt, to_prompt_answer, to_sft_messages
 from eksft.data.sources import DataError, Row, read_rows
 from eksft.data.tokenize import IGNORE_INDEX, TokenizeStats, tokenize_conversation, tokenize_dataset
 
 __all__ = [
-    "DataError", "Row", "read_rows", "build_prompt", "to_sft_messages", "to_prompt_answer",
+    "BOXED_ANSWER_INSTRUCTION", "DataError", "Row", "read_rows", "build_prompt", "to_sft_messages", "to_prompt_answer",
     "IGNORE_INDEX", "TokenizeStats", "tokenize_conversation", "tokenize_dataset",
     "load_sft_conversations", "load_prompt_answer_rows",
 ]

@@ -27,6 +27,9 @@ _REQUIRED = {
 }
 SFT_FORMATS = ("messages", "sharegpt", "alpaca", "problem_solution")
 
+# The recipes' default instruction (data.instruction), appended to every problem: the reward reads the last \boxed{}.
+BOXED_ANSWER_INSTRUCTION = "Put your final answer within \\boxed{}."
+
 
 def build_prompt(problem: str, system_prompt: str | None = None, instruction: str | None = None) -> Messages:
     """The one place a problem becomes a chat prompt (SFT demonstrations, RL and evaluation share it)."""

@@ -14,6 +14,8 @@ import argparse
 import re
 from pathlib import Path
 
+from eksft.data.formats import BOXED_ANSWER_INSTRUCTION
+
 DESCRIPTION = (
     "Sample N completions per problem from a model (vLLM by default, or transformers with --engine hf), score the "
     "last \\boxed{} answer of each with math-verify, and report per benchmark: avg@n (mean accuracy), pass@k for "
@@ -23,7 +25,7 @@ DESCRIPTION = (
     "Benchmarks: math500, aime24, aime25, amc23, gsm8k, minerva, olympiadbench (HF hub or its cache), "
     "embedded:arithmetic|multistep|gsm|mix (generated offline with a held-out seed, 64 problems by default), or a "
     "local .jsonl/.json/.parquet file with problem|question and answer|final_answer fields. Prompts use the "
-    "recipe's system prompt and instruction (default: 'Put your final answer within \\boxed{}.')."
+    f"recipe's system prompt and instruction (default: '{BOXED_ANSWER_INSTRUCTION}')."
 )
 
 EPILOG = ("Examples:\n"

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rl.metrics import maj_at_k, mean_at_n, pass_at_k
+from rl.metrics import maj_at_k, mean_at_n, pass_at_k, power_of_two_ks
 
 from eksft.eval.benchmarks import benchmark_filename, load_benchmark
 from eksft.eval.config import EvalConfig
@@ -38,15 +38,6 @@ SAMPLE_KEYS = ("problem", "answer", "completions", "scores", "extracted")
 
 
 # ----------------------------------------------------------------------------- pure aggregation
-
-
-def maj_ks(n: int) -> list[int]:
-    """k values reported for maj@k: the powers of two below n, and n itself (1, 2, 4, ..., n)."""
-    ks, k = [], 1
-    while k < n:
-        ks.append(k)
-        k *= 2
-    return ks + [n]
 
 
 def canonical_answer(answer: str | None) -> str | None:
@@ -95,7 +86,7 @@ def summarize(scores_per_problem: Sequence[Sequence[float | bool]],
     counts = [sum(flags) for flags in correct]
 
     majority: dict[str, float] = {}
-    for k in maj_ks(n):
+    for k in power_of_two_ks(n):
         votes = [maj_at_k([canonical_answer(a) for a in extracted], flags, k)
                  for extracted, flags in zip(extracted_per_problem, correct)]
         majority[str(k)] = sum(votes) / num
@@ -133,14 +124,6 @@ def problem_seed(seed: int, benchmark: str, index: int) -> int:
 # ----------------------------------------------------------------------------- the runner
 
 
-def _prompt_ids(tokenizer, rows: list[dict]) -> list[list[int]]:
-    ids = []
-    for r in rows:
-        out = tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True, return_dict=False)
-        ids.append(list(out["input_ids"] if isinstance(out, dict) else out))
-    return ids
-
-
 def write_result(result: dict, out_dir: str | Path) -> Path:
     """Write one benchmark's result to ``out_dir/<benchmark_filename(name)>.json`` (atomically)."""
     out = Path(out_dir)
@@ -171,7 +154,7 @@ def evaluate(model_dir: str, benchmarks: Sequence[str], cfg: EvalConfig, rollout
     All benchmarks are loaded before the engine starts, so a data error costs no engine start.
     """
     from rl.reward import math_reward
-    from rl.rollout import SamplingConfig
+    from rl.rollout import SamplingConfig, prompt_token_ids
 
     benchmarks = list(benchmarks)
     problems = {name: load_benchmark(name, cfg.num_problems, data_cfg) for name in benchmarks}
@@ -179,7 +162,7 @@ def evaluate(model_dir: str, benchmarks: Sequence[str], cfg: EvalConfig, rollout
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    prompt_ids = {name: _prompt_ids(tokenizer, rows) for name, rows in problems.items()}
+    prompt_ids = {name: prompt_token_ids(tokenizer, [r["prompt"] for r in rows]) for name, rows in problems.items()}
     sampling = SamplingConfig(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
     # Problems per engine call: big enough to batch well, small enough for a live progress bar.
     chunk = max(1, 512 // cfg.n)

@@ -14,10 +14,16 @@ reference) and log p(label) in float32, chunked over the valid positions (one
 `logits`; EKSFT detaches them for the selection and uses them with gradient for its
 regularisers, so the statistics come from the one forward that computes the loss.
 
+Settings. Each objective owns its settings class, in its own module (`SFTSettings`,
+`EKSFTSettings`, `DFTSettings`, all `ObjectiveSettings`), registered with its parts function;
+`ObjectiveConfig` is their union keyed on `name` (`catalog.py`), `objective_names()` the names.
+
 Selection. `select_masked_tokens`: per sequence (or per micro-batch, scope="batch"),
 k = floor(ratio * n) tokens by entropy and by KL, exact for decimal ratios; ties go to the
 earlier position. `selection_decided_by_ties` reports when a set was chosen by that rule
-(e.g. all-zero KL at step 0), logged by EKSFT as `kl_ties`.
+(e.g. all-zero KL at step 0), logged by EKSFT as `kl_ties`. `select_eksft_tokens` applies
+them with an `EKSFTSettings`: EKSFT's loss and `eksft inspect-masks` both call it (through
+`get_objective(name).select`).
 
 Losses and normalisation. Each objective builds `LossParts`: named terms holding a token
 sum (with gradient), a token count and a signed weight. `parts.reduce()` divides by the
@@ -34,29 +40,38 @@ reference log-probs from policy probabilities), lambdas are constant (their "dyn
 lambda" changes a local copy and is lost), and no extra no-grad policy forward is run.
 """
 
-from .config import ObjectiveConfig
-from .parts import LossParts, LossTerm
-from .registry import OBJECTIVES, Objective, get_objective, register
-from .selection import select_masked_tokens, selection_decided_by_ties, tokens_to_select
+from .catalog import ObjectiveConfig
+from .dft import DFTSettings, dft_loss, dft_parts
+from .eksft import EKSFTSettings, eksft_loss, eksft_parts, select_eksft_tokens
+from .parts import Aggregation, LossParts, LossTerm
+from .registry import OBJECTIVES, Objective, get_objective, objective_names, register
+from .selection import TokenSelection, select_masked_tokens, selection_decided_by_ties, tokens_to_select
+from .settings import ObjectiveSettings
+from .sft import SFTSettings, sft_loss, sft_parts
 from rl.common.token_stats import IGNORE_INDEX, TokenStats, token_entropy_and_kl, token_statistics
-from .sft import sft_loss, sft_parts
-from .eksft import eksft_loss, eksft_parts
-from .dft import dft_loss, dft_parts
 
 __all__ = [
     "IGNORE_INDEX",
     "OBJECTIVES",
+    "Aggregation",
+    "DFTSettings",
+    "EKSFTSettings",
     "LossParts",
     "LossTerm",
     "Objective",
     "ObjectiveConfig",
+    "ObjectiveSettings",
+    "SFTSettings",
+    "TokenSelection",
     "TokenStats",
     "dft_loss",
     "dft_parts",
     "eksft_loss",
     "eksft_parts",
     "get_objective",
+    "objective_names",
     "register",
+    "select_eksft_tokens",
     "select_masked_tokens",
     "selection_decided_by_ties",
     "sft_loss",

@@ -6,17 +6,25 @@ rectifies the implicit 1/p reward of SFT; token-mean over all response tokens.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
 
-from .config import ObjectiveConfig
 from .parts import LossParts, LossTerm
 from .registry import get_objective, register
+from .settings import ObjectiveSettings
 from rl.common.token_stats import IGNORE_INDEX, masked_mean, response_metrics, token_statistics
 
 
-@register("dft", needs_reference=False)
-def dft_parts(logits: Tensor, labels: Tensor, ref_logits: Tensor | None, config: ObjectiveConfig) -> LossParts:
+class DFTSettings(ObjectiveSettings):
+    """DFT has only the common settings."""
+
+    name: Literal["dft"] = "dft"
+
+
+@register(DFTSettings, needs_reference=False)
+def dft_parts(logits: Tensor, labels: Tensor, ref_logits: Tensor | None, config: DFTSettings) -> LossParts:
     """Probability-weighted CE as one term; a given reference only feeds `kl_mean`."""
     mask = labels != IGNORE_INDEX
     stats = token_statistics(logits, mask, ref_logits=ref_logits, labels=labels, chunk_size=config.chunk_size)
@@ -34,7 +42,7 @@ def dft_parts(logits: Tensor, labels: Tensor, ref_logits: Tensor | None, config:
 
 
 def dft_loss(
-    logits: Tensor, labels: Tensor, ref_logits: Tensor | None = None, config: ObjectiveConfig | None = None
+    logits: Tensor, labels: Tensor, ref_logits: Tensor | None = None, config: DFTSettings | None = None
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """`(loss, metrics)` of DFT, locally normalised."""
     return get_objective("dft")(logits, labels, ref_logits, config)

@@ -1,16 +1,21 @@
 """Which response tokens EKSFT masks out of the cross-entropy.
 
 Selection is a pure function of detached [B, T] statistics, vectorised with a stable
-sort, so it is exact, deterministic and testable alone.
+sort, so it is exact, deterministic and testable alone. `TokenSelection` is what an
+objective's selection function returns (the registry keeps one per objective): the loss
+and `eksft inspect-masks` both read it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Literal
 
 import torch
 from torch import Tensor
+
+from rl.common.token_stats import IGNORE_INDEX, TokenStats, token_statistics
 
 Combine = Literal["union", "intersection"]
 Scope = Literal["sequence", "batch"]
@@ -118,3 +123,28 @@ def selection_decided_by_ties(
         max_chosen, min_left, rtol=rtol, atol=atol
     )
     return bool((has_boundary & close).any())
+
+
+@dataclass(frozen=True)
+class TokenSelection:
+    """What an objective does with each response token, as [B, T] booleans over aligned positions.
+
+    ``removed`` leaves the cross-entropy; ``s_entropy`` / ``s_kl`` are the sets the regularisers act on
+    (``removed`` is their union or intersection). ``stats`` are the statistics of the same forward, with
+    their graph; ``kl_ties`` says that the KL set was decided by the position tie-break.
+    """
+
+    stats: TokenStats
+    mask: Tensor
+    removed: Tensor
+    s_entropy: Tensor
+    s_kl: Tensor
+    kl_ties: bool = False
+
+
+def keep_every_token(logits: Tensor, labels: Tensor, ref_logits: Tensor | None, settings) -> TokenSelection:
+    """The selection of an objective that trains on every response token (sft, dft): nothing is removed."""
+    mask = labels != IGNORE_INDEX
+    stats = token_statistics(logits, mask, ref_logits=ref_logits, labels=labels, chunk_size=settings.chunk_size)
+    nothing = torch.zeros_like(mask)
+    return TokenSelection(stats, mask, nothing, nothing, nothing)

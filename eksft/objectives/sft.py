@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
 
-from .config import ObjectiveConfig
 from .parts import LossParts, LossTerm
 from .registry import get_objective, register
+from .settings import ObjectiveSettings
 from rl.common.token_stats import IGNORE_INDEX, masked_mean, response_metrics, token_statistics
 
 
-@register("sft", needs_reference=False)
-def sft_parts(logits: Tensor, labels: Tensor, ref_logits: Tensor | None, config: ObjectiveConfig) -> LossParts:
+class SFTSettings(ObjectiveSettings):
+    """Plain SFT has only the common settings."""
+
+    name: Literal["sft"] = "sft"
+
+
+@register(SFTSettings, needs_reference=False)
+def sft_parts(logits: Tensor, labels: Tensor, ref_logits: Tensor | None, config: SFTSettings) -> LossParts:
     """CE as one term; a given reference is only used for the `kl_mean` metric."""
     mask = labels != IGNORE_INDEX
     stats = token_statistics(logits, mask, ref_logits=ref_logits, labels=labels, chunk_size=config.chunk_size)
@@ -28,7 +36,7 @@ def sft_parts(logits: Tensor, labels: Tensor, ref_logits: Tensor | None, config:
 
 
 def sft_loss(
-    logits: Tensor, labels: Tensor, ref_logits: Tensor | None = None, config: ObjectiveConfig | None = None
+    logits: Tensor, labels: Tensor, ref_logits: Tensor | None = None, config: SFTSettings | None = None
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """`(loss, metrics)` of plain SFT, locally normalised."""
     return get_objective("sft")(logits, labels, ref_logits, config)

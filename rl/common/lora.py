@@ -1,5 +1,6 @@
 """LoRA adapters on a frozen base, for both stages (the SFT cold start in eksft, and GRPO).
 
+  * ``LoraSettings``: the fields both stages' ``lora`` sections have (each stage subclasses it for its defaults);
   * ``wrap_with_lora``: the trainable PEFT model (fresh adapters, or saved ones to resume);
   * ``adapters_disabled``: the base alone, i.e. the reference, with no second copy in memory;
   * ``merged_state_dict`` (GRPO): plain HF weights, base + scaled B @ A, computed out of place for the
@@ -10,10 +11,29 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Annotated
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 ADAPTER_DIR = "adapter"  # GRPO: inside checkpoints/step-N/, beside the merged HF weights
+
+LoraDropout = Annotated[float, Field(ge=0, lt=1)]
+
+
+class LoraSettings(BaseModel):
+    """Train LoRA adapters instead of every weight (the reference is then the base with adapters off).
+
+    A stage with another dropout default redeclares ``dropout: LoraDropout = <its default>``.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    enabled: bool = False
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: LoraDropout = 0.0
+    target_modules: str | list[str] = "all-linear"
 
 
 def wrap_with_lora(model, settings, adapter_dir: str | Path | None = None):
@@ -29,15 +49,21 @@ def wrap_with_lora(model, settings, adapter_dir: str | Path | None = None):
 
 
 @contextmanager
+def eval_mode(model):
+    """``model`` in eval mode (no dropout) inside the block, back in its previous mode after it."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+@contextmanager
 def adapters_disabled(peft_model):
     """The reference policy: the base model alone (dropout off while it runs)."""
-    was_training = peft_model.training
-    peft_model.eval()
-    try:
-        with peft_model.disable_adapter():
-            yield peft_model
-    finally:
-        peft_model.train(was_training)
+    with eval_mode(peft_model), peft_model.disable_adapter():
+        yield peft_model
 
 
 @torch.no_grad()

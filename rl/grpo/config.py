@@ -1,4 +1,4 @@
-"""GRPO algorithm knobs (pydantic v2), validated; no torch import.
+"""GRPO algorithm knobs (pydantic v2), validated.
 
 Defaults are a plain GRPO with the common verl/TRL choices: KL penalty off (``beta_kl=0``),
 no entropy bonus, symmetric clipping ``eps_low = eps_high = 0.2`` (set ``eps_high=0.28``
@@ -18,22 +18,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["GRPOConfig", "GRPOLoraConfig", "AggregationName"]
+from rl.common.lora import LoraSettings
+from rl.grpo.loss import Aggregation
 
-AggregationName = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+__all__ = ["GRPOConfig", "GRPOLoraConfig"]
 
 
-class GRPOLoraConfig(BaseModel):
-    """Train LoRA adapters instead of every weight (the reference is then the base with adapters off)."""
+class GRPOLoraConfig(LoraSettings):
+    """The shared LoRA settings (dropout stays 0: it would make the trainer's log-probs differ from the
+    engine's, and rho != 1 on policy) and the dtype of the frozen base."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    enabled: bool = False
-    r: int = Field(16, gt=0)
-    alpha: int = Field(32, gt=0)
-    # Dropout would make the trainer's log-probs differ from the engine's (and rho != 1 on policy): off.
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: str | list[str] = "all-linear"
     # The frozen base may be bf16 (it never receives updates, so nothing is lost); the adapters train in float32.
     base_dtype: Literal["float32", "bfloat16"] = "float32"
 
@@ -57,7 +51,7 @@ class GRPOConfig(BaseModel):
     eps_high: float = Field(0.2, ge=0, description="rho clipped above at 1 + eps_high (DAPO clip-higher: 0.28)")
     beta_kl: float = Field(0.0, ge=0, description="weight of the k3 KL(pi || pi_ref) penalty; 0 = off, no reference model")
     alpha_entropy: float = Field(0.0, ge=0, description="weight of the entropy bonus")
-    aggregation: AggregationName = Field(
+    aggregation: Aggregation = Field(
         "token-mean",
         description="token-mean (DAPO) | seq-mean-token-mean (GRPO) | seq-mean-token-sum-norm (Dr. GRPO, / max_new_tokens)",
     )

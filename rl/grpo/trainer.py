@@ -34,10 +34,10 @@ from rl.grpo.config import GRPOConfig
 from rl.grpo.core import fill_groups, group_advantages, mask_truncated, minibatches, policy_loss, zero_variance_groups
 from rl.grpo.logprobs import completion_logprobs
 from rl.common.lora import ADAPTER_DIR, adapters_disabled, merged_state_dict, wrap_with_lora
-from rl.metrics import pass_at_k
+from rl.metrics import pass_at_k_groups, power_of_two_ks
 from rl.common.precision import resolve_bf16, slow_bf16_warning, stage_device
 from rl.common.resume import latest_complete_checkpoint, truncate_metrics
-from rl.rollout import RolloutConfig, Sample, SamplingConfig, engine_from_config
+from rl.rollout import RolloutConfig, Sample, SamplingConfig, engine_from_config, prompt_token_ids
 
 
 @dataclass
@@ -117,8 +117,7 @@ class GRPOTrainer:
             self._load_state(resume_dir)
             print(f"[rl] resumed from {resume_dir} (step {self.step})", flush=True)
         truncate_metrics(self.out / "metrics.jsonl", self.step)  # steps after the checkpoint are logged again
-        self.prompt_ids = [self.tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True,
-                                                              return_dict=False) for r in rows]
+        self.prompt_ids = prompt_token_ids(self.tokenizer, [r["prompt"] for r in rows])
         self.engine = engine_from_config(self.rollout_cfg, start_dir, seed=config.seed,
                                          trust_remote_code=trust_remote_code)
 
@@ -281,12 +280,8 @@ class GRPOTrainer:
             "response_length_max": max(lengths),
             "truncation_rate": sum(s.truncated for g in groups for s in g.samples) / len(lengths),
         }
-        k = 1
-        while k <= G:
-            metrics[f"pass@{k}"] = sum(pass_at_k(G, c, k) for c in correct) / len(correct)
-            k *= 2
-        if f"pass@{G}" not in metrics:
-            metrics[f"pass@{G}"] = sum(pass_at_k(G, c, G) for c in correct) / len(correct)
+        for k in power_of_two_ks(G):
+            metrics[f"pass@{k}"] = pass_at_k_groups(correct, G, k)
         return metrics
 
     def _log(self, metrics: dict) -> None:

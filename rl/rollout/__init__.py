@@ -6,13 +6,13 @@ same engine inside a Ray actor with declared CPU/GPU needs.
 
 from __future__ import annotations
 
-from rl.rollout.base import RolloutConfig, RolloutEngine, Sample, SamplingConfig
+from rl.rollout.base import RolloutConfig, RolloutEngine, Sample, SamplingConfig, prompt_token_ids
 from rl.rollout.vllm_engine import make_llm
 
 ENGINES = ("vllm", "hf")
 
 __all__ = ["ENGINES", "RolloutConfig", "RolloutEngine", "Sample", "SamplingConfig", "engine_from_config",
-           "make_engine", "make_llm"]
+           "make_engine", "make_llm", "prompt_token_ids"]
 
 
 def make_engine(kind: str, model_dir: str, *, dtype: str = "auto", **kwargs) -> RolloutEngine:

@@ -1,5 +1,6 @@
 """The rollout interface every engine implements.
 
+    prompt_ids = prompt_token_ids(tokenizer, [messages, ...])     # chat prompts -> the engines' token ids
     engine.generate(prompt_ids, SamplingConfig(n=8, ...), seeds)  -> list (per prompt) of list (per sample) of Sample
     engine.update_weights(state_dict)                               # after every trainer update
     engine.shutdown()
@@ -17,6 +18,15 @@ from typing import Literal, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+
+
+def prompt_token_ids(tokenizer, prompts: Sequence[list[dict[str, str]]]) -> list[list[int]]:
+    """The engines' input: each chat prompt through the tokenizer's chat template, ready for the answer."""
+    ids = []
+    for messages in prompts:
+        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        ids.append(list(out["input_ids"] if isinstance(out, dict) else out))  # some tokenizers return a mapping
+    return ids
 
 
 @dataclass(frozen=True)
