@@ -84,11 +84,12 @@ def import_rl() -> dict[str, Any]:
     except ImportError as e:  # no pydantic: load the pure modules without rl.grpo/__init__ (which imports config)
         if "pydantic" not in str(e):
             raise
-        for pkg in ("rl", "rl.grpo"):
+        for pkg in ("rl", "rl.common", "rl.grpo"):
             stub = types.ModuleType(pkg)
             stub.__path__ = [str(REPO_ROOT / pkg.replace(".", "/"))]
             sys.modules[pkg] = stub
-        _load_file("rl.common.token_stats", REPO_ROOT / "rl" / "token_stats.py")  # imported by rl.grpo.logprobs
+        for name in ("labels", "token_stats"):  # rl.grpo.logprobs imports token_stats, which imports labels
+            _load_file(f"rl.common.{name}", REPO_ROOT / "rl" / "common" / f"{name}.py")
         logprobs = _load_file("rl.grpo.logprobs", REPO_ROOT / "rl" / "grpo" / "logprobs.py")
         loss = _load_file("rl.grpo.loss", REPO_ROOT / "rl" / "grpo" / "loss.py")
         advantages = _load_file("rl.grpo.advantages", REPO_ROOT / "rl" / "grpo" / "advantages.py")
