@@ -61,3 +61,14 @@ def test_no_citation_of_a_design_document_outside_the_repository():
 def test_the_check_finds_what_it_should(text, problem):
     found = citation_problems(text)
     assert found == [] if problem is None else (len(found) == 1 and problem in found[0])
+
+
+CODE_PATH = re.compile(r"`((?:eksft|rl|benchmarks|recipes|tests|scripts|docker)/[\w./-]+\.(?:py|yaml|sh|md))`")
+
+
+@pytest.mark.parametrize("doc", sorted(DOCS.glob("*.md")) + [ROOT / "README.md"], ids=lambda p: p.name)
+def test_files_the_documents_point_to_exist(doc):
+    """A document that names `eksft/...py` (or another file of the tree) names a file that is there."""
+    named = set(CODE_PATH.findall(doc.read_text(encoding="utf-8")))
+    assert named or doc.name == "README.md"
+    assert sorted(p for p in named if not (ROOT / p).exists()) == []
