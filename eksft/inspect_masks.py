@@ -112,17 +112,18 @@ def print_terminal(results) -> None:
         console.print(text)
 
 
-def run_inspect(recipe, n: int, checkpoint: str | None, out: Path, terminal: bool = True) -> Path:
+def run_inspect(recipe, objective: ObjectiveConfig, n: int, checkpoint: str | None, out: Path, *,
+                terminal: bool = True) -> Path:
     from eksft.models import load_model
     from eksft.sft import build_sft_dataset
 
     reference, tokenizer = load_model(recipe.model.name, "float32", recipe.model.trust_remote_code)
     policy = load_model(checkpoint, "float32", recipe.model.trust_remote_code)[0] if checkpoint else reference
     examples, _ = build_sft_dataset(recipe, tokenizer)
-    results = inspect_examples(policy.eval(), reference.eval(), examples[:n], tokenizer, recipe.sft.objective)
+    results = inspect_examples(policy.eval(), reference.eval(), examples[:n], tokenizer, objective)
     title = f"EKSFT token masks: {checkpoint or recipe.model.name} on {recipe.data.sft.source}"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_html(results, recipe.sft.objective, title))
+    out.write_text(render_html(results, objective, title))
     if terminal:
         print_terminal(results)
     return out
