@@ -96,10 +96,10 @@ def sft_arm(recipe, arm: str | None, objective: str | None):
             trains = named.objective.name if named.objective else "no objective"
             raise RecipeError(f"--objective {objective}: the recipe's arm {objective} trains {trains}; use --arm")
         return named
-    return _only(recipe, [a for a in recipe.arms if a.objective is not None], "arms with an objective")
+    return _only([a for a in recipe.arms if a.objective is not None], "arms with an objective")
 
 
-def _only(recipe, arms: list, which: str):
+def _only(arms: list, which: str):
     if len(arms) == 1:
         return arms[0]
     names = ", ".join(a.name for a in arms) or "none"
@@ -125,7 +125,7 @@ def cmd_rl(args: argparse.Namespace) -> int:
     from eksft.stages import arm_start_model, rl_stage
 
     recipe = load_recipe(args.recipe, args.overrides)
-    arm = recipe.arm(args.arm) if args.arm else _only(recipe, recipe.arms, "arms")
+    arm = recipe.arm(args.arm) if args.arm else _only(recipe.arms, "arms")
     arm_dir = _run_layout(recipe).arm(arm.name)
     start = getattr(args, "from") or arm_start_model(recipe, arm, arm_dir)
     if not getattr(args, "from") and arm.objective is not None and not arm_dir.sft.checkpoint.is_dir():
