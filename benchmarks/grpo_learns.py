@@ -124,6 +124,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_train(args: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from eksft.layout import RLStageDir
     from eksft.models import resolve_model_dir
     from rl.grpo import GRPOConfig, run_grpo
     from rl.rollout import RolloutConfig
@@ -135,9 +136,10 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
                      answer_fallback=args.answer_fallback, save_every=10**6, seed=args.seed)
     rollout = RolloutConfig(engine="vllm", dtype=args.rollout_dtype, max_model_len=args.max_model_len)
     t0 = time.perf_counter()
-    final = run_grpo(resolve_model_dir(args.model), train, cfg, args.run_dir, rollout=rollout, kl_metric=False)
+    stage = RLStageDir(Path(args.run_dir))
+    final = run_grpo(resolve_model_dir(args.model), train, cfg, stage.trainer_outputs(), rollout=rollout, kl_metric=False)
     wall = time.perf_counter() - t0
-    metrics = [json.loads(line) for line in (Path(args.run_dir) / "metrics.jsonl").read_text().splitlines() if line]
+    metrics = [json.loads(line) for line in stage.metrics.read_text().splitlines() if line]
     return {"final_checkpoint": str(final), "wall_s": wall, "config": cfg.model_dump(), "metrics": metrics}
 
 

@@ -184,6 +184,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     import torch
 
+    from eksft.layout import RLStageDir
     from rl.grpo.config import GRPOConfig
     from rl.grpo.trainer import GRPOTrainer
     from rl.rollout import RolloutConfig
@@ -199,8 +200,8 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     threads_before = torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="grpo_step_ours_") as tmp:
         t0 = time.perf_counter()
-        trainer = GRPOTrainer(model_dir=model_dir(args), rows=rows, config=cfg, out_dir=tmp, rollout=rollout,
-                              kl_metric=False)
+        trainer = GRPOTrainer(model_dir=model_dir(args), rows=rows, config=cfg,
+                              outputs=RLStageDir(Path(tmp)).trainer_outputs(), rollout=rollout, kl_metric=False)
         init_s = time.perf_counter() - t0
         captured: dict[str, Any] = {}
         original_rollout = trainer._rollout

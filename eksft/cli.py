@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from eksft.config import RecipeError, load_recipe
 from eksft.data.formats import BOXED_ANSWER_INSTRUCTION
+from eksft.layout import RLStageDir, RunLayout, SFTStageDir
 
 EPILOG = "Recipes are YAML files validated against eksft.config.Recipe; override any key with --set a.b=value."
 
@@ -17,6 +18,23 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", "-r", help="YAML recipe (default: the built-in defaults)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key, e.g. --set data.max_length=512 (repeatable)")
+
+
+ARM_HELP = ("the arm of the recipe's `arms` whose objective to use. Without --arm: --objective NAME picks the arm "
+            "named NAME (its objective must be NAME), or, when the recipe has no such arm, objective NAME with its "
+            "default settings; without either, the recipe's only arm with an objective (with several: an error "
+            "listing them). Arm settings are overridden like any key: --set arms.eksft.objective.ratio=0.3")
+
+
+def _run_layout(recipe) -> RunLayout:
+    return RunLayout.of(recipe.output_dir, recipe.name)
+
+
+def _add_arm_args(p: argparse.ArgumentParser) -> None:
+    from eksft.objectives import objective_names
+
+    p.add_argument("--arm", help=ARM_HELP)
+    p.add_argument("--objective", choices=objective_names(), help="shorthand for an arm (see --arm)")
 
 
 def cmd_models_prepare(args: argparse.Namespace) -> int:
@@ -60,40 +78,65 @@ def cmd_data_preview(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sft(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def sft_arm(recipe, arm: str | None, objective: str | None):
+    """The arm whose cold-start objective ``eksft sft`` trains (and ``inspect-masks`` applies); see ARM_HELP."""
+    from eksft.config import ArmConfig
 
-    from eksft.sft import LAUNCHED_BY_EKSFT, is_main_process, launch_sft
-
-    if args.objective and args.arm:
+    if arm and objective:
         raise RecipeError("--objective and --arm both choose the objective: give one of them")
-    overrides = list(args.overrides) + ([f"sft.objective.name={args.objective}"] if args.objective else [])
-    recipe = load_recipe(args.recipe, overrides)
-    if args.arm:
-        recipe = recipe.for_arm(args.arm)
-    out = Path(args.output or Path(recipe.output_dir) / recipe.name / (args.arm or recipe.sft.objective.name) / "sft")
-    final = launch_sft(recipe, out)
-    if is_main_process() and LAUNCHED_BY_EKSFT not in os.environ:  # once, by whoever launched
-        print(f"[sft] checkpoint: {final}\n[sft] metrics: {out / 'metrics.jsonl'}")
+    if arm:
+        chosen = recipe.arm(arm)
+        if chosen.objective is None:
+            raise RecipeError(f"--arm {arm}: this arm has no cold-start objective (it starts RL from the base model)")
+        return chosen
+    if objective:
+        named = next((a for a in recipe.arms if a.name == objective), None)
+        if named is None:  # no arm of that name: the objective with its default settings
+            return ArmConfig.model_validate({"name": objective, "objective": {"name": objective}})
+        if named.objective is None or named.objective.name != objective:
+            trains = named.objective.name if named.objective else "no objective"
+            raise RecipeError(f"--objective {objective}: the recipe's arm {objective} trains {trains}; use --arm")
+        return named
+    return _only([a for a in recipe.arms if a.objective is not None], "arms with an objective")
+
+
+def _only(arms: list, which: str):
+    if len(arms) == 1:
+        return arms[0]
+    names = ", ".join(a.name for a in arms) or "none"
+    raise RecipeError(f"the recipe has {len(arms)} {which} ({names}): choose one with --arm")
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from eksft.sft import is_main_process
+    from eksft.stages import sft_stage
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    arm = sft_arm(recipe, args.arm, args.objective)
+    out = SFTStageDir(Path(args.output)) if args.output else _run_layout(recipe).arm(arm.name).sft
+    if is_main_process():
+        print(f"[sft] arm {arm.name}: objective {arm.objective.model_dump(mode='json')}", flush=True)
+    final = sft_stage(recipe, arm, out)
+    if is_main_process():  # once, also under a torchrun the user launched
+        print(f"[sft] checkpoint: {final}\n[sft] metrics: {out.metrics}")
     return 0
 
 
 def cmd_rl(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from eksft.data import load_prompt_answer_rows
-    from eksft.models import resolve_model_dir
-    from eksft.tracking import make_trackers
-    from rl.grpo import run_grpo
+    from eksft.stages import arm_start_model, rl_stage
 
     recipe = load_recipe(args.recipe, args.overrides)
-    start = resolve_model_dir(getattr(args, "from") or recipe.model.name)
-    out = Path(args.output or Path(recipe.output_dir) / recipe.name / "rl")
-    rows = load_prompt_answer_rows(recipe.data, recipe.data.rl)
-    trackers = make_trackers(recipe.report_to, out / "tb", f"{recipe.name}-rl", recipe.model_dump(mode="json"))
-    final = run_grpo(start, rows, recipe.rl, out, rollout=recipe.rollout, trust_remote_code=recipe.model.trust_remote_code,
-                     trackers=trackers)
-    print(f"[rl] checkpoint: {final}\n[rl] metrics: {out / 'metrics.jsonl'}")
+    arm = recipe.arm(args.arm) if args.arm else _only(recipe.arms, "arms")
+    arm_dir = _run_layout(recipe).arm(arm.name)
+    start = getattr(args, "from") or arm_start_model(recipe, arm, arm_dir)
+    if not getattr(args, "from") and arm.objective is not None and not arm_dir.sft.checkpoint.is_dir():
+        print(f"arm {arm.name} starts from its SFT checkpoint {arm_dir.sft.checkpoint}, which does not exist: run "
+              f"`eksft sft --arm {arm.name}` first, or give --from", file=sys.stderr)
+        return 2
+    out = RLStageDir(Path(args.output)) if args.output else arm_dir.rl
+    offset = 0 if getattr(args, "from") else arm_dir.sft.logged_steps()
+    final = rl_stage(recipe, arm, start, out, step_offset=offset)
+    print(f"[rl] checkpoint: {final}\n[rl] metrics: {out.metrics}")
     return 0
 
 
@@ -106,15 +149,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect_masks(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from eksft.inspect_masks import run_inspect
 
     recipe = load_recipe(args.recipe, args.overrides)
-    if args.arm:
-        recipe = recipe.for_arm(args.arm)
-    out = Path(args.out or Path(recipe.output_dir) / recipe.name / "inspect" / "masks.html")
-    run_inspect(recipe, args.n, args.checkpoint, out, terminal=not args.quiet)
+    arm = sft_arm(recipe, args.arm, args.objective)
+    out = Path(args.out) if args.out else _run_layout(recipe).inspect_page
+    run_inspect(recipe, arm.objective, args.n, args.checkpoint, out, terminal=not args.quiet)
     print(f"wrote {out}")
     return 0
 
@@ -194,15 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the recipe's model on its SFT data with a token-level objective and write an HF "
                     "checkpoint directory (loads in transformers and vLLM), Trainer checkpoints for resuming, "
                     "and metrics.jsonl (cross-entropy, entropy bonus, KL term, mean entropy/KL, removed fraction, "
-                    "IoU of the entropy and KL sets, tokens trained, KL ties). Rerunning resumes from the last "
-                    "Trainer checkpoint.",
+                    "IoU of the entropy and KL sets, tokens trained, KL ties) and masks.html (the tokens the arm's "
+                    "selection removes, on the trained model). The same stage as in `eksft run`. Rerunning resumes "
+                    "from the last Trainer checkpoint.",
         epilog=EPILOG,
     )
     _add_recipe_args(sft)
-    sft.add_argument("--objective", choices=["sft", "eksft", "dft"], help="shorthand for --set sft.objective.name=...")
-    sft.add_argument("--arm", help="train the objective of this arm of the recipe's `arms` (e.g. --arm eksft)")
-    sft.add_argument("--output", "-o",
-                     help="stage directory (default: <output_dir>/<recipe name>/<arm, or objective name>/sft)")
+    _add_arm_args(sft)
+    sft.add_argument("--output", "-o", help="stage directory (default: <output_dir>/<recipe name>/<arm>/sft)")
     sft.set_defaults(func=cmd_sft)
 
     run = sub.add_parser(
@@ -225,9 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     rl = sub.add_parser(
         "rl",
-        help="run the GRPO stage from a checkpoint (vLLM rollouts, math-verify rewards)",
-        description="GRPO on the recipe's RL data ({problem, answer} rows) starting from --from (default: the "
-                    "recipe's model): G completions per prompt from the rollout engine (vLLM by default), rewards from "
+        help="run the GRPO stage of an arm (vLLM rollouts, math-verify rewards)",
+        description="GRPO on the recipe's RL data ({problem, answer} rows) with the recipe's `rl` settings and the "
+                    "arm's `rl` overrides, exactly as `eksft run` trains that arm: starting from --from (default: the "
+                    "arm's SFT checkpoint in the run directory, or the recipe's model for an arm without objective), "
+                    "KL measured to the recipe's model. G completions per prompt from the rollout engine (vLLM by default), rewards from "
                     "math-verify on the last \\boxed{}, group advantages, clipped updates, weights synced to the engine "
                     "after every update. Writes metrics.jsonl (reward, pass@k, entropy, KL, lengths, clip fraction, "
                     "grad norm, engine/trainer log-prob gap, time split, tokens/s), rollouts/, checkpoints/step-N/ "
@@ -235,8 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
     )
     _add_recipe_args(rl)
-    rl.add_argument("--from", dest="from", metavar="CHECKPOINT_DIR", help="model to start from (default: recipe model)")
-    rl.add_argument("--output", "-o", help="stage directory (default: <output_dir>/<recipe name>/rl)")
+    rl.add_argument("--arm", help="the arm of the recipe's `arms` to train (default: the recipe's only arm; with "
+                                  "several, an error listing them); override its settings with --set arms.NAME.rl.KEY=V")
+    rl.add_argument("--from", dest="from", metavar="CHECKPOINT_DIR",
+                    help="model to start from (default: the arm's start, see above)")
+    rl.add_argument("--output", "-o", help="stage directory (default: <output_dir>/<recipe name>/<arm>/rl)")
     rl.set_defaults(func=cmd_rl)
 
     from eksft.eval.cli import add_eval_parser
@@ -255,8 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_recipe_args(inspect)
     inspect.add_argument("-n", type=int, default=5, help="number of examples (default 5)")
-    inspect.add_argument("--arm", help="use the selection of this arm of the recipe's `arms` (default: the recipe's "
-                                       "sft.objective)")
+    _add_arm_args(inspect)
     inspect.add_argument("--checkpoint", "-c", help="policy checkpoint directory (default: the starting model)")
     inspect.add_argument("--out", "-o", help="HTML path (default: <output_dir>/<recipe name>/inspect/masks.html)")
     inspect.add_argument("--quiet", "-q", action="store_true", help="no terminal rendering")

@@ -8,16 +8,18 @@ checked exactly like keys written in the file.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from eksft.data.formats import BOXED_ANSWER_INSTRUCTION
+from eksft.data.config import DataConfig
 from eksft.eval.config import EvalConfig
-from eksft.objectives import EKSFTSettings, ObjectiveConfig, SFTSettings
+from eksft.objectives import ObjectiveConfig
+from eksft.schema import Strict
 from rl.common import lora
 from rl.grpo.config import GRPOConfig
 from rl.rollout.base import RolloutConfig
@@ -27,39 +29,15 @@ class RecipeError(ValueError):
     """A recipe that does not validate; the message names the key path and what is allowed."""
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
 class ModelConfig(Strict):
     name: str = Field(
         "embedded:smollm2-135m-instruct",
         description="HF hub id, local directory, 'embedded:smollm2-135m-instruct' or 'tiny:qwen2' / 'tiny:llama'",
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="weights of the SFT stage (the GRPO trainer keeps float32 weights, rl.lora.base_dtype "
+                               "aside; engines compute in rollout.dtype)")
     trust_remote_code: bool = False
-
-
-class DataSource(Strict):
-    source: str = Field(
-        "embedded:arithmetic",
-        description="hub id, local .jsonl/.json/.parquet file, or 'embedded:<generator>'",
-    )
-    format: Literal["auto", "messages", "sharegpt", "alpaca", "problem_solution", "problem_answer"] = "auto"
-    split: str = "train"
-    num_examples: int | None = Field(None, gt=0, description="first N rows (embedded generators: how many to make, default 256)")
-    seed: int = 0
-    # Rename fields of the source to the canonical ones, e.g. {problem: question}.
-    fields: dict[str, str] = Field(default_factory=dict)
-
-
-class DataConfig(Strict):
-    sft: DataSource = DataSource(source="embedded:arithmetic", num_examples=256)
-    rl: DataSource = DataSource(source="embedded:arithmetic", num_examples=256, seed=1)
-    max_length: int = Field(1024, gt=8)
-    system_prompt: str | None = None
-    # Appended to every problem when a prompt is built from {problem, ...} rows.
-    instruction: str = BOXED_ANSWER_INSTRUCTION
 
 
 class LoraSettings(lora.LoraSettings):
@@ -69,9 +47,9 @@ class LoraSettings(lora.LoraSettings):
 
 
 class SFTConfig(Strict):
-    """The cold-start stage; defaults follow the authors' script (docs/method.md, EKSFT objective)."""
+    """The cold-start stage; defaults follow the authors' script (docs/method.md, EKSFT objective). The objective is
+    an arm's (``arms[].objective``): each arm trains its own with these settings."""
 
-    objective: ObjectiveConfig = EKSFTSettings()
     # copy: a frozen copy of the starting model; adapter: the LoRA base with adapters disabled (no second copy).
     reference: Literal["copy", "adapter"] = "copy"
     lora: LoraSettings = LoraSettings()
@@ -126,12 +104,14 @@ class ResourcesConfig(Strict):
     eval: StageResources = StageResources()
 
 
-DEFAULT_ARMS = [ArmConfig(name="sft", objective=SFTSettings()), ArmConfig(name="eksft", objective=EKSFTSettings())]
+# As written in a recipe: `--set arms.<name>...` on a recipe without `arms` edits a copy of these.
+DEFAULT_ARMS: list[dict[str, Any]] = [{"name": "sft", "objective": {"name": "sft"}},
+                                      {"name": "eksft", "objective": {"name": "eksft"}}]
 
 
 class Recipe(Strict):
     name: str = "recipe"
-    seed: int = 0
+    seed: int = Field(0, description="seed of the SFT stage (rl.seed and eval.seed seed the others)")
     output_dir: str = "runs"
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -140,7 +120,7 @@ class Recipe(Strict):
     rollout: RolloutConfig = RolloutConfig()
     # Metrics go to metrics.jsonl and the console always; also to these trackers when listed.
     report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
-    arms: list[ArmConfig] = Field(default_factory=lambda: list(DEFAULT_ARMS))
+    arms: list[ArmConfig] = Field(default_factory=lambda: [ArmConfig.model_validate(a) for a in DEFAULT_ARMS])
     eval: EvalConfig = EvalConfig()
     resources: ResourcesConfig = ResourcesConfig()
 
@@ -159,23 +139,32 @@ class Recipe(Strict):
         if gpus and procs > 1 and procs != gpus:
             raise ValueError(f"sft.num_processes ({procs}) must equal resources.sft.num_gpus ({gpus:g}): one process per GPU")
         every = self.eval.every_rl_steps
-        if every and every % self.rl.save_every:
-            raise ValueError(f"eval.every_rl_steps ({every}) must be a multiple of rl.save_every ({self.rl.save_every}): "
-                             "intermediate evaluations read the RL checkpoints")
+        # Each arm saves RL checkpoints at its own rl.save_every (an arm may override it).
+        for where, rl in [("", self.rl), *((f" of arm {a.name}", self.arm_rl(a)) for a in self.arms if a.rl)]:
+            if every and every % rl.save_every:
+                raise ValueError(f"eval.every_rl_steps ({every}) must be a multiple of rl.save_every{where} "
+                                 f"({rl.save_every}): intermediate evaluations read the RL checkpoints")
         return self
 
-    def for_arm(self, name: str) -> "Recipe":
-        """This recipe with ``sft.objective`` set to the named arm's objective (what that arm's SFT stage trains)."""
+    def arm(self, name: str) -> ArmConfig:
+        """The arm called ``name``; the error lists the recipe's arms."""
         arm = next((a for a in self.arms if a.name == name), None)
         if arm is None:
             raise RecipeError(f"--arm {name}: no such arm (arms: {', '.join(a.name for a in self.arms)})")
-        if arm.objective is None:
-            raise RecipeError(f"--arm {name}: this arm has no cold-start objective (it starts RL from the base model)")
-        return self.model_copy(update={"sft": self.sft.model_copy(update={"objective": arm.objective})})
+        return arm
 
     def arm_rl(self, arm: ArmConfig) -> GRPOConfig:
-        """The recipe's RL settings with the arm's overrides applied (validated)."""
-        return GRPOConfig.model_validate({**self.rl.model_dump(), **arm.rl})
+        """The recipe's RL settings with the arm's overrides merged in, key by key at every depth (validated)."""
+        return GRPOConfig.model_validate(_merged(self.rl.model_dump(), arm.rl))
+
+
+def _merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``changes`` applied; a section in both is merged (``{lora: {r: 4}}`` keeps ``lora.enabled``)."""
+    out = dict(base)
+    for key, value in changes.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merged(out[key], value) if both else value
+    return out
 
 
 # --------------------------------------------------------------------------- loading
@@ -208,26 +197,64 @@ def validate_recipe(raw: dict[str, Any], where: str = "<recipe>") -> Recipe:
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
-    """Apply ``a.b.c=value`` (value parsed as YAML, so numbers and booleans get their types)."""
+    """Apply ``a.b.c=value`` (value parsed as YAML, so numbers and booleans get their types).
+
+    In a list of named sections (``arms``) a component selects the item by its ``name``:
+    ``arms.eksft.objective.ratio=0.3``. A recipe without ``arms`` gets the default arms first, so that they
+    can be addressed the same way.
+    """
     if "=" not in item:
         raise RecipeError(f"--set expects key.path=value, got {item!r}")
     key, _, text = item.partition("=")
-    parts = [k for k in key.strip().split(".") if k]
+    key = key.strip()
+    parts = [k for k in key.split(".") if k]
     if not parts:
         raise RecipeError(f"--set expects key.path=value, got {item!r}")
     try:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError as e:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise RecipeError(f"--set {key.strip()}: the value {text!r} is not valid YAML ({problem}); "
-                          f"quote it to pass a string, e.g. --set {key.strip()}='\"...\"'") from None
-    node = raw
-    for i, k in enumerate(parts[:-1]):
-        child = node.setdefault(k, {})
-        if not isinstance(child, dict):
-            raise RecipeError(f"--set {key}: {'.'.join(parts[: i + 1])} is a value, not a section")
-        node = child
-    node[parts[-1]] = value
+        raise RecipeError(f"--set {key}: the value {text!r} is not valid YAML ({problem}); "
+                          f"quote it to pass a string, e.g. --set {key}='\"...\"'") from None
+    if parts[0] == "arms" and len(parts) > 1 and "arms" not in raw:
+        raw["arms"] = copy.deepcopy(DEFAULT_ARMS)
+    node: Any = raw
+    i = 0
+    while True:
+        if isinstance(node, list):
+            index, i = _named_item(node, parts, i, key)
+            if i == len(parts):
+                node[index] = value
+                return
+            node = node[index]
+        elif i == len(parts) - 1:
+            node[parts[i]] = value
+            return
+        else:
+            node = node.setdefault(parts[i], {})
+            i += 1
+        if not isinstance(node, (dict, list)):
+            raise RecipeError(f"--set {key}: {'.'.join(parts[:i])} is a value, not a section")
+
+
+def _named_item(items: list, parts: list[str], i: int, key: str) -> tuple[int, int]:
+    """(index of the item of ``items`` that ``parts[i:]`` starts with the name of, the next part's index).
+
+    Names may contain dots (``eksft_r0.1_union``): the longest name that matches wins.
+    """
+    where = ".".join(parts[:i])
+    if not all(isinstance(it, dict) and "name" in it for it in items):
+        raise RecipeError(f"--set {key}: {where} is a list without names: set it whole, e.g. --set {where}=[...]")
+    names = [str(it["name"]) for it in items]
+    for j in range(len(parts), i, -1):
+        if ".".join(parts[i:j]) in names:
+            return names.index(".".join(parts[i:j])), j
+    raise RecipeError(f"--set {key}: {where} has no item named {parts[i]!r} ({where}: {', '.join(names)})")
+
+
+# Keys that moved: their unknown-key error says where they live now.
+MOVED_KEYS = {("sft", "objective"): "objectives belong to arms: arms[].objective "
+                                    "(e.g. --set arms.eksft.objective.ratio=0.3)"}
 
 
 def format_validation_error(err: ValidationError, root: type[BaseModel], where: str) -> str:
@@ -237,7 +264,8 @@ def format_validation_error(err: ValidationError, root: type[BaseModel], where: 
         path = ".".join(loc) or "<top level>"
         if e["type"] == "extra_forbidden":
             allowed = ", ".join(sorted({f for m in _fields_at(root, e["loc"][:-1])[1] for f in m.model_fields}))
-            lines.append(f"{where}: {path}: unknown key (allowed: {allowed})")
+            moved = MOVED_KEYS.get(tuple(loc))
+            lines.append(f"{where}: {path}: unknown key (allowed: {allowed})" + (f"; {moved}" if moved else ""))
         elif e["type"] in ("union_tag_invalid", "union_tag_not_found"):
             # A union told apart by one key (an objective's `name`): the error is that key's.
             key = e["ctx"]["discriminator"].strip("'")

@@ -17,7 +17,7 @@ def test_defaults_and_quickstart_validate():
     assert isinstance(load_recipe(None), Recipe)
     r = load_recipe(ROOT / "recipes" / "quickstart.yaml")
     assert r.model.name == "embedded:smollm2-135m-instruct"
-    assert r.sft.objective.name == "eksft"
+    assert [(a.name, a.objective.name) for a in r.arms] == [("sft", "sft"), ("eksft", "eksft")]
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
@@ -93,10 +93,15 @@ def test_each_arm_validates_its_own_objective_settings():
     assert type(b).__name__ == "DFTSettings" and not hasattr(b, "ratio") and c is None
 
 
+def test_the_objective_lives_in_the_arms_only():
+    with pytest.raises(RecipeError, match=r"<defaults>: sft\.objective: unknown key \(allowed: adam_betas, .*\); "
+                                          r"objectives belong to arms: arms\[\]\.objective"):
+        load_recipe(None, ["sft.objective.ratio=0.3"])
+
+
 def test_set_overrides_are_typed_and_validated():
-    r = load_recipe(None, ["data.max_length=512", "model.trust_remote_code=true",
-                           *arm_objective("{name: eksft, ratio: 0.1}")])
-    assert r.data.max_length == 512 and r.model.trust_remote_code is True and r.arms[0].objective.ratio == 0.1
+    r = load_recipe(None, ["data.max_length=512", "model.trust_remote_code=true", "arms.eksft.objective.ratio=0.1"])
+    assert r.data.max_length == 512 and r.model.trust_remote_code is True and r.arm("eksft").objective.ratio == 0.1
     with pytest.raises(RecipeError, match=r"data\.maxlen: unknown key"):
         load_recipe(None, ["data.maxlen=3"])
     with pytest.raises(RecipeError, match="key.path=value"):
@@ -120,14 +125,35 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_recipe(write(tmp_path, "- 1\n- 2\n"))
 
 
-def test_for_arm_sets_the_arms_objective():
-    arms = ("arms=[{name: a, objective: {name: eksft, ratio: 0.1, combine: intersection}}, "
-            "{name: base, objective: null}]")
-    r = load_recipe(None, ["sft.objective={name: eksft, ratio: 0.3}", arms])
-    a = r.for_arm("a")
-    assert a.sft.objective.ratio == 0.1 and a.sft.objective.combine == "intersection"
-    assert r.sft.objective.ratio == 0.3 and a.sft.learning_rate == r.sft.learning_rate  # the recipe is unchanged
-    with pytest.raises(RecipeError, match=r"--arm base: this arm has no cold-start objective"):
-        r.for_arm("base")
+def test_set_selects_list_items_by_name_and_materialises_the_default_arms():
+    default = load_recipe(None)
+    r = load_recipe(None, ["arms.eksft.objective.ratio=0.3", "arms.sft.rl.learning_rate=2e-6"])
+    assert [a.name for a in r.arms] == [a.name for a in default.arms]  # the defaults, edited, not replaced
+    assert r.arm("eksft").objective.ratio == 0.3 and r.arm("eksft").objective == \
+        default.arm("eksft").objective.model_copy(update={"ratio": 0.3})
+    assert r.arm_rl(r.arm("sft")).learning_rate == 2e-6 and r.arm_rl(r.arm("eksft")).learning_rate == r.rl.learning_rate
+    # Names with dots (the ablation recipe's) are found whole.
+    dotted = load_recipe(ROOT / "recipes" / "ablation_ratio.yaml", ["arms.eksft_r0.1_union.objective.ratio=0.15"])
+    assert dotted.arm("eksft_r0.1_union").objective.ratio == 0.15
+    assert dotted.arm("eksft_r0.2_union").objective.ratio == 0.2
+    with pytest.raises(RecipeError, match=r"--set arms\.eksf\.objective\.ratio: arms has no item named 'eksf' "
+                                          r"\(arms: sft, eksft\)"):
+        load_recipe(None, ["arms.eksf.objective.ratio=0.3"])
+    with pytest.raises(RecipeError, match=r"eval\.benchmarks is a list without names"):
+        load_recipe(None, ["eval.benchmarks=[gsm8k]", "eval.benchmarks.gsm8k=1"])
+
+
+def test_arm_lookup_and_rl_overrides_merged_at_every_depth():
+    r = load_recipe(None, ["rl.lora.enabled=true", "rl.lora.r=8", "arms.eksft.rl.lora.alpha=4",
+                           "arms=[{name: a, objective: {name: eksft}, rl: {lora: {r: 4}}}, {name: base, objective: null}]"])
+    assert r.arm_rl(r.arm("a")).lora.model_dump() == {**r.rl.lora.model_dump(), "r": 4}  # enabled stays true
+    assert r.arm_rl(r.arm("base")) == r.rl
     with pytest.raises(RecipeError, match=r"--arm x: no such arm \(arms: a, base\)"):
-        r.for_arm("x")
+        r.arm("x")
+
+
+def test_every_arm_must_save_the_checkpoints_its_evaluations_read():
+    load_recipe(None, ["eval.every_rl_steps=4", "rl.save_every=2"])
+    with pytest.raises(RecipeError, match=r"eval.every_rl_steps \(4\) must be a multiple of rl.save_every of arm "
+                                          r"eksft \(3\)"):
+        load_recipe(None, ["eval.every_rl_steps=4", "rl.save_every=2", "arms.eksft.rl.save_every=3"])

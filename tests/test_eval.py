@@ -302,3 +302,32 @@ def test_evaluate_end_to_end_with_hf_engine(tiny_qwen2_dir, tmp_path):
 
     saved = json.loads((out / "embedded_arithmetic.json").read_text())
     assert tuple(saved) == RESULT_KEYS and saved["pass@k"] == r["pass@k"] and saved["samples"] == r["samples"]
+
+
+def test_a_relative_local_benchmark_is_written_under_its_stem(tiny_qwen2_dir, tmp_path, monkeypatch, capsys):
+    """`eksft eval --benchmarks ../data/gsm8k_test.jsonl` writes gsm8k_test.json (it wrote .._data_gsm8k_test.jsonl.json,
+    which `ls` does not show), and the report finds it under its benchmark name."""
+    from eksft.cli import main
+    from eksft.report.data import load_run
+
+    (tmp_path / "data").mkdir()
+    rows = [{"question": f"What is {i} + 1?", "answer": f"... #### {i + 1}"} for i in range(2)]
+    (tmp_path / "data" / "gsm8k_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    out = tmp_path / "run" / "arm" / "eval" / "after_rl"
+    assert main(["eval", "--model", tiny_qwen2_dir, "--benchmarks", "../data/gsm8k_test.jsonl", "--n", "1",
+                 "--max-tokens", "4", "--engine", "hf", "--out", str(out), "-q"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["gsm8k_test.json"]
+    saved = json.loads((out / "gsm8k_test.json").read_text())
+    assert saved["benchmark"] == "../data/gsm8k_test.jsonl" and [s["answer"] for s in saved["samples"]] == ["1", "2"]
+    assert load_run(tmp_path / "run").evals["arm"]["after_rl"].keys() == {"../data/gsm8k_test.jsonl"}
+    capsys.readouterr()
+
+
+def test_two_local_benchmarks_with_one_stem_are_refused():
+    with pytest.raises(ValidationError, match=r"benchmarks 'a/test\.jsonl' and 'b/test\.parquet' would both write "
+                                              r"test\.json"):
+        EvalConfig(benchmarks=["a/test.jsonl", "b/test.parquet"])
+    with pytest.raises(ValueError, match=r"'gsm8k' and 'data/gsm8k\.jsonl' would both write gsm8k\.json"):
+        evaluate("unused", ["gsm8k", "data/gsm8k.jsonl"], EvalConfig())

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from eksft.layout import RLStageDir
 from rl.grpo import GRPOConfig, run_grpo
 from rl.grpo.logprobs import completion_logprobs
 from rl.reward import math_reward
@@ -145,14 +146,19 @@ def rows(n=16):
 
 
 def read_metrics(out: Path):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in RLStageDir(out).metrics.read_text().splitlines()]
+
+
+def outputs(out: Path):
+    """The trainer's outputs laid out as in a run directory's <arm>/rl."""
+    return RLStageDir(out).trainer_outputs()
 
 
 @pytest.mark.slow
 def test_two_real_grpo_steps_on_the_embedded_model(tmp_path, embedded_dir):
     cfg = GRPOConfig(steps=2, prompts_per_step=4, group_size=4, max_new_tokens=48, learning_rate=1e-5,
                      format_weight=0.1, answer_fallback="last_number", micro_batch_size=8, save_every=1, **FLOAT32)
-    final = run_grpo(embedded_dir, rows(), cfg, tmp_path, rollout=FLOAT32_ENGINE)
+    final = run_grpo(embedded_dir, rows(), cfg, outputs(tmp_path), rollout=FLOAT32_ENGINE)
     metrics = read_metrics(tmp_path)
     assert [m["step"] for m in metrics] == [1, 2]
     for m in metrics:
@@ -167,7 +173,7 @@ def test_two_real_grpo_steps_on_the_embedded_model(tmp_path, embedded_dir):
     assert metrics[1]["kl"] > 0  # the policy moved away from the reference
     start, end = load_file(str(Path(embedded_dir) / "model.safetensors")), load_file(str(final / "model.safetensors"))
     assert max((end[k] - start[k]).abs().max().item() for k in start) > 0
-    lines = (tmp_path / "rollouts" / "step-1.jsonl").read_text().splitlines()
+    lines = outputs(tmp_path).rollout_file(1).read_text().splitlines()
     assert len(lines) == 16 and {"completion", "reward", "answer"} <= json.loads(lines[0]).keys()
     # The rewards the trainer used are math_reward's with the configured fallback and format weight.
     logged = [json.loads(line) for line in lines]
@@ -181,20 +187,21 @@ def test_killed_run_resumes_exactly(tmp_path, tiny_qwen2_dir):
     common = dict(prompts_per_step=2, group_size=4, max_new_tokens=12, learning_rate=1e-3, alpha_entropy=0.01,
                   beta_kl=0.01, save_every=1, micro_batch_size=4)
     data = rows(8)
-    full = run_grpo(tiny_qwen2_dir, data, GRPOConfig(steps=2, **common), tmp_path / "full")
-    run_grpo(tiny_qwen2_dir, data, GRPOConfig(steps=1, **common), tmp_path / "killed")
-    assert (tmp_path / "killed/checkpoints/step-1/trainer_state.pt").is_file()
+    full_out, killed = outputs(tmp_path / "full"), outputs(tmp_path / "killed")
+    full = run_grpo(tiny_qwen2_dir, data, GRPOConfig(steps=2, **common), full_out)
+    run_grpo(tiny_qwen2_dir, data, GRPOConfig(steps=1, **common), killed)
+    assert (tmp_path / "killed/checkpoints/step-1/trainer_state.pt").is_file()  # the run directory's layout
     # A kill between the last write of step 2's checkpoint and its rename leaves a complete-looking
     # `step-2.tmp`; resuming must ignore it (it once crashed on int("2.tmp")) and start from step-1.
-    shutil.copytree(tmp_path / "killed/checkpoints/step-1", tmp_path / "killed/checkpoints/step-2.tmp")
-    with (tmp_path / "killed/metrics.jsonl").open("a") as f:  # and a kill inside a metrics write
+    shutil.copytree(killed.step_checkpoint(1), killed.checkpoints / "step-2.tmp")
+    with killed.metrics.open("a") as f:  # and a kill inside a metrics write
         f.write('{"phase": "rl", "step": 2, "rew')
-    resumed = run_grpo(tiny_qwen2_dir, data, GRPOConfig(steps=2, **common), tmp_path / "killed")
+    resumed = run_grpo(tiny_qwen2_dir, data, GRPOConfig(steps=2, **common), killed)
     a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "killed")
     assert [m["step"] for m in b] == [1, 2]
     for key in ("entropy", "kl", "grad_norm", "pg_loss", "response_length_mean"):
         assert a[1][key] == pytest.approx(b[1][key], rel=1e-6, abs=1e-9), key
-    assert (tmp_path / "full/rollouts/step-2.jsonl").read_text() == (tmp_path / "killed/rollouts/step-2.jsonl").read_text()
+    assert full_out.rollout_file(2).read_text() == killed.rollout_file(2).read_text()
     w_full, w_res = load_file(str(full / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     for k in w_full:
         torch.testing.assert_close(w_res[k], w_full[k], rtol=1e-6, atol=1e-8)
@@ -204,7 +211,7 @@ def test_dynamic_sampling_with_only_zero_variance_groups_skips_the_update(tmp_pa
     """A random tiny model never answers: every group has reward 0, so nothing is trained and that is logged."""
     cfg = GRPOConfig(steps=1, prompts_per_step=2, group_size=2, max_new_tokens=4, dynamic_sampling=True,
                      max_sampling_rounds=2)
-    final = run_grpo(tiny_qwen2_dir, rows(8), cfg, tmp_path)
+    final = run_grpo(tiny_qwen2_dir, rows(8), cfg, outputs(tmp_path))
     (m,) = read_metrics(tmp_path)
     assert m["groups"] == 0 and m["groups_seen"] == 4 and m["sampling_rounds"] == 2 and m["zero_variance_share"] == 1.0
     start, end = load_file(str(Path(tiny_qwen2_dir) / "model.safetensors")), load_file(str(final / "model.safetensors"))

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from rl.grpo import GRPOConfig, GRPOLoraConfig, run_grpo
 from rl.common.lora import merged_state_dict, wrap_with_lora
-from test_grpo import FLOAT32, FLOAT32_ENGINE, read_metrics, rows  # the full-weight tests' prompts and pins
+from test_grpo import FLOAT32, FLOAT32_ENGINE, outputs, read_metrics, rows  # the full-weight tests' prompts and pins
 
 LORA = {"enabled": True, "r": 4, "alpha": 8}
 # The entropy bonus gives a gradient even when every reward of the random tiny model is 0.
@@ -41,7 +41,7 @@ def test_merged_weights_equal_peft_merge_and_leave_the_model_alone(tiny_qwen2_di
 @pytest.mark.slow
 def test_two_lora_grpo_steps(tmp_path, tiny_qwen2_dir):
     cfg = GRPOConfig(steps=2, lora=LORA, **COMMON, **FLOAT32)
-    final = run_grpo(tiny_qwen2_dir, rows(8), cfg, tmp_path, rollout=FLOAT32_ENGINE)
+    final = run_grpo(tiny_qwen2_dir, rows(8), cfg, outputs(tmp_path), rollout=FLOAT32_ENGINE)
     m1, m2 = read_metrics(tmp_path)
     # Step 1: B = 0, so the policy is the base exactly and the KL to it (adapters off) is exactly 0.
     assert m1["kl"] == 0.0 and m2["kl"] > 0
@@ -53,15 +53,15 @@ def test_two_lora_grpo_steps(tmp_path, tiny_qwen2_dir):
     assert moved and all(k.endswith("proj.weight") for k in moved)  # only the adapted linear layers
     assert "model.embed_tokens.weight" not in moved and not any("norm" in k for k in moved)
     assert (final / "adapter" / "adapter_config.json").is_file()
-    assert (tmp_path / "checkpoints/step-1/adapter/adapter_model.safetensors").is_file()
+    assert (outputs(tmp_path).step_checkpoint(1) / "adapter/adapter_model.safetensors").is_file()
 
 
 @pytest.mark.slow
 def test_killed_lora_run_resumes_exactly(tmp_path, tiny_qwen2_dir):
     data = rows(8)
-    full = run_grpo(tiny_qwen2_dir, data, GRPOConfig(steps=2, lora=LORA, **COMMON), tmp_path / "full")
-    run_grpo(tiny_qwen2_dir, data, GRPOConfig(steps=1, lora=LORA, **COMMON), tmp_path / "killed")
-    resumed = run_grpo(tiny_qwen2_dir, data, GRPOConfig(steps=2, lora=LORA, **COMMON), tmp_path / "killed")
+    full = run_grpo(tiny_qwen2_dir, data, GRPOConfig(steps=2, lora=LORA, **COMMON), outputs(tmp_path / "full"))
+    run_grpo(tiny_qwen2_dir, data, GRPOConfig(steps=1, lora=LORA, **COMMON), outputs(tmp_path / "killed"))
+    resumed = run_grpo(tiny_qwen2_dir, data, GRPOConfig(steps=2, lora=LORA, **COMMON), outputs(tmp_path / "killed"))
     a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "killed")
     assert [m["step"] for m in b] == [1, 2]
     for key in ("entropy", "kl", "grad_norm", "pg_loss", "response_length_mean"):
@@ -78,7 +78,7 @@ def test_lora_measures_kl_to_another_reference_when_given(tmp_path, tiny_qwen2_d
 
     other = prepare_tiny("qwen2", tmp_path / "other", seed=1)
     cfg = GRPOConfig(steps=1, lora=LORA, **COMMON)
-    run_grpo(tiny_qwen2_dir, rows(8), cfg, tmp_path / "same", reference_dir=tiny_qwen2_dir)
-    run_grpo(tiny_qwen2_dir, rows(8), cfg, tmp_path / "other_ref", reference_dir=str(other))
+    run_grpo(tiny_qwen2_dir, rows(8), cfg, outputs(tmp_path / "same"), reference_dir=tiny_qwen2_dir)
+    run_grpo(tiny_qwen2_dir, rows(8), cfg, outputs(tmp_path / "other_ref"), reference_dir=str(other))
     assert read_metrics(tmp_path / "same")[0]["kl"] == 0.0  # the base, adapters off: B = 0 at step 1
     assert read_metrics(tmp_path / "other_ref")[0]["kl"] > 0.01

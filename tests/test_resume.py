@@ -2,7 +2,7 @@
 
 import json
 
-from rl.common.resume import latest_complete_checkpoint, truncate_metrics
+from rl.common.resume import checkpoint_name, latest_complete_checkpoint, truncate_metrics
 
 
 def make(root, name, *files):
@@ -17,7 +17,7 @@ def test_latest_complete_checkpoint_skips_partial_and_temporary_directories(tmp_
     assert latest_complete_checkpoint(tmp_path / "missing", "step", "state.pt") is None
     assert latest_complete_checkpoint(tmp_path, "step", "state.pt") is None
     make(tmp_path, "step-2", "model", "state.pt")
-    want = make(tmp_path, "step-10", "model", "state.pt")  # numeric, not lexicographic: 10 > 9 > 2
+    want = make(tmp_path, checkpoint_name("step", 10), "model", "state.pt")  # numeric, not lexicographic: 10 > 9 > 2
     make(tmp_path, "step-9", "model", "state.pt")
     make(tmp_path, "step-11", "model")                      # killed before its last file
     make(tmp_path, "step-12.tmp", "model", "state.pt")      # killed between the last write and the rename

@@ -15,6 +15,7 @@ from transformers import TrainerCallback
 
 from eksft.cli import main
 from eksft.config import load_recipe
+from eksft.layout import SFTStageDir
 from eksft.sft import run_sft
 
 BASE = ["model.name=tiny:qwen2", "data.sft.num_examples=8", "data.max_length=128", "sft.learning_rate=1e-2",
@@ -27,7 +28,13 @@ def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 
 def read_metrics(stage: Path) -> list[dict]:
-    return [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in SFTStageDir(stage).metrics.read_text().splitlines()]
+
+
+def train(overrides: list[str], out: Path, arm: str = "eksft", callbacks=()) -> Path:
+    """run_sft on the objective of one of the default arms (sft, eksft), as the SFT stage of that arm."""
+    recipe = load_recipe(None, overrides)
+    return run_sft(recipe, recipe.arm(arm).objective, SFTStageDir(out), callbacks=callbacks)
 
 
 class GradientsBeforeStep(TrainerCallback):
@@ -42,13 +49,10 @@ class GradientsBeforeStep(TrainerCallback):
 
 @pytest.mark.parametrize("objective", ["eksft", "sft"])
 def test_two_accumulation_steps_of_one_equal_one_batch_of_two(tmp_path, objective):
-    ratio = ", ratio: 0.3" if objective == "eksft" else ""  # sft has no ratio: it would be refused
-    common = [*BASE, "sft.max_steps=1", f"sft.objective={{name: {objective}{ratio}}}"]
+    common = [*BASE, "sft.max_steps=1", "arms.eksft.objective.ratio=0.3"]
     g_b2, g_a2 = GradientsBeforeStep(), GradientsBeforeStep()
-    batch2 = run_sft(load_recipe(None, [*common, "sft.batch_size=2", "sft.grad_accum=1"]), tmp_path / "b2",
-                     callbacks=[g_b2])
-    accum2 = run_sft(load_recipe(None, [*common, "sft.batch_size=1", "sft.grad_accum=2"]), tmp_path / "a2",
-                     callbacks=[g_a2])
+    batch2 = train([*common, "sft.batch_size=2", "sft.grad_accum=1"], tmp_path / "b2", objective, callbacks=[g_b2])
+    accum2 = train([*common, "sft.batch_size=1", "sft.grad_accum=2"], tmp_path / "a2", objective, callbacks=[g_a2])
     start = weights(Path(os.environ.get("EKSFT_CACHE", Path.home() / ".cache/eksft")) / "models/tiny-qwen2")
     w_b2, w_a2 = weights(batch2), weights(accum2)
     moved = max((w_b2[k] - start[k]).abs().max().item() for k in start)
@@ -129,11 +133,11 @@ def test_two_torchrun_processes_equal_two_accumulation_steps(tmp_path):
     the objective metrics are averaged over the processes like the Trainer's loss.
     """
     common = [*BASE, "data.sft.num_examples=2", "sft.max_steps=2", "sft.batch_size=1", "sft.learning_rate=1e-3",
-              "sft.objective.name=eksft", "sft.objective.ratio=0.3", "sft.logging_steps=1"]
-    accum = run_sft(load_recipe(None, [*common, "sft.grad_accum=2"]), tmp_path / "accum")
+              "arms.eksft.objective.ratio=0.3", "sft.logging_steps=1"]
+    accum = train([*common, "sft.grad_accum=2"], tmp_path / "accum")
     # `eksft sft` with sft.num_processes=2 launches torchrun itself (what the pipeline's SFT stage does too).
     cmd = [sys.executable, "-m", "eksft.cli", "sft", *[a for c in [*common, "sft.num_processes=2"] for a in ("--set", c)],
-           "--output", str(tmp_path / "ddp")]
+           "--arm", "eksft", "--output", str(tmp_path / "ddp")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[sft] 2 processes: -m torch.distributed.run" in proc.stdout
@@ -150,7 +154,7 @@ def test_two_torchrun_processes_equal_two_accumulation_steps(tmp_path):
 
 
 def test_metrics_jsonl_has_the_objective_terms(tmp_path):
-    run_sft(load_recipe(None, [*BASE, "sft.max_steps=2", "sft.batch_size=2"]), tmp_path / "s")
+    train([*BASE, "sft.max_steps=2", "sft.batch_size=2"], tmp_path / "s")
     rows = read_metrics(tmp_path / "s")
     assert [r["step"] for r in rows] == [1, 2]
     for key in ("loss", "grad_norm", "learning_rate", "ce", "entropy_bonus", "kl_term", "entropy_mean", "kl_mean",
@@ -176,8 +180,8 @@ class StopAt(TrainerCallback):
 def test_killed_run_resumes_exactly(tmp_path):
     overrides = [*BASE, "sft.max_steps=4", "sft.save_steps=2", "sft.batch_size=2", "sft.lr_scheduler=cosine",
                  "sft.learning_rate=5e-3"]
-    full = run_sft(load_recipe(None, overrides), tmp_path / "full")
-    run_sft(load_recipe(None, overrides), tmp_path / "killed", callbacks=[StopAt(3)])
+    full = train(overrides, tmp_path / "full")
+    train(overrides, tmp_path / "killed", callbacks=[StopAt(3)])
     ckpts = tmp_path / "killed/checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-2"]
     assert [r["step"] for r in read_metrics(tmp_path / "killed")] == [1, 2, 3]
@@ -186,7 +190,7 @@ def test_killed_run_resumes_exactly(tmp_path):
     shutil.copytree(ckpts / "checkpoint-2", ckpts / "checkpoint-4", ignore=shutil.ignore_patterns("trainer_state.json"))
     with (tmp_path / "killed/metrics.jsonl").open("a") as f:
         f.write('{"phase": "sft", "step": 4, "lo')
-    resumed = run_sft(load_recipe(None, overrides), tmp_path / "killed")  # resumes from checkpoint-2
+    resumed = train(overrides, tmp_path / "killed")  # resumes from checkpoint-2
     w_full, w_res = weights(full), weights(resumed)
     for k in w_full:
         torch.testing.assert_close(w_res[k], w_full[k], rtol=1e-6, atol=1e-7)
@@ -213,8 +217,8 @@ def test_lora_with_adapter_reference(tmp_path):
     ref = ReferenceModel("adapter").logits(peft_model, ids, torch.ones_like(ids), first=0)  # every position
     assert torch.equal(ref, expected)
 
-    final = run_sft(load_recipe(None, [*BASE, "sft.max_steps=2", "sft.lora.enabled=true", "sft.reference=adapter",
-                                       "sft.lora.r=4"]), tmp_path / "lora")
+    final = train([*BASE, "sft.max_steps=2", "sft.lora.enabled=true", "sft.reference=adapter", "sft.lora.r=4"],
+                  tmp_path / "lora")
     w = weights(final)
     assert not any("lora" in k for k in w)  # merged: a plain directory vLLM serves
     rows = read_metrics(tmp_path / "lora")
@@ -245,7 +249,7 @@ def test_cli_sft_checkpoint_answers_through_vllm(tmp_path, capsys):
 def test_inspect_masks_writes_page(tmp_path, capsys):
     out = tmp_path / "masks.html"
     assert main(["inspect-masks", "--set", "model.name=tiny:qwen2", "--set", "data.sft.num_examples=3",
-                 "-n", "2", "--out", str(out)]) == 0
+                 "--arm", "eksft", "-n", "2", "--out", str(out)]) == 0
     page = out.read_text()
     assert page.count("<h2>Example") == 2
     # Token spans carry a title (their values); the legend's spans of the same classes do not.
@@ -265,7 +269,7 @@ def test_inspect_masks_writes_page(tmp_path, capsys):
 
 
 def test_inspect_masks_uses_the_named_arms_selection(tmp_path, capsys):
-    """--arm reads the arm's objective, not the recipe's sft.objective (here: ratio 0 selects nothing)."""
+    """--arm reads the arm's objective (here: ratio 0 selects nothing); without it, the choice is explicit."""
     out = tmp_path / "masks.html"
     arms = "arms=[{name: sft, objective: {name: sft}}, {name: none, objective: {name: eksft, ratio: 0.0}}]"
     common = ["inspect-masks", "--set", "model.name=tiny:qwen2", "--set", "data.sft.num_examples=3", "--set", arms,
@@ -274,19 +278,21 @@ def test_inspect_masks_uses_the_named_arms_selection(tmp_path, capsys):
     page = out.read_text()
     assert page.count("<h2>Example") == 2 and 'class="tok kept" title=' in page
     assert not any(f'class="tok {k}" title=' in page for k in ("entropy", "kl", "both"))
-    assert main(common) == 0  # the recipe's sft.objective: eksft at ratio 0.2
+    assert main([*common, "--objective", "eksft"]) == 0  # no arm named eksft: eksft at its default ratio 0.2
     page = out.read_text()
     assert 'class="tok both" title=' in page or 'class="tok entropy" title=' in page
     capsys.readouterr()
     assert main([*common, "--arm", "nope"]) == 2
     assert "--arm nope: no such arm (arms: sft, none)" in capsys.readouterr().err
+    assert main(common) == 2  # two arms with an objective: which one is not guessed
+    assert "the recipe has 2 arms with an objective (sft, none): choose one with --arm" in capsys.readouterr().err
 
 
 def test_bf16_weights_without_master_copy_are_flagged(tmp_path, capsys):
     """A bf16 model trained directly loses most updates of size lr; run_sft says so, float32 + autocast does not."""
     common = [*BASE, "sft.max_steps=1", "sft.batch_size=2", "sft.learning_rate=1e-5"]
-    run_sft(load_recipe(None, [*common, "model.dtype=bfloat16", "sft.bf16=false"]), tmp_path / "bf16")
+    train([*common, "model.dtype=bfloat16", "sft.bf16=false"], tmp_path / "bf16")
     out = capsys.readouterr().out
     assert "[sft] WARNING: training bfloat16 parameters directly" in out and "lr=1e-05" in out
-    run_sft(load_recipe(None, [*common, "sft.bf16=true"]), tmp_path / "fp32")
+    train([*common, "sft.bf16=true"], tmp_path / "fp32")
     assert "training bfloat16 parameters directly" not in capsys.readouterr().out

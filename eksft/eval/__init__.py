@@ -8,9 +8,9 @@ policy on its own samples, response length, truncation rate, wall time; one JSON
 Command line: ``eksft eval --model M --benchmarks math500,gsm8k --n 16``.
 """
 
-from eksft.eval.benchmarks import BENCHMARKS, BenchmarkSpec, benchmark_filename, load_benchmark
+from eksft.eval.benchmarks import BENCHMARKS, BenchmarkSpec, load_benchmark
 from eksft.eval.config import EvalConfig
 from eksft.eval.runner import RESULT_KEYS, evaluate, summarize, write_result
 
-__all__ = ["BENCHMARKS", "BenchmarkSpec", "EvalConfig", "RESULT_KEYS", "benchmark_filename", "evaluate",
-           "load_benchmark", "summarize", "write_result"]
+__all__ = ["BENCHMARKS", "BenchmarkSpec", "EvalConfig", "RESULT_KEYS", "evaluate", "load_benchmark", "summarize",
+           "write_result"]

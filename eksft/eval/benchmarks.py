@@ -34,12 +34,12 @@ instruction, which the reward needs).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from eksft.data.config import DataConfig
 from eksft.data.sources import DataError, Row
 
 EMBEDDED_EVAL_SEED = 10_000
@@ -200,18 +200,6 @@ def check_benchmark_name(name: str) -> str:
     raise DataError(f"unknown benchmark {name!r} (allowed: {allowed_names()})")
 
 
-def benchmark_filename(name: str) -> str:
-    """File stem of a benchmark's result JSON: every character outside ``[A-Za-z0-9._-]`` becomes ``_``.
-
-    ``"gsm8k" -> "gsm8k"``, ``"embedded:arithmetic" -> "embedded_arithmetic"``, ``"data/x.jsonl" -> "data_x.jsonl"``:
-    the same rule as ``eksft.report.layout.benchmark_stem`` (the report's run-directory layout). The mapping is not
-    injective; the JSON's own ``"benchmark"`` field is authoritative.
-    """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"benchmark name must be a non-empty string, got {name!r}")
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
-
-
 # ----------------------------------------------------------------------------- loading
 
 
@@ -250,15 +238,13 @@ def load_benchmark(name: str, num_problems: int | None = None, data_cfg=None) ->
     """``[{"prompt": messages, "answer": str, "problem": str}]`` of benchmark ``name`` (see the module docstring).
 
     ``num_problems``: the first N problems (embedded generators: how many to make, default 64).
-    ``data_cfg``: an ``eksft.config.DataConfig`` (or anything with ``system_prompt`` and ``instruction``) whose
+    ``data_cfg``: an ``eksft.data.config.DataConfig`` (or anything with ``system_prompt`` and ``instruction``) whose
     prompt settings are used; default: ``DataConfig()``'s (no system prompt, the boxed-answer instruction).
     Raises :class:`DataError` naming the benchmark (and hub id, file or row) on any problem.
     """
     from eksft.data import read_rows, to_prompt_answer
 
     if data_cfg is None:
-        from eksft.config import DataConfig
-
         data_cfg = DataConfig()
     if num_problems is not None and num_problems < 1:
         raise DataError(f"benchmark {name!r}: num_problems must be >= 1, got {num_problems}")

@@ -15,13 +15,16 @@ import re
 from pathlib import Path
 
 from eksft.data.formats import BOXED_ANSWER_INSTRUCTION
+from eksft.layout import CHECKPOINT_DIR, CHECKPOINTS_DIR, RL_STEP_PREFIX
 
 DESCRIPTION = (
     "Sample N completions per problem from a model (vLLM by default, or transformers with --engine hf), score the "
     "last \\boxed{} answer of each with math-verify, and report per benchmark: avg@n (mean accuracy), pass@k for "
     "every k in 1..n (unbiased estimator), maj@k (majority vote of the extracted answers; k = 1, 2, 4, ..., n), the "
     "policy's mean token entropy on its own samples (-mean log-prob of the sampled tokens), response length and "
-    "truncation rate. Writes one JSON file per benchmark (metrics and every sample) to --out and prints a table. "
+    "truncation rate. Writes one JSON file per benchmark (metrics and every sample) to --out, named after the benchmark "
+    "(gsm8k.json, embedded_arithmetic.json; a local file after its stem: ../data/gsm8k_test.jsonl -> gsm8k_test.json, "
+    "and two files with one stem are refused), and prints a table. "
     "Benchmarks: math500, aime24, aime25, amc23, gsm8k, minerva, olympiadbench (HF hub or its cache), "
     "embedded:arithmetic|multistep|gsm|mix (generated offline with a held-out seed, 64 problems by default), or a "
     "local .jsonl/.json/.parquet file with problem|question and answer|final_answer fields. Prompts use the "
@@ -61,7 +64,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--answer-fallback", choices=["none", "last_number"],
                    help="answer of a completion without a closed \\boxed{}: none (incorrect, default) or its last number")
     p.add_argument("--engine", choices=["vllm", "hf"], help="rollout engine (default: the recipe's rollout.engine, vllm)")
-    p.add_argument("--out", "-o", help="directory for <benchmark>.json (default: <output_dir>/eval/<model basename>)")
+    p.add_argument("--out", "-o", help="directory of the result files (default: <output_dir>/eval/<model basename>)")
     p.add_argument("--point", help="label stored in the results, e.g. sft_end (default: none)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.add_argument("--recipe", "-r", help="YAML recipe for the prompt (data.instruction, data.system_prompt), rollout "
@@ -78,7 +81,7 @@ def model_basename(name: str) -> str:
     path = Path(name.rstrip("/"))
     if ":" in name and not path.exists():
         base = name
-    elif path.name in ("checkpoint", "checkpoints") or path.name.startswith("step-"):
+    elif path.name in (CHECKPOINT_DIR, CHECKPOINTS_DIR) or path.name.startswith(f"{RL_STEP_PREFIX}-"):
         base = f"{path.parent.name}-{path.name}"
     else:
         base = path.name
@@ -127,8 +130,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from eksft.config import format_validation_error, load_recipe
     from eksft.eval.config import EvalConfig
-    from eksft.eval.runner import evaluate
-    from eksft.models import resolve_model_dir
+    from eksft.stages import eval_stage
 
     recipe = load_recipe(args.recipe, args.overrides)
     base = getattr(recipe, "eval", None)
@@ -140,10 +142,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = args.model or recipe.model.name
     rollout = recipe.rollout.model_copy(update={"engine": args.engine}) if args.engine else recipe.rollout
     out = Path(args.out) if args.out else Path(recipe.output_dir) / "eval" / model_basename(model)
-    model_dir = resolve_model_dir(model)
-    results = evaluate(model_dir, cfg.benchmarks, cfg, rollout_cfg=rollout, data_cfg=recipe.data, out_dir=out,
-                       point=args.point, model_name=model, trust_remote_code=recipe.model.trust_remote_code,
-                       progress=not args.quiet)
+    recipe = recipe.model_copy(update={"eval": cfg, "rollout": rollout})
+    results = eval_stage(recipe, model, out, args.point, progress=not args.quiet)
     print_table(results, f"{model}: n={cfg.n}, temperature={cfg.temperature}, max_new_tokens={cfg.max_new_tokens}")
     print(f"[eval] results: {out}/")
     return 0

@@ -1,7 +1,8 @@
 """Evaluation settings (a recipe's ``eval`` section, and what ``eksft eval`` builds from its flags).
 
-This module imports only pydantic and the benchmark registry, so ``eksft.config`` may import it to add
-``eval: EvalConfig`` to the recipe without an import cycle.
+``eksft.config`` imports this module to add ``eval: EvalConfig`` to the recipe; this module and the benchmark
+registry it imports take the ``data`` settings from ``eksft.data.config``, never from ``eksft.config``, so no
+import comes back.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from eksft.eval.benchmarks import check_benchmark_name
+from eksft.layout import check_distinct_result_files
 
 
 class EvalConfig(BaseModel):
@@ -49,4 +51,5 @@ class EvalConfig(BaseModel):
             check_benchmark_name(name)
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate benchmark names in {names}")
+        check_distinct_result_files(names)
         return names

@@ -3,7 +3,7 @@
     results = evaluate(model_dir, ["math500", "embedded:gsm"], EvalConfig(n=16), out_dir="runs/x/eval/sft_end")
     results["math500"]["pass@k"]["16"]
 
-Per benchmark (also written to ``out_dir/<benchmark_filename(name)>.json``, schema ``RESULT_KEYS``):
+Per benchmark (also written to ``out_dir/<eksft.layout.benchmark_filename(name)>``, schema ``RESULT_KEYS``):
 
   avg@n                 mean accuracy over all n samples of all problems
   pass@k                {"1": ..., ..., "n": ...}: the unbiased estimator 1 - C(n-c, k)/C(n, k), averaged over problems
@@ -27,8 +27,9 @@ from typing import Any
 
 from rl.metrics import maj_at_k, mean_at_n, pass_at_k, power_of_two_ks
 
-from eksft.eval.benchmarks import benchmark_filename, load_benchmark
+from eksft.eval.benchmarks import load_benchmark
 from eksft.eval.config import EvalConfig
+from eksft.layout import check_distinct_result_files, result_path
 
 RESULT_KEYS = ("benchmark", "model", "point", "n", "num_problems", "avg@n", "pass@k", "maj@k", "entropy_mean",
                "response_length_mean", "truncation_rate", "wall_s", "samples")
@@ -125,10 +126,9 @@ def problem_seed(seed: int, benchmark: str, index: int) -> int:
 
 
 def write_result(result: dict, out_dir: str | Path) -> Path:
-    """Write one benchmark's result to ``out_dir/<benchmark_filename(name)>.json`` (atomically)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{benchmark_filename(result['benchmark'])}.json"
+    """Write one benchmark's result to ``out_dir/<benchmark_filename(name)>`` (atomically)."""
+    path = result_path(out_dir, result["benchmark"])
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=1, ensure_ascii=False))
     tmp.replace(path)
@@ -147,7 +147,7 @@ def evaluate(model_dir: str, benchmarks: Sequence[str], cfg: EvalConfig, rollout
     engine:      an engine to use (e.g. the RL trainer's, serving the current weights); it is not shut down.
                  An engine created here serves all benchmarks and is shut down at the end.
     data_cfg:    the recipe's ``DataConfig`` (system prompt, instruction) for building prompts
-    out_dir:     write ``<out_dir>/<benchmark>.json`` per benchmark when given
+    out_dir:     write ``<out_dir>/<benchmark_filename(benchmark)>`` per benchmark when given
     point:       label stored in the results (``"sft_start"``, ``"rl_step_50"``, ...)
     model_name:  what the results call the model (default: model_dir)
 
@@ -157,6 +157,7 @@ def evaluate(model_dir: str, benchmarks: Sequence[str], cfg: EvalConfig, rollout
     from rl.rollout import SamplingConfig, prompt_token_ids
 
     benchmarks = list(benchmarks)
+    check_distinct_result_files(benchmarks)
     problems = {name: load_benchmark(name, cfg.num_problems, data_cfg) for name in benchmarks}
     if tokenizer is None:
         from transformers import AutoTokenizer

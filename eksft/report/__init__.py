@@ -4,13 +4,11 @@
     build_report("runs/quickstart")   # -> runs/quickstart/report/
     print(format_table("runs/quickstart"))
 
-File names and evaluation points of a run directory live in :mod:`eksft.report.layout`
-(``benchmark_filename``, ``point_step``, ...), importable without matplotlib.
+File names and evaluation points of a run directory live in :mod:`eksft.layout` (``RunLayout``,
+``benchmark_filename``, ``point_step``, ...), importable without matplotlib.
 """
 
-from eksft.report.layout import benchmark_filename, eval_path, point_step, rl_step_point
-
-__all__ = ["build_report", "format_table", "load_run", "benchmark_filename", "eval_path", "point_step", "rl_step_point"]
+__all__ = ["build_report", "format_table", "load_run"]
 
 
 def build_report(run_dir, out_dir=None):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from eksft.report import layout
+from eksft import layout
 from eksft.report.data import load_run
 from eksft.report.page import render_index
 from eksft.report.plots import arm_colours, write_plots
@@ -25,7 +25,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     ``run_dir/report``, so keep the default when the page's links matter.
     """
     run = load_run(run_dir)
-    out = Path(out_dir) if out_dir is not None else layout.report_dir(run.run_dir)
+    out = Path(out_dir) if out_dir is not None else layout.RunLayout(run.run_dir).report
     out.mkdir(parents=True, exist_ok=True)
     rows = table_rows(run)
     _write_atomic(out / "table.md", format_table(run))

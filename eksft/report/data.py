@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from eksft.report import layout
+from eksft import layout
 
 log = logging.getLogger(__name__)
 
@@ -102,21 +102,11 @@ def number(value: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def _discover_arms(run_dir: Path) -> list[str]:
-    arms = []
-    for d in sorted(p for p in run_dir.iterdir() if p.is_dir()):
-        if d.name == layout.REPORT_DIR or d.name.startswith((".", "_")):  # _base: shared, not an arm
-            continue
-        if any((d / sub).is_dir() for sub in ("sft", "rl", "eval")):
-            arms.append(d.name)
-    return arms
-
-
-def _load_evals(run_dir: Path, arm: str, benchmarks: list[str]):
+def _load_evals(arm_dir: layout.ArmDir, benchmarks: list[str]):
     by_file = {layout.benchmark_filename(b): b for b in benchmarks}
     evals: dict[str, dict[str, dict]] = {}
     files: dict[str, dict[str, Path]] = {}
-    eval_dir = run_dir / arm / "eval"
+    eval_dir = arm_dir.evals
     if not eval_dir.is_dir():
         return evals, files
     points = [p for p in eval_dir.iterdir() if p.is_dir()]
@@ -136,21 +126,20 @@ def load_run(run_dir: str | Path) -> RunData:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory not found: {run_dir}")
-    meta = _read_json(run_dir / layout.RUN_JSON) or {}
-    arms = list(meta.get("arms") or _discover_arms(run_dir))
-    for extra in _discover_arms(run_dir):  # an arm on disk but not (yet) in run.json still shows
+    run = layout.RunLayout(run_dir)
+    meta = _read_json(run.run_json) or {}
+    arms = list(meta.get("arms") or run.arms_on_disk())
+    for extra in run.arms_on_disk():  # an arm on disk but not (yet) in run.json still shows
         if extra not in arms:
             arms.append(extra)
     benchmarks = list(meta.get("benchmarks") or [])
 
-    sft_metrics = {a: [r for r in read_jsonl(layout.sft_metrics_path(run_dir, a)) if r.get("phase", "sft") == "sft"]
-                   for a in arms}
-    rl_metrics = {a: [r for r in read_jsonl(layout.rl_metrics_path(run_dir, a)) if r.get("phase", "rl") == "rl"]
-                  for a in arms}
+    sft_metrics = {a: [r for r in read_jsonl(run.arm(a).sft.metrics) if r.get("phase", "sft") == "sft"] for a in arms}
+    rl_metrics = {a: [r for r in read_jsonl(run.arm(a).rl.metrics) if r.get("phase", "rl") == "rl"] for a in arms}
 
     evals, eval_files = {}, {}
     for a in arms:
-        evals[a], eval_files[a] = _load_evals(run_dir, a, benchmarks)
+        evals[a], eval_files[a] = _load_evals(run.arm(a), benchmarks)
     for a in arms:  # benchmarks not declared in run.json, in order of appearance
         for pt in evals[a].values():
             for b in pt:

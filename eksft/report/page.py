@@ -6,7 +6,7 @@ import html
 import json
 from pathlib import Path
 
-from eksft.report import layout
+from eksft import layout
 from eksft.report.data import RunData
 from eksft.report.table import LEGEND, TableRow, header_note, html_table, url_part
 
@@ -64,14 +64,15 @@ def _progress(run: RunData, colours: dict[str, str]) -> str:
         sft_logged = max((int(r["step"]) for r in run.sft_metrics.get(arm, []) if "step" in r), default=0)
         rl_logged = max((int(r["step"]) for r in run.rl_metrics.get(arm, []) if "step" in r), default=0)
         planned_rl = run.arm_rl_steps(arm)
-        sft_cell = "no SFT" if run.sft_steps.get(arm, 0) == 0 else _done(run.run_dir / arm / "sft" / layout.DONE_FILE)
+        arm_dir = layout.RunLayout(run.run_dir).arm(arm)
+        sft_cell = "no SFT" if run.sft_steps.get(arm, 0) == 0 else _done(arm_dir.sft.done_marker)
         pts = run.evals.get(arm, {})
         evals = ", ".join(f"{e(p)} ({len(pts[p])}/{len(run.benchmarks)})"
                           for p in sorted(pts, key=layout.point_sort_key)) or '<span class="absent">none yet</span>'
         out.append(f'<tr><td class="arm"><span class="swatch" style="background:{colours[arm]}"></span>{e(arm)}</td>'
                    f'<td class="num">{sft_logged} / {run.sft_steps.get(arm, 0)}</td><td>{sft_cell}</td>'
                    f'<td class="num">{rl_logged} / {"?" if planned_rl is None else planned_rl}</td>'
-                   f'<td>{_done(run.run_dir / arm / "rl" / layout.DONE_FILE)}</td><td>{evals}</td></tr>')
+                   f'<td>{_done(arm_dir.rl.done_marker)}</td><td>{evals}</td></tr>')
     out.append("</tbody></table>")
     return "\n".join(out)
 
@@ -79,11 +80,11 @@ def _progress(run: RunData, colours: dict[str, str]) -> str:
 def _arm_files(run: RunData, arm: str) -> str:
     e = html.escape
     items = []
-    masks = layout.masks_path(run.run_dir, arm)
+    arm_dir = layout.RunLayout(run.run_dir).arm(arm)
+    masks = arm_dir.sft.masks
     if masks.exists():
         items.append(f"<li><b>token-mask inspection</b>: {_link(run, masks)}</li>")
-    for label, path in (("SFT metrics", layout.sft_metrics_path(run.run_dir, arm)),
-                        ("RL metrics", layout.rl_metrics_path(run.run_dir, arm))):
+    for label, path in (("SFT metrics", arm_dir.sft.metrics), ("RL metrics", arm_dir.rl.metrics)):
         if path.exists():
             items.append(f"<li>{label}: {_link(run, path)}</li>")
     files = run.eval_files.get(arm, {})
@@ -107,7 +108,7 @@ def _md_inline(text: str) -> str:
 
 def render_index(run: RunData, rows: list[TableRow], plots: dict[str, Path], colours: dict[str, str]) -> str:
     e = html.escape
-    run_json = run.run_dir / layout.RUN_JSON
+    run_json = layout.RunLayout(run.run_dir).run_json
     steps = ", ".join(f"{e(a)} {run.sft_steps.get(a, 0)}" for a in run.arms)
     meta = (f'<p class="meta">Arms: {e(", ".join(run.arms))} &middot; benchmarks: {e(", ".join(run.benchmarks))} '
             f'&middot; n = {run.eval_n if run.eval_n is not None else "?"} samples per problem &middot; SFT steps: '

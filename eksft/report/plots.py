@@ -1,7 +1,7 @@
 """Timeline plots: SFT steps then RL steps on one x axis, one line per arm, one colour per arm.
 
 RL step ``s`` of an arm is drawn at ``sft_steps[arm] + s``; evaluation points at
-:func:`eksft.report.layout.point_step`. Rendering uses matplotlib's object API with the Agg canvas
+:func:`eksft.layout.point_step`. Rendering uses matplotlib's object API with the Agg canvas
 (no pyplot, no display, no global backend switch).
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from eksft.report import layout
+from eksft import layout
 from eksft.report.data import RunData, number
 
 DPI = 120
@@ -98,7 +98,7 @@ def eval_series(run: RunData, k: int) -> dict[str, Series]:
             if not vals or any(v is None for v in vals):
                 continue
             rl_steps = run.arm_rl_steps(arm)
-            if point == layout.AFTER_RL and rl_steps is None:
+            if point == layout.AFTER_RL.name and rl_steps is None:
                 continue
             x = layout.point_step(point, run.sft_steps.get(arm, 0), rl_steps)
             by_x[x] = (point, sum(vals) / len(vals))

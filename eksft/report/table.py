@@ -10,12 +10,12 @@ import html
 import io
 from dataclasses import dataclass, field
 
-from eksft.report import layout
+from eksft import layout
 from eksft.report.data import RunData, number
 
 MISSING = "—"  # em dash
 AVERAGE = "average"
-STAGES = ("after_sft", "after_rl")
+STAGES = (layout.AFTER_SFT.name, layout.AFTER_RL.name)
 
 
 @dataclass
@@ -60,18 +60,18 @@ def _pass_at(record: dict, k: int | None) -> float | None:
 
 def row_point(run: RunData, arm: str, stage: str) -> str:
     """The evaluation point behind a table row: an arm without SFT reads ``before_sft`` for "after SFT"."""
-    if stage == "after_rl":
-        return layout.AFTER_RL
+    if stage == layout.AFTER_RL.name:
+        return layout.AFTER_RL.name
     if run.sft_steps.get(arm, 0) == 0:
         pts = run.evals.get(arm, {})
-        if layout.BEFORE_SFT not in pts and layout.AFTER_SFT in pts:
-            return layout.AFTER_SFT
-        return layout.BEFORE_SFT
-    return layout.AFTER_SFT
+        if layout.BEFORE_SFT.name not in pts and layout.AFTER_SFT.name in pts:
+            return layout.AFTER_SFT.name
+        return layout.BEFORE_SFT.name
+    return layout.AFTER_SFT.name
 
 
 def stage_label(run: RunData, arm: str, stage: str) -> str:
-    if stage == "after_rl":
+    if stage == layout.AFTER_RL.name:
         return "after RL"
     return "base (no SFT)" if run.sft_steps.get(arm, 0) == 0 else "after SFT"
 

@@ -13,6 +13,11 @@ import re
 from pathlib import Path
 
 
+def checkpoint_name(prefix: str, step: int) -> str:
+    """``{prefix}-{step}``: the name :func:`latest_complete_checkpoint` finds (the HF Trainer's convention too)."""
+    return f"{prefix}-{step}"
+
+
 def latest_complete_checkpoint(directory: str | Path, prefix: str, last_file: str) -> Path | None:
     """The ``{prefix}-N`` subdirectory with the highest N that holds ``last_file``, or None.
 

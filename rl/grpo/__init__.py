@@ -2,12 +2,14 @@
 (LoRA adapters on a frozen base: ``rl.common.lora``)."""
 
 from rl.grpo.config import GRPOConfig, GRPOLoraConfig
+from rl.grpo.outputs import GRPOOutputs
 
-__all__ = ["GRPOConfig", "GRPOLoraConfig", "run_grpo"]
+__all__ = ["GRPOConfig", "GRPOLoraConfig", "GRPOOutputs", "run_grpo"]
 
 
-def run_grpo(model_dir: str, rows: list[dict], config: GRPOConfig, out_dir, **kwargs):
-    """Train with GRPO from ``model_dir`` on ``[{"prompt": messages, "answer": str}]``; returns the final checkpoint."""
+def run_grpo(model_dir: str, rows: list[dict], config: GRPOConfig, outputs: GRPOOutputs, **kwargs):
+    """Train with GRPO from ``model_dir`` on ``[{"prompt": messages, "answer": str}]``, writing to ``outputs``;
+    returns the final checkpoint."""
     from rl.grpo.trainer import GRPOTrainer
 
-    return GRPOTrainer(model_dir=model_dir, rows=rows, config=config, out_dir=out_dir, **kwargs).train()
+    return GRPOTrainer(model_dir=model_dir, rows=rows, config=config, outputs=outputs, **kwargs).train()

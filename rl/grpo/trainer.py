@@ -8,12 +8,12 @@
         engine.update_weights(policy)                          (the engine serves the new weights)
         checkpoint every N steps: weights, optimizer, data position, RNG -> exact resume
 
-Run directory::
+Outputs (``rl.grpo.outputs.GRPOOutputs``, placed by the caller)::
 
-    metrics.jsonl          one line per step
-    rollouts/step-N.jsonl  prompts, completions, rewards
-    checkpoints/step-N/    HF model dir + trainer_state.pt (optimizer, cursor, RNG) [+ adapter/ with LoRA]
-    checkpoint/            the final model (HF dir)
+    metrics                    one line per step
+    rollouts/<step N>.jsonl    prompts, completions, rewards
+    checkpoints/<step N>/      HF model dir + trainer_state.pt (optimizer, cursor, RNG) [+ adapter/ with LoRA]
+    final                      the final model (HF dir)
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import torch
 from rl.grpo.config import GRPOConfig
 from rl.grpo.core import fill_groups, group_advantages, mask_truncated, minibatches, policy_loss, zero_variance_groups
 from rl.grpo.logprobs import completion_logprobs
+from rl.grpo.outputs import GRPOOutputs
 from rl.common.lora import ADAPTER_DIR, adapters_disabled, merged_state_dict, wrap_with_lora
 from rl.metrics import pass_at_k_groups, power_of_two_ks
 from rl.common.precision import resolve_bf16, slow_bf16_warning, stage_device
@@ -67,7 +68,7 @@ class PromptStream:
 
 
 class GRPOTrainer:
-    def __init__(self, *, model_dir: str, rows: list[dict], config: GRPOConfig, out_dir: str | Path,
+    def __init__(self, *, model_dir: str, rows: list[dict], config: GRPOConfig, outputs: GRPOOutputs,
                  rollout: RolloutConfig | None = None, reference_dir: str | None = None,
                  trust_remote_code: bool = False, kl_metric: bool = True,
                  trackers: list | None = None):
@@ -77,8 +78,8 @@ class GRPOTrainer:
             raise ValueError("GRPO needs at least one {prompt, answer} row")
         self.cfg, self.rows = config, rows
         self.rollout_cfg = rollout or RolloutConfig()
-        self.out = Path(out_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.out = outputs
+        self.out.metrics.parent.mkdir(parents=True, exist_ok=True)
         self.trust_remote_code = trust_remote_code
         self.trackers = trackers or []
         self.step, self.stream = 0, PromptStream(len(rows), config.seed)
@@ -116,7 +117,7 @@ class GRPOTrainer:
         if resume_dir:
             self._load_state(resume_dir)
             print(f"[rl] resumed from {resume_dir} (step {self.step})", flush=True)
-        truncate_metrics(self.out / "metrics.jsonl", self.step)  # steps after the checkpoint are logged again
+        truncate_metrics(self.out.metrics, self.step)  # steps after the checkpoint are logged again
         self.prompt_ids = prompt_token_ids(self.tokenizer, [r["prompt"] for r in rows])
         self.engine = engine_from_config(self.rollout_cfg, start_dir, seed=config.seed,
                                          trust_remote_code=trust_remote_code)
@@ -138,9 +139,8 @@ class GRPOTrainer:
                     bar.update(1)
         finally:
             self.engine.shutdown()
-        final = self.out / "checkpoint"
-        self._save_model(final)
-        return final
+        self._save_model(self.out.final)
+        return self.out.final
 
     def train_step(self) -> dict:
         cfg = self.cfg
@@ -287,7 +287,7 @@ class GRPOTrainer:
     def _log(self, metrics: dict) -> None:
         clean = {k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in metrics.items()
                  if not isinstance(v, float) or math.isfinite(v)}
-        with (self.out / "metrics.jsonl").open("a") as f:
+        with self.out.metrics.open("a") as f:
             f.write(json.dumps({"phase": "rl", **clean}) + "\n")
         for tracker in self.trackers:
             tracker(clean)
@@ -296,8 +296,9 @@ class GRPOTrainer:
               flush=True)
 
     def _save_rollouts(self, groups: list[Group]) -> None:
-        (self.out / "rollouts").mkdir(exist_ok=True)
-        with (self.out / "rollouts" / f"step-{self.step + 1}.jsonl").open("w") as f:
+        path = self.out.rollout_file(self.step + 1)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w") as f:
             for g in groups:
                 for s, r in zip(g.samples, g.rewards):
                     f.write(json.dumps({"problem": g.row.get("problem"), "answer": g.row["answer"],
@@ -305,10 +306,10 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ checkpoints
     def latest_checkpoint(self) -> Path | None:
-        return latest_complete_checkpoint(self.out / "checkpoints", "step", last_file="trainer_state.pt")
+        return latest_complete_checkpoint(self.out.checkpoints, self.out.step_prefix, last_file="trainer_state.pt")
 
     def save_checkpoint(self) -> Path:
-        target = self.out / "checkpoints" / f"step-{self.step}"
+        target = self.out.step_checkpoint(self.step)
         tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         self._save_model(tmp)

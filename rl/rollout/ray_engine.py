@@ -11,7 +11,7 @@ from rl.rollout.base import Sample, SamplingConfig
 
 class _EngineActor:
     def __init__(self, kind: str, model_dir: str, kwargs: dict):
-        from rl.rollout import make_engine
+        from rl.rollout.in_process import make_engine
 
         self.engine = make_engine(kind, model_dir, **kwargs)
 

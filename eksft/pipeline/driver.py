@@ -1,0 +1,223 @@
+"""The orchestrator: every arm of a recipe through sft -> rl -> evaluations, on Ray or in-process.
+
+    run_pipeline(recipe, run_dir)              # Ray tasks with the CPU/GPU needs the recipe declares
+    run_pipeline(recipe, run_dir, local=True)  # the same stages, in this process, in order
+
+Stages are planned in ``eksft.pipeline.plan`` (a DAG keyed by config hashes) and run one by one by
+``eksft.pipeline.execute``; each arm's stages are chained, arms are independent, so Ray runs them
+concurrently when resources allow.
+``RAY_ADDRESS`` points at a cluster; without it Ray starts locally. Rerunning skips finished
+stages, reruns those whose settings changed, and resumes interrupted ones.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from eksft.layout import BASE_EVAL, BEFORE_SFT, RunLayout
+from eksft.pipeline.execute import run_stage
+from eksft.pipeline.plan import KINDS, Stage, plan, stage_precision
+
+
+def run_pipeline(recipe, run_dir: str | Path | None = None, *, local: bool = False) -> Path:
+    run_dir = Path(run_dir) if run_dir else RunLayout.of(recipe.output_dir, recipe.name).run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not local:
+        import ray
+
+        ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=True)  # honours RAY_ADDRESS
+    hardware = _stage_hardware(recipe, local)
+    stages = plan(recipe, run_dir, hardware)
+    precision = _precision_summary(recipe, hardware)
+    recipe_json = recipe.model_dump(mode="json")
+    _write_run_json(recipe, run_dir, precision)
+    todo = [s for s in stages if not s.done()]
+    print(f"[run] {recipe.name}: {len(stages)} stages, {len(stages) - len(todo)} already done "
+          f"(arms: {', '.join(a.name for a in recipe.arms)}) -> {run_dir}", flush=True)
+    for kind, settings in precision.items():
+        print(f"[run] {kind} precision: " + "; ".join(f"{k}={p['setting']} -> {p['dtype']}" for k, p in settings.items())
+              + f" ({_hardware_line(next(iter(settings.values())))})", flush=True)
+    for s in stages:
+        if s.done():
+            _status(s, "skipped (done with the same settings)")
+    failures = _run_local(todo, recipe, recipe_json, run_dir) if local else _run_ray(todo, recipe, recipe_json, run_dir)
+    _share_base_eval(recipe, run_dir)
+    _write_run_json(recipe, run_dir, precision)
+    from eksft.report import build_report, format_table
+
+    report = build_report(run_dir)
+    print(f"\n{format_table(run_dir)}\n\n[run] report: {report / 'index.html'}", flush=True)
+    if failures:
+        raise RuntimeError(f"{len(failures)} stage(s) failed: {', '.join(failures)} (rerun to resume)")
+    return run_dir
+
+
+def _status(stage: Stage, text: str) -> None:
+    print(f"[{stage.arm}] {stage.name.split('/', 1)[1]}: {text}", flush=True)
+
+
+def _run_local(todo: list[Stage], recipe, recipe_json: dict, run_dir: Path) -> list[str]:
+    failed: set[str] = set()
+    for stage in todo:
+        if any(d in failed for d in stage.deps):
+            failed.add(stage.name)
+            _status(stage, "not run (an upstream stage failed)")
+            continue
+        _status(stage, "running")
+        try:
+            result = run_stage(stage, recipe_json, str(run_dir))
+        except Exception as e:  # keep the other arms going; the error is reported at the end
+            failed.add(stage.name)
+            _status(stage, f"FAILED: {type(e).__name__}: {e}")
+            continue
+        _status(stage, f"done in {result.get('seconds', 0)} s")
+        if stage.arm == BASE_EVAL:
+            _share_base_eval(recipe, run_dir)
+    return sorted(failed)
+
+
+def _stage_hardware(recipe, local: bool) -> dict:
+    """``{kind: Hardware}`` of the workers that will run each kind of stage (Ray: a probe task with its resources)."""
+    from rl.common.precision import detect_hardware
+
+    if local:
+        here = detect_hardware()
+        return {kind: here for kind in KINDS}
+    import ray
+
+    probe = ray.remote(detect_hardware)
+    refs = {kind: probe.options(num_cpus=getattr(recipe.resources, kind).num_cpus,
+                                num_gpus=getattr(recipe.resources, kind).num_gpus, max_retries=0).remote()
+            for kind in KINDS}
+    try:
+        return dict(zip(refs, ray.get(list(refs.values()), timeout=600)))
+    except ray.exceptions.GetTimeoutError:
+        raise RuntimeError("no Ray worker with the resources of the recipe's `resources` section became free within "
+                           "600 s (a GPU asked for on a cluster without one?)") from None
+
+
+def _precision_summary(recipe, hardware: dict) -> dict:
+    """What run.json records: per stage kind, each precision setting as written, resolved, and why."""
+    arm = recipe.arms[0] if recipe.arms else None  # plan() has checked that every arm's RL resolves alike
+    return {kind: {key: p.as_dict() for key, p in stage_precision(recipe, arm, kind, hardware[kind]).items()}
+            for kind in KINDS}
+
+
+def _hardware_line(p: dict) -> str:
+    return f"{p['device']} {p['capability']}" + (f" [{p['units']}]" if p["units"] else "") + f": {p['reason']}"
+
+
+def _run_ray(todo: list[Stage], recipe, recipe_json: dict, run_dir: Path) -> list[str]:
+    """Start each stage once its inputs are done and the cluster has room for it, longest chain first.
+
+    Submitting everything at once would let Ray start ready stages in the order they became ready: the base
+    model's evaluation (ready at once, needed by nothing) then delays a whole arm, and on a small machine the
+    other arm ends alone on an idle cluster. Starting the stage with the longest chain behind it first keeps
+    every arm moving; the evaluations fill the gaps.
+    """
+    import ray
+
+    remote_stage = ray.remote(_ray_stage)
+    order = launch_order(todo)
+    waiting = {s.name: s for s in todo}
+    running: dict[object, Stage] = {}
+    finished: set[str] = set()
+    failed: list[str] = []
+    capacity = ray.cluster_resources()
+    started = time.time()
+    def needs(stage: Stage) -> tuple[float, float]:
+        res = getattr(recipe.resources, stage.kind)
+        return res.num_cpus, res.num_gpus
+
+    while waiting or running:
+        for stage in [s for s in order if s.name in waiting]:  # upstream failures first: nothing to wait for
+            if any(d in failed for d in stage.deps):
+                del waiting[stage.name]
+                failed.append(stage.name)
+                _status(stage, "not run (an upstream stage failed)")
+        for stage in [s for s in order if s.name in waiting]:
+            if any(d in waiting or d in {r.name for r in running.values()} for d in stage.deps):
+                continue
+            cpus, gpus = needs(stage)
+            used_cpus = sum(needs(r)[0] for r in running.values())
+            used_gpus = sum(needs(r)[1] for r in running.values())
+            fits = (used_cpus + cpus <= capacity.get("CPU", 0) + 1e-9 and used_gpus + gpus <= capacity.get("GPU", 0) + 1e-9)
+            if not fits and running:
+                continue  # when nothing runs, start it anyway: Ray reports what it is waiting for
+            ref = remote_stage.options(num_cpus=cpus, num_gpus=gpus, name=stage.name,
+                                       max_retries=0).remote(stage, recipe_json, str(run_dir), cpus)
+            running[ref] = waiting.pop(stage.name)
+            _status(stage, "started")
+        if not running:
+            break
+        (ref,), _ = ray.wait(list(running), num_returns=1)
+        stage = running.pop(ref)
+        try:
+            result = ray.get(ref)
+            finished.add(stage.name)
+            _status(stage, f"done in {result.get('seconds', 0)} s "
+                           f"[{len(finished) + len(failed)}/{len(todo)} stages, {time.time() - started:.0f} s]")
+            if stage.arm == BASE_EVAL:
+                _share_base_eval(recipe, run_dir)
+        except Exception as e:
+            failed.append(stage.name)
+            cause = getattr(e, "cause", None) or e
+            _status(stage, f"FAILED: {type(cause).__name__}: {str(cause).splitlines()[-1] if str(cause) else ''}")
+    return failed
+
+
+def launch_order(stages: list[Stage]) -> list[Stage]:
+    """Stages by the length of the longest chain of stages that waits on them (themselves included), longest
+    first; among equals trainers (sft, rl) before evaluations, the base model's evaluation (the longest: the
+    base model answers at length) first among evaluations, then plan order."""
+    below: dict[str, list[str]] = {s.name: [] for s in stages}
+    for s in stages:
+        for d in s.deps:
+            if d in below:
+                below[d].append(s.name)
+    chain: dict[str, int] = {}
+
+    def length(name: str) -> int:
+        if name not in chain:
+            chain[name] = 1 + max((length(b) for b in below[name]), default=0)
+        return chain[name]
+
+    position = {s.name: i for i, s in enumerate(stages)}
+    return sorted(stages, key=lambda s: (-length(s.name), s.kind == "eval", s.arm != BASE_EVAL, position[s.name]))
+
+
+def _ray_stage(stage: Stage, recipe_json: dict, run_dir: str, num_cpus: float) -> dict:
+    return run_stage(stage, recipe_json, run_dir, num_threads=num_cpus)
+
+
+def _share_base_eval(recipe, run_dir: Path) -> None:
+    """Copy the base model's evaluation into every arm's eval/before_sft (one computation, one layout)."""
+    layout = RunLayout(run_dir)
+    src = layout.base.eval(BEFORE_SFT)
+    if not src.done_marker.is_file():
+        return
+    for arm in recipe.arms:
+        dst = layout.arm(arm.name).eval(BEFORE_SFT).root
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in src.root.glob("*.json"):
+            shutil.copy2(f, dst / f.name)
+
+
+def _write_run_json(recipe, run_dir: Path, precision: dict) -> None:
+    layout = RunLayout(run_dir)
+    info = {
+        "precision": precision,
+        "recipe": recipe.name,
+        "arms": [a.name for a in recipe.arms],
+        "benchmarks": list(recipe.eval.benchmarks),
+        "eval_n": recipe.eval.n,
+        "sft_steps": {a.name: layout.arm(a.name).sft.logged_steps() for a in recipe.arms},
+        "rl_steps": {a.name: recipe.arm_rl(a).steps for a in recipe.arms},
+        "config": recipe.model_dump(mode="json"),
+        "command": " ".join(sys.argv),
+    }
+    layout.run_json.write_text(json.dumps(info, indent=2))

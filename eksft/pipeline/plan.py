@@ -1,0 +1,124 @@
+"""The stages of one recipe as a small DAG (what runs them: ``eksft.pipeline.execute``).
+
+Per arm: ``sft`` (skipped for an arm without objective) -> ``eval:after_sft`` -> ``rl`` ->
+``eval:rl_step_N`` ... -> ``eval:after_rl``. ``eval:before_sft`` of the base model is shared
+by all arms (it is the same model) and copied into each arm's directory.
+
+Every stage has a *key*: a hash of the settings it reads plus the keys of the stages it
+depends on. A finished stage writes ``DONE`` holding its key; a stage whose ``DONE`` key
+matches is skipped, so a changed setting reruns exactly the stages that depend on it.
+A stage that started with the same key and did not finish resumes from its checkpoints;
+one that started with another key is cleared and starts again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from eksft.layout import AFTER_SFT, BASE_EVAL, BEFORE_SFT, EvalPoint, RunLayout, StageDir, eval_points
+
+
+@dataclass
+class Stage:
+    name: str  # e.g. "eksft/sft", "eksft/eval:after_sft"
+    arm: str
+    kind: str  # sft | rl | eval
+    out: StageDir
+    settings: dict[str, Any]  # everything the stage reads, hashed into its key
+    deps: list[str] = field(default_factory=list)
+    key: str = ""
+    point: EvalPoint | None = None  # eval stages: what they evaluate
+
+    def done(self) -> bool:
+        marker = self.out.done_marker
+        return marker.is_file() and json.loads(marker.read_text()).get("key") == self.key
+
+
+def stable_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+KINDS = ("sft", "rl", "eval")
+
+
+def stage_precision(recipe, arm, kind: str, hardware) -> dict:
+    """The precision settings a stage of ``kind`` reads, resolved on ``hardware`` (``rl.common.precision.Precision`` each).
+
+    Resolved values, not the ``auto`` written in the recipe, go into the stage keys: a finished stage is not
+    reused by a run whose workers resolve ``auto`` differently.
+    """
+    from rl.common.precision import resolve_bf16, resolve_dtype
+
+    if kind == "sft":
+        return {"sft.bf16": resolve_bf16(recipe.sft.bf16, hardware=hardware)}
+    engine = {"rollout.dtype": resolve_dtype(recipe.rollout.dtype, hardware=hardware)}
+    if kind == "rl":
+        rl = recipe.arm_rl(arm) if arm is not None else recipe.rl
+        return {"rl.bf16": resolve_bf16(rl.bf16, hardware=hardware), **engine}
+    return engine
+
+
+def resolved_dtypes(precision: dict) -> dict[str, str]:
+    return {key: p.dtype for key, p in precision.items()}
+
+
+def plan(recipe, run_dir: Path, hardware: dict | None = None) -> list[Stage]:
+    """All stages of the recipe, dependencies first, keys computed.
+
+    ``hardware``: ``{kind: rl.common.precision.Hardware}`` of the workers that run each kind of stage (default: this
+    machine), to resolve the ``auto`` precisions. One run computes every arm at one precision: arms whose RL
+    settings resolve differently (an arm overriding ``rl.bf16``) are refused.
+    """
+    from eksft.config import RecipeError
+    from rl.common.precision import detect_hardware
+
+    if hardware is None:
+        here = detect_hardware()
+        hardware = {kind: here for kind in KINDS}
+
+    def precision(arm, kind: str) -> dict[str, str]:
+        return resolved_dtypes(stage_precision(recipe, arm, kind, hardware[kind]))
+
+    per_arm = {arm.name: precision(arm, "rl")["rl.bf16"] for arm in recipe.arms}
+    if len(set(per_arm.values())) > 1:
+        raise RecipeError(f"the arms would train RL at different precisions ({', '.join(f'{a}: {d}' for a, d in per_arm.items())}): "
+                          "a comparison needs one; set rl.bf16 in the recipe's rl section, not in an arm's rl overrides")
+    base = {
+        "model": recipe.model.model_dump(mode="json"),
+        "seed": recipe.seed,
+        "prompting": {"instruction": recipe.data.instruction, "system_prompt": recipe.data.system_prompt},
+    }
+    evaluation = {"eval": recipe.eval.model_dump(mode="json"), "rollout": recipe.rollout.model_dump(mode="json"), **base}
+    layout = RunLayout(Path(run_dir))
+
+    def eval_stage(arm_name: str, point: EvalPoint, deps: list[str], arm=None) -> Stage:
+        return Stage(f"{arm_name}/eval:{point.name}", arm_name, "eval", layout.arm(arm_name).eval(point),
+                     {**evaluation, "point": point.name, "precision": precision(arm, "eval")}, deps=deps, point=point)
+
+    stages: list[Stage] = [eval_stage(BASE_EVAL, BEFORE_SFT, [])]
+    for arm in recipe.arms:
+        arm_dir = layout.arm(arm.name)
+        start_dep = stages[0].name
+        if arm.objective is not None:
+            sft_settings = {**base, "data": recipe.data.model_dump(mode="json"),
+                            "sft": {**recipe.sft.model_dump(mode="json"), "objective": arm.objective.model_dump(mode="json")},
+                            "precision": precision(arm, "sft")}
+            stages.append(Stage(f"{arm.name}/sft", arm.name, "sft", arm_dir.sft, sft_settings))
+            stages.append(eval_stage(arm.name, AFTER_SFT, [f"{arm.name}/sft"], arm))
+            start_dep = f"{arm.name}/sft"
+        rl_cfg = recipe.arm_rl(arm)
+        stages.append(Stage(f"{arm.name}/rl", arm.name, "rl", arm_dir.rl,
+                            {**base, "data_rl": recipe.data.rl.model_dump(mode="json"),
+                             "rl": rl_cfg.model_dump(mode="json"), "rollout": recipe.rollout.model_dump(mode="json"),
+                             "precision": precision(arm, "rl")},
+                            deps=[start_dep]))
+        for point in eval_points(rl_cfg.steps, recipe.eval.every_rl_steps):
+            stages.append(eval_stage(arm.name, point, [f"{arm.name}/rl"], arm))
+    by_name = {s.name: s for s in stages}
+    for s in stages:  # in dependency order, so upstream keys exist
+        s.key = stable_hash({"settings": s.settings, "deps": [by_name[d].key for d in s.deps]})
+    return stages
