@@ -19,15 +19,11 @@ from eksft.layout import AFTER_RL, AFTER_SFT, BEFORE_SFT, ArmDir, EvalPoint, RLS
 def sft_stage(recipe, arm, out: SFTStageDir) -> Path:
     """Train ``arm.objective`` with the recipe's ``sft`` settings (resuming from ``out``); returns the checkpoint."""
     from eksft.config import RecipeError
-    from eksft.inspect_masks import run_inspect
-    from eksft.sft import is_main_process, launch_sft
+    from eksft.sft import launch_sft
 
     if arm.objective is None:
         raise RecipeError(f"arm {arm.name} has no cold-start objective (it starts RL from the base model)")
-    final = launch_sft(recipe, arm, out)
-    if is_main_process():  # the token masks of the trained model (what the report links to)
-        run_inspect(recipe, arm.objective, 5, str(final), out.masks, terminal=False)
-    return final
+    return launch_sft(recipe, arm, out)  # writes out.masks too, from the models it trained with
 
 
 def rl_stage(recipe, arm, start_model: str, out: RLStageDir, *, step_offset: int = 0) -> Path:

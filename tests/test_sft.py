@@ -16,6 +16,7 @@ from transformers import TrainerCallback
 from eksft.cli import main
 from eksft.config import load_recipe
 from eksft.layout import SFTStageDir
+from eksft.inspect_masks import run_inspect
 from eksft.sft import run_sft
 
 BASE = ["model.name=tiny:qwen2", "data.sft.num_examples=8", "data.max_length=128", "sft.learning_rate=1e-2",
@@ -296,3 +297,22 @@ def test_bf16_weights_without_master_copy_are_flagged(tmp_path, capsys):
     assert "[sft] WARNING: training bfloat16 parameters directly" in out and "lr=1e-05" in out
     train([*common, "sft.bf16=true"], tmp_path / "fp32")
     assert "training bfloat16 parameters directly" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("arm,extra", [("eksft", []), ("sft", []),
+                                       ("eksft", ["sft.lora.enabled=true", "sft.lora.r=4", "sft.reference=adapter"])])
+def test_the_stage_page_is_the_page_of_its_checkpoint(tmp_path, arm, extra):
+    """run_sft writes masks.html from the models it trained with (no reload): the same page as `inspect-masks`
+    on the checkpoint it saved, for a reference copy, no reference (sft) and the LoRA base as reference."""
+    overrides = [*BASE, "sft.max_steps=2", "sft.batch_size=2", "data.sft.num_examples=4", *extra]
+    final = train(overrides, tmp_path / "stage", arm)
+    recipe = load_recipe(None, overrides)
+    stage_page = SFTStageDir(tmp_path / "stage").masks.read_text()
+    reloaded = run_inspect(recipe, recipe.arm(arm).objective, 5, str(final), tmp_path / "reloaded.html", terminal=False)
+
+    def removed(page: str) -> list[str]:
+        return re.findall(r'class="tok (kept|entropy|kl|both)"', page)
+
+    assert stage_page.count("<h2>Example") == 4 and removed(stage_page) == removed(reloaded.read_text())
+    if not extra:  # the same float32 weights, computed alike: the very same page (values on hover included)
+        assert stage_page == reloaded.read_text()

@@ -4,6 +4,7 @@ What it writes (an ``eksft.layout.SFTStageDir``; resumable):
     checkpoint        the final model + tokenizer (LoRA merged), loads in transformers and vLLM
     checkpoints       Trainer checkpoints (optimizer, scheduler, RNG) for resuming a killed run
     metrics           one line per logged optimizer step
+    masks             the page of the tokens the objective removes, on the first SFT examples, after training
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 import torch
 
 from eksft.layout import SFTStageDir
+
+MASKS_PAGE_EXAMPLES = 5  # examples on the stage's masks.html
 
 
 def build_sft_dataset(recipe, tokenizer):
@@ -43,6 +46,7 @@ def run_sft(recipe, objective, out: SFTStageDir, *, callbacks=()) -> Path:
     from rl.common.precision import low_precision_warning, resolve_bf16, slow_bf16_warning, stage_device
     from rl.common.resume import latest_complete_checkpoint, truncate_metrics
 
+    from eksft.inspect_masks import write_masks_page
     from eksft.models import load_model
     from eksft.objectives import get_objective
     from eksft.sft.trainer import MetricsJsonlCallback, ReferenceModel, SelectiveSFTTrainer, pad_collate
@@ -128,6 +132,12 @@ def run_sft(recipe, objective, out: SFTStageDir, *, callbacks=()) -> Path:
     final = out.checkpoint
     if main_process:
         trained = trainer.model
+        # The token-mask page (the report links to it) from the models in memory, before LoRA is merged away.
+        page_reference = (reference or trained) if cfg.lora.enabled else reference  # trained: its adapters-off base
+        if page_reference is None:  # sft/dft without a KL metric loaded none: the page needs the starting model
+            page_reference = load_model(recipe.model.name, recipe.model.dtype, recipe.model.trust_remote_code)[0]
+        write_masks_page(trained, page_reference, tokenizer, examples, objective, out.masks, n=MASKS_PAGE_EXAMPLES,
+                         title=f"EKSFT token masks: {final} on {recipe.data.sft.source}")
         if cfg.lora.enabled:
             trained = trained.merge_and_unload()  # a plain model directory that vLLM serves directly
         trained.save_pretrained(final, safe_serialization=True)
