@@ -122,7 +122,7 @@ def print_terminal(results) -> None:
 
 def write_masks_page(policy, reference, tokenizer, examples: list[dict], objective: ObjectiveSettings, out: Path, *,
                      n: int, terminal: bool = False, title: str = "EKSFT token masks") -> Path:
-    """Write the page of the first ``n`` tokenized SFT examples (as `eksft.sft.build_sft_dataset` returns them).
+    """Write the page of the first ``n`` tokenized SFT examples (as `eksft.data.build_sft_dataset` returns them).
 
     ``policy``: a loaded causal LM (put in eval mode while it runs). ``reference``: the frozen starting model, or
     the LoRA ``policy`` itself (its base with adapters disabled is the reference), or a `ReferenceModel`.
@@ -150,7 +150,7 @@ def run_inspect(recipe, objective: ObjectiveSettings, n: int, checkpoint: str | 
     """Load the starting model (the reference) and ``checkpoint`` (the policy; default: the starting model), in
     float32, and write the page of ``objective``'s selection on the recipe's first ``n`` SFT examples."""
     from eksft.models import load_model
-    from eksft.sft import build_sft_dataset
+    from eksft.data import build_sft_dataset
 
     reference, tokenizer = load_model(recipe.model.name, "float32", recipe.model.trust_remote_code)
     policy = load_model(checkpoint, "float32", recipe.model.trust_remote_code)[0] if checkpoint else reference

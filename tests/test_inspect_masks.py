@@ -12,7 +12,7 @@ from eksft.config import LoraSettings, load_recipe
 from eksft.inspect_masks import inspect_examples, run_inspect, write_masks_page
 from eksft.models import load_model
 from eksft.objectives import EKSFTSettings, SFTSettings
-from eksft.sft import build_sft_dataset
+from eksft.data import build_sft_dataset
 from eksft.sft.trainer import ReferenceModel, SelectiveSFTTrainer, pad_collate
 from rl.common.lora import wrap_with_lora
 

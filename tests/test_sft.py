@@ -79,7 +79,7 @@ def test_shared_prefix_and_lm_head_on_labelled_positions_are_exact(objective, mo
     import eksft.sft.trainer as sft_trainer
     from eksft.models import load_model
     from eksft.objectives import get_objective
-    from eksft.sft import build_sft_dataset
+    from eksft.data import build_sft_dataset
 
     torch.manual_seed(0)
     recipe = load_recipe(None, ["model.name=tiny:qwen2", "data.sft.num_examples=8", "data.max_length=128"])

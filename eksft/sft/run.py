@@ -20,16 +20,6 @@ from eksft.layout import SFTStageDir
 MASKS_PAGE_EXAMPLES = 5  # examples on the stage's masks.html
 
 
-def build_sft_dataset(recipe, tokenizer):
-    from eksft.data import load_sft_conversations, tokenize_dataset
-
-    conversations, origins = load_sft_conversations(recipe.data)
-    examples, stats = tokenize_dataset(tokenizer, conversations, recipe.data.max_length, origins)
-    if not examples:
-        raise ValueError(f"no SFT example left to train on: {stats.summary()}")
-    return examples, stats
-
-
 def is_main_process() -> bool:
     """True outside torchrun, and in its process of global rank 0 (the one that writes and prints)."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -46,6 +36,7 @@ def run_sft(recipe, objective, out: SFTStageDir, *, callbacks=()) -> Path:
     from rl.common.precision import low_precision_warning, resolve_bf16, slow_bf16_warning, stage_device
     from rl.common.resume import latest_complete_checkpoint, truncate_metrics
 
+    from eksft.data import build_sft_dataset
     from eksft.inspect_masks import write_masks_page
     from eksft.models import load_model
     from eksft.objectives import get_objective
