@@ -72,10 +72,6 @@ class Precision:
     def bf16(self) -> bool:
         return self.dtype == "bfloat16"
 
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return getattr(torch, self.dtype)
-
     def describe(self) -> str:
         how = "auto" if self.setting == "auto" else f"set to {self.setting}"
         return f"{self.dtype} ({how}; {self.hardware.describe()}: {self.hardware.reason})"
