@@ -53,15 +53,19 @@ def cmd_data_preview(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.text import Text
 
-    from eksft.data import IGNORE_INDEX, load_sft_conversations, tokenize_dataset
+    from eksft.data import IGNORE_INDEX, DataError, load_prompt_answer_rows, load_sft_conversations, tokenize_dataset
     from eksft.models import load_tokenizer
+    from rl.rollout import prompt_token_ids
 
     recipe = load_recipe(args.recipe, args.overrides)
     tokenizer = load_tokenizer(recipe.model.name, recipe.model.trust_remote_code)
+    template_kwargs = recipe.data.chat_template_kwargs
     conversations, origins = load_sft_conversations(recipe.data)
-    examples, stats = tokenize_dataset(tokenizer, conversations, recipe.data.max_length, origins)
+    examples, stats = tokenize_dataset(tokenizer, conversations, recipe.data.max_length, origins, template_kwargs)
     console = Console(highlight=False)
     console.print(f"[bold]SFT data[/bold] {recipe.data.sft.source} with {recipe.model.name}: {stats.summary()}")
+    console.print(f"chat template variables (data.chat_template_kwargs, also in RL and evaluation prompts): "
+                  f"{template_kwargs or 'none'}")
     if stats.truncated:
         console.print(f"[yellow]truncated at max_length={recipe.data.max_length}:[/yellow] {', '.join(stats.truncated_rows[:5])}"
                       + (" ..." if stats.truncated > 5 else ""))
@@ -75,6 +79,13 @@ def cmd_data_preview(args: argparse.Namespace) -> int:
         console.rule(f"example {i + 1}: {len(ex['input_ids'])} tokens, {n_trained} trained"
                      + (" (truncated)" if ex["truncated"] else ""))
         console.print(text)
+    try:  # what RL and evaluation prompt the model with: the same template and variables
+        rl_row = load_prompt_answer_rows(recipe.data, recipe.data.rl.model_copy(update={"num_examples": 1}))[0]
+    except DataError as e:
+        console.print(f"[yellow]RL prompt not shown: {e}[/yellow]")
+        return 0
+    console.rule(f"RL / evaluation prompt: first row of {recipe.data.rl.source} (answer {rl_row['answer']!r})")
+    console.print(Text(tokenizer.decode(prompt_token_ids(tokenizer, [rl_row["prompt"]], template_kwargs)[0]), style="dim"))
     return 0
 
 
@@ -167,6 +178,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     messages = build_prompt(args.prompt, instruction=args.instruction)
     model_dir = resolve_model_dir(args.model)
+    template_kwargs = _template_kwargs(args.chat_template_kwargs)
     precision = resolve_dtype(args.dtype)
     print(f"[generate] dtype: {precision.describe()}", flush=True)
     if args.engine == "vllm":
@@ -176,7 +188,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         llm = make_llm(model_dir, dtype=precision.dtype, max_model_len=2048, seed=args.seed)
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
-        for i, out in enumerate(llm.chat([messages] * args.n, params, use_tqdm=False)):
+        outs = llm.chat([messages] * args.n, params, use_tqdm=False, chat_template_kwargs=template_kwargs)
+        prompt = outs[0].prompt or llm.get_tokenizer().decode(outs[0].prompt_token_ids)
+        print(f"--- prompt (rendered by vLLM) ---\n{prompt}")
+        for i, out in enumerate(outs):
             print(f"--- sample {i + 1} ---\n{out.outputs[0].text}")
         return 0
     import torch
@@ -184,13 +199,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from eksft.models import load_model
 
     model, tok = load_model(args.model, precision.dtype)
-    enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True,
+                                  **template_kwargs)
+    print(f"--- prompt ---\n{tok.decode(enc['input_ids'][0])}")
     torch.manual_seed(args.seed)
     for i in range(args.n):
         out = model.generate(**enc, max_new_tokens=args.max_tokens, do_sample=args.temperature > 0,
                              temperature=args.temperature or None)
         print(f"--- sample {i + 1} ---\n{tok.decode(out[0, enc['input_ids'].shape[1]:], skip_special_tokens=True)}")
     return 0
+
+
+def _template_kwargs(text: str | None) -> dict:
+    """``--chat-template-kwargs`` (a YAML/JSON mapping) checked like a recipe's ``data.chat_template_kwargs``."""
+    import yaml
+
+    from eksft.config import validate_recipe
+
+    try:
+        value = yaml.safe_load(text) if text else {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"--chat-template-kwargs: not valid YAML/JSON: {e}") from None
+    return validate_recipe({"data": {"chat_template_kwargs": value}}, "--chat-template-kwargs").data.chat_template_kwargs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,8 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     preview = data_sub.add_parser(
         "preview",
         help="show formatted SFT examples with the trained tokens marked",
-        description="Load the recipe's SFT data, apply the chat template, and print the first N examples "
-                    "with the trained (assistant) tokens highlighted, plus token and truncation counts.",
+        description="Load the recipe's SFT data, apply the chat template (with data.chat_template_kwargs), and print "
+                    "the first N examples with the trained (assistant) tokens highlighted, plus token and truncation "
+                    "counts; then the first RL row's prompt exactly as the rollout and evaluation engines receive it.",
         epilog=EPILOG,
     )
     _add_recipe_args(preview)
@@ -321,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--instruction", default=BOXED_ANSWER_INSTRUCTION,
                      help="appended to the prompt (default: the recipes' boxed-answer instruction)")
+    gen.add_argument("--chat-template-kwargs", metavar="MAPPING",
+                     help="variables for the chat template, as a recipe's data.chat_template_kwargs, "
+                          "e.g. '{enable_thinking: false}'")
     gen.set_defaults(func=cmd_generate)
     return parser
 

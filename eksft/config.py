@@ -74,12 +74,30 @@ class SFTConfig(Strict):
     save_total_limit: int | None = Field(2, gt=0)
     # > 1: data parallel under torchrun, one process per GPU (gloo processes on CPU); batch_size is per process.
     num_processes: int = Field(1, ge=1)
+    # The recipe's statement of its global batch (sequences per optimizer step), checked against
+    # num_processes x batch_size x grad_accum here and against the processes that actually run at the start.
+    global_batch: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _adapter_needs_lora(self):
         if self.reference == "adapter" and not self.lora.enabled:
             raise ValueError("reference: adapter needs lora.enabled: true (the reference is the base with adapters off)")
         return self
+
+    @model_validator(mode="after")
+    def _global_batch_is_the_product(self):
+        if self.global_batch is not None and self.global_batch != self.sequences_per_step():
+            raise ValueError(f"global_batch is {self.global_batch}, but {self.describe_global_batch()}")
+        return self
+
+    def sequences_per_step(self, devices: int | None = None) -> int:
+        """The global batch: ``devices`` (default ``num_processes``) x ``batch_size`` x ``grad_accum``."""
+        return (devices or self.num_processes) * self.batch_size * self.grad_accum
+
+    def describe_global_batch(self, devices: int | None = None) -> str:
+        devices = devices or self.num_processes
+        return (f"global batch = {devices} process{'es' if devices > 1 else ''} x batch_size {self.batch_size} "
+                f"x grad_accum {self.grad_accum} = {self.sequences_per_step(devices)} sequences per optimizer step")
 
 
 class ArmConfig(Strict):

@@ -195,6 +195,11 @@ class SFTStageDir(StageDir):
         return self.root / "data_stats.json"
 
     @property
+    def batch(self) -> Path:
+        """The global batch the stage trained with: processes, per-process batch, accumulation, their product."""
+        return self.root / "batch.json"
+
+    @property
     def recipe_file(self) -> Path:
         """The recipe the torchrun processes of a data-parallel cold start read."""
         return self.root / "sft_recipe.yaml"

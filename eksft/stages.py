@@ -43,7 +43,7 @@ def rl_stage(recipe, arm, start_model: str, out: RLStageDir, *, step_offset: int
                              recipe.model_dump(mode="json"), step_offset=step_offset)
     return run_grpo(resolve_model_dir(start_model), rows, recipe.arm_rl(arm), out.trainer_outputs(), rollout=recipe.rollout,
                     reference_dir=resolve_model_dir(recipe.model.name), trust_remote_code=recipe.model.trust_remote_code,
-                    trackers=trackers)
+                    trackers=trackers, chat_template_kwargs=recipe.data.chat_template_kwargs)
 
 
 def eval_stage(recipe, model: str, out_dir: Path | None, point: str | None, *, progress: bool = True) -> dict:

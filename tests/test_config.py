@@ -157,3 +157,13 @@ def test_every_arm_must_save_the_checkpoints_its_evaluations_read():
     with pytest.raises(RecipeError, match=r"eval.every_rl_steps \(4\) must be a multiple of rl.save_every of arm "
                                           r"eksft \(3\)"):
         load_recipe(None, ["eval.every_rl_steps=4", "rl.save_every=2", "arms.eksft.rl.save_every=3"])
+
+
+def test_a_stated_global_batch_must_be_the_product():
+    recipe = load_recipe(None, ["sft.num_processes=2", "sft.batch_size=1", "sft.grad_accum=4", "sft.global_batch=8"])
+    assert recipe.sft.sequences_per_step() == 8 and recipe.sft.sequences_per_step(devices=8) == 32
+    assert recipe.sft.describe_global_batch() == ("global batch = 2 processes x batch_size 1 x grad_accum 4 = 8 "
+                                                  "sequences per optimizer step")
+    with pytest.raises(RecipeError, match=r"sft: global_batch is 64, but global batch = 1 process x batch_size 1 x "
+                                          r"grad_accum 8 = 8 sequences per optimizer step"):
+        load_recipe(None, ["sft.grad_accum=8", "sft.global_batch=64"])

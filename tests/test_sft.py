@@ -142,6 +142,12 @@ def test_two_torchrun_processes_equal_two_accumulation_steps(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[sft] 2 processes: -m torch.distributed.run" in proc.stdout
+    # The global batch, printed once and stored: 2 processes x 1 x 1 = 2 = the accumulating run's 1 x 1 x 2.
+    assert proc.stdout.count("[sft] global batch = 2 processes x batch_size 1 x grad_accum 1 = 2 sequences per "
+                             "optimizer step") == 1
+    stored = {run: json.loads(SFTStageDir(tmp_path / run).batch.read_text()) for run in ("ddp", "accum")}
+    assert stored["ddp"] == {"devices": 2, "batch_size": 1, "grad_accum": 1, "global_batch": 2}
+    assert stored["accum"] == {"devices": 1, "batch_size": 1, "grad_accum": 2, "global_batch": 2}
     assert proc.stdout.count("[sft] checkpoint:") == 1 and proc.stdout.count("2 examples") == 1
     w_acc, w_ddp = weights(accum), weights(tmp_path / "ddp/checkpoint")
     for k in w_acc:

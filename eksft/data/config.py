@@ -3,9 +3,9 @@ settings) and the recipe (``eksft.config``, which holds the evaluation settings)
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from eksft.data.formats import BOXED_ANSWER_INSTRUCTION
 from eksft.schema import Strict
@@ -31,3 +31,24 @@ class DataConfig(Strict):
     system_prompt: str | None = None
     # Appended to every problem when a prompt is built from {problem, ...} rows.
     instruction: str = BOXED_ANSWER_INSTRUCTION
+    # Variables for the model's chat template, the same for SFT formatting, RL prompts and evaluation prompts,
+    # e.g. {enable_thinking: false} with Qwen3's template (which then ends every prompt with an empty think block).
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _not_the_tokenizers_own(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        taken = sorted(set(kwargs) & RESERVED_TEMPLATE_KEYS)
+        if taken:
+            raise ValueError(f"{', '.join(taken)}: set by the stages themselves, not a template variable "
+                             f"(reserved: {', '.join(sorted(RESERVED_TEMPLATE_KEYS))})")
+        return kwargs
+
+
+# Arguments of the tokenizer's apply_chat_template (and the template's own `messages`): a template variable of
+# the same name would change how the stages render, not what the template sees (tests check the list is complete).
+RESERVED_TEMPLATE_KEYS = frozenset({
+    "messages", "conversation", "tools", "documents", "chat_template", "add_generation_prompt", "continue_final_message",
+    "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask",
+    "tokenizer_kwargs",
+})

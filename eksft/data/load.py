@@ -26,7 +26,8 @@ def load_prompt_answer_rows(data_cfg, source) -> list[dict]:
 def build_sft_dataset(recipe, tokenizer):
     """``(examples, stats)``: the recipe's SFT conversations tokenized for training; an error when none is left."""
     conversations, origins = load_sft_conversations(recipe.data)
-    examples, stats = tokenize_dataset(tokenizer, conversations, recipe.data.max_length, origins)
+    examples, stats = tokenize_dataset(tokenizer, conversations, recipe.data.max_length, origins,
+                                       recipe.data.chat_template_kwargs)
     if not examples:
         raise ValueError(f"no SFT example left to train on: {stats.summary()}")
     return examples, stats

@@ -10,6 +10,7 @@ which we check rather than assume.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from rl.common.labels import IGNORE_INDEX
@@ -31,16 +32,29 @@ class TokenizeStats:
         )
 
 
-def assistant_spans(tokenizer, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
-    """Rendered text and the [start, end) character spans of the assistant turns (end-of-turn token included)."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
+def assistant_spans(tokenizer, messages: list[dict[str, str]],
+                    template_kwargs: dict | None = None) -> tuple[str, list[tuple[int, int]]]:
+    """Rendered text and the [start, end) character spans of the assistant turns (end-of-turn token included).
+
+    ``template_kwargs``: the chat template's variables (``data.chat_template_kwargs``), the same the RL and
+    evaluation prompts are rendered with, so that what is trained follows exactly what the model will be prompted with.
+    """
+    kwargs = template_kwargs or {}
+    text = tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
-        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-        if not (through.startswith(before) and text.startswith(through)):
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True, **kwargs) if i else ""
+        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False, **kwargs)
+        if not through.startswith(before):
+            raise ValueError(
+                f"the chat template{f' with {kwargs}' if kwargs else ''} does not render assistant turn {i} after the "
+                f"generation prompt: the prompt ends {before[-40:]!r} but the conversation continues "
+                f"{through[len(os.path.commonprefix([before, through])) - 20:][:60]!r}. The model would be trained on "
+                "a turn it is never prompted for (e.g. a <think> trace with enable_thinking: false, whose prompt "
+                "already closes the think block): change data.chat_template_kwargs or the data")
+        if not text.startswith(through):
             raise ValueError(
                 "the chat template does not render conversations prefix-consistently "
                 "(e.g. it rewrites earlier turns); assistant-only masking cannot be derived from it"
@@ -49,9 +63,10 @@ def assistant_spans(tokenizer, messages: list[dict[str, str]]) -> tuple[str, lis
     return text, spans
 
 
-def tokenize_conversation(tokenizer, messages: list[dict[str, str]], max_length: int) -> dict:
+def tokenize_conversation(tokenizer, messages: list[dict[str, str]], max_length: int,
+                          template_kwargs: dict | None = None) -> dict:
     """``{"input_ids", "labels", "truncated"}``; labels are -100 outside assistant turns."""
-    text, spans = assistant_spans(tokenizer, messages)
+    text, spans = assistant_spans(tokenizer, messages, template_kwargs)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     labels = [
@@ -62,12 +77,17 @@ def tokenize_conversation(tokenizer, messages: list[dict[str, str]], max_length:
     return {"input_ids": ids[:max_length], "labels": labels[:max_length], "truncated": truncated}
 
 
-def tokenize_dataset(tokenizer, conversations, max_length: int, origins: list[str] | None = None):
-    """Tokenise many conversations; returns ``(examples, stats)``. Examples with nothing to train are dropped and counted."""
+def tokenize_dataset(tokenizer, conversations, max_length: int, origins: list[str] | None = None,
+                     template_kwargs: dict | None = None):
+    """Tokenise many conversations; returns ``(examples, stats)``. Examples with nothing to train are dropped and counted.
+    A conversation the template cannot render is an error naming its row (``origins``)."""
     stats = TokenizeStats()
     examples = []
     for i, messages in enumerate(conversations):
-        ex = tokenize_conversation(tokenizer, messages, max_length)
+        try:
+            ex = tokenize_conversation(tokenizer, messages, max_length, template_kwargs)
+        except ValueError as e:
+            raise ValueError(f"{origins[i] if origins else f'conversation {i}'}: {e}") from None
         stats.examples += 1
         if ex["truncated"]:
             stats.truncated += 1

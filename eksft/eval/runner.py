@@ -146,7 +146,7 @@ def evaluate(model_dir: str, benchmarks: Sequence[str], cfg: EvalConfig, rollout
     rollout_cfg: an ``rl.rollout.RolloutConfig`` for the engine made here (default ``RolloutConfig()``: vLLM)
     engine:      an engine to use (e.g. the RL trainer's, serving the current weights); it is not shut down.
                  An engine created here serves all benchmarks and is shut down at the end.
-    data_cfg:    the recipe's ``DataConfig`` (system prompt, instruction) for building prompts
+    data_cfg:    the recipe's ``DataConfig`` (system prompt, instruction, chat-template variables) for prompts
     out_dir:     write ``<out_dir>/<benchmark_filename(benchmark)>`` per benchmark when given
     point:       label stored in the results (``"sft_start"``, ``"rl_step_50"``, ...)
     model_name:  what the results call the model (default: model_dir)
@@ -163,7 +163,9 @@ def evaluate(model_dir: str, benchmarks: Sequence[str], cfg: EvalConfig, rollout
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    prompt_ids = {name: prompt_token_ids(tokenizer, [r["prompt"] for r in rows]) for name, rows in problems.items()}
+    template_kwargs = data_cfg.chat_template_kwargs if data_cfg is not None else {}
+    prompt_ids = {name: prompt_token_ids(tokenizer, [r["prompt"] for r in rows], template_kwargs)
+                  for name, rows in problems.items()}
     sampling = SamplingConfig(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
     # Problems per engine call: big enough to batch well, small enough for a live progress bar.
     chunk = max(1, 512 // cfg.n)

@@ -90,7 +90,8 @@ def plan(recipe, run_dir: Path, hardware: dict | None = None) -> list[Stage]:
     base = {
         "model": recipe.model.model_dump(mode="json"),
         "seed": recipe.seed,
-        "prompting": {"instruction": recipe.data.instruction, "system_prompt": recipe.data.system_prompt},
+        "prompting": {"instruction": recipe.data.instruction, "system_prompt": recipe.data.system_prompt,
+                      "chat_template_kwargs": recipe.data.chat_template_kwargs},
     }
     evaluation = {"eval": recipe.eval.model_dump(mode="json"), "rollout": recipe.rollout.model_dump(mode="json"), **base}
     layout = RunLayout(Path(run_dir))

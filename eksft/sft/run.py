@@ -4,6 +4,7 @@ What it writes (an ``eksft.layout.SFTStageDir``; resumable):
     checkpoint        the final model + tokenizer (LoRA merged), loads in transformers and vLLM
     checkpoints       Trainer checkpoints (optimizer, scheduler, RNG) for resuming a killed run
     metrics           one line per logged optimizer step
+    batch             the global batch: processes x batch_size x grad_accum (also printed at the start)
     masks             the page of the tokens the objective removes, on the first SFT examples, after training
 """
 
@@ -101,6 +102,14 @@ def run_sft(recipe, objective, out: SFTStageDir, *, callbacks=()) -> Path:
         disable_tqdm=False,
         ddp_find_unused_parameters=False,  # every trainable parameter takes part in the forward
     )
+    devices = args.world_size  # the processes that really run (a torchrun the user started may differ)
+    if cfg.global_batch is not None and cfg.global_batch != cfg.sequences_per_step(devices):
+        raise RuntimeError(f"the recipe states sft.global_batch {cfg.global_batch}, but this run has "
+                           f"{cfg.describe_global_batch(devices)}")
+    if main_process:
+        print(f"[sft] {cfg.describe_global_batch(devices)}", flush=True)
+        out.batch.write_text(json.dumps({"devices": devices, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+                                         "global_batch": cfg.sequences_per_step(devices)}))
     trainer = SelectiveSFTTrainer(
         model=model,
         args=args,

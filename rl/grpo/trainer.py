@@ -71,7 +71,7 @@ class GRPOTrainer:
     def __init__(self, *, model_dir: str, rows: list[dict], config: GRPOConfig, outputs: GRPOOutputs,
                  rollout: RolloutConfig | None = None, reference_dir: str | None = None,
                  trust_remote_code: bool = False, kl_metric: bool = True,
-                 trackers: list | None = None):
+                 trackers: list | None = None, chat_template_kwargs: dict | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if not rows:
@@ -118,7 +118,7 @@ class GRPOTrainer:
             self._load_state(resume_dir)
             print(f"[rl] resumed from {resume_dir} (step {self.step})", flush=True)
         truncate_metrics(self.out.metrics, self.step)  # steps after the checkpoint are logged again
-        self.prompt_ids = prompt_token_ids(self.tokenizer, [r["prompt"] for r in rows])
+        self.prompt_ids = prompt_token_ids(self.tokenizer, [r["prompt"] for r in rows], chat_template_kwargs)
         self.engine = engine_from_config(self.rollout_cfg, start_dir, seed=config.seed,
                                          trust_remote_code=trust_remote_code)
 

@@ -1,6 +1,6 @@
 """The rollout interface every engine implements.
 
-    prompt_ids = prompt_token_ids(tokenizer, [messages, ...])     # chat prompts -> the engines' token ids
+    prompt_ids = prompt_token_ids(tokenizer, [messages, ...], template_kwargs)  # chat prompts -> token ids
     engine.generate(prompt_ids, SamplingConfig(n=8, ...), seeds)  -> list (per prompt) of list (per sample) of Sample
     engine.update_weights(state_dict)                               # after every trainer update
     engine.shutdown()
@@ -14,17 +14,23 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 
-def prompt_token_ids(tokenizer, prompts: Sequence[list[dict[str, str]]]) -> list[list[int]]:
-    """The engines' input: each chat prompt through the tokenizer's chat template, ready for the answer."""
+def prompt_token_ids(tokenizer, prompts: Sequence[list[dict[str, str]]],
+                     template_kwargs: Mapping[str, Any] | None = None) -> list[list[int]]:
+    """The engines' input: each chat prompt through the tokenizer's chat template, ready for the answer.
+
+    ``template_kwargs``: variables of the chat template (a recipe's ``data.chat_template_kwargs``, e.g.
+    ``enable_thinking``), the same ones the cold start rendered its examples with.
+    """
     ids = []
     for messages in prompts:
-        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False,
+                                            **(template_kwargs or {}))
         ids.append(list(out["input_ids"] if isinstance(out, dict) else out))  # some tokenizers return a mapping
     return ids
 
