@@ -167,3 +167,24 @@ def test_a_stated_global_batch_must_be_the_product():
     with pytest.raises(RecipeError, match=r"sft: global_batch is 64, but global batch = 1 process x batch_size 1 x "
                                           r"grad_accum 8 = 8 sequences per optimizer step"):
         load_recipe(None, ["sft.grad_accum=8", "sft.global_batch=64"])
+
+
+def test_the_rehearsal_has_the_paper_recipes_shape():
+    """What the one-GPU rehearsal must share with the paper recipe to rehearse it; only sizes may differ."""
+    paper, rehearsal = (load_recipe(ROOT / "recipes" / f"{name}.yaml") for name in ("paper_qwen3_8b", "paper_rehearsal_1gpu"))
+    sizes = {"num_examples", "max_length", "epochs", "num_processes", "grad_accum", "global_batch", "save_steps",
+             "save_total_limit", "steps", "prompts_per_step", "max_new_tokens", "mini_batch_size", "save_every",
+             "max_model_len", "kv_cache_gib", "num_problems", "n", "every_rl_steps", "num_cpus", "num_gpus", "name"}
+
+    def shape(section) -> dict:
+        dump = section.model_dump(mode="json") if hasattr(section, "model_dump") else section
+        if isinstance(dump, dict):
+            return {k: shape(v) for k, v in dump.items() if k not in sizes}
+        return [shape(v) for v in dump] if isinstance(dump, list) else dump
+
+    for section in ("data", "sft", "rl", "rollout", "eval", "arms", "report_to", "seed"):
+        assert shape(getattr(rehearsal, section)) == shape(getattr(paper, section)), section
+    assert [a.name for a in rehearsal.arms] == [a.name for a in paper.arms] == ["base", "sft", "eksft"]
+    assert paper.sft.sequences_per_step() == 64 and paper.sft.num_processes == paper.resources.sft.num_gpus == 8
+    # The rl section's updates per step: prompts x group / mini-batch, alike in both.
+    assert {r.rl.prompts_per_step * r.rl.group_size // r.rl.mini_batch_size for r in (paper, rehearsal)} == {4}
