@@ -40,7 +40,7 @@ class DataSource(Strict):
     )
     format: Literal["auto", "messages", "sharegpt", "alpaca", "problem_solution", "problem_answer"] = "auto"
     split: str = "train"
-    num_examples: int | None = Field(None, gt=0, description="N rows, the first N or a seeded choice (selection) (embedded generators: how many to make, default 256)")
+    num_examples: int | None = Field(None, gt=0, description="N rows, see selection (embedded generators: how many to make, default 256)")
     seed: int = 0
     # Rename fields of the source to the canonical ones, e.g. {problem: question}.
     fields: dict[str, str] = Field(default_factory=dict)
