@@ -31,8 +31,22 @@ def test_unknown_key_names_path_and_allowed_keys(tmp_path):
         load_recipe(p)
     msg = str(e.value)
     assert "data.sft.fromat: unknown key" in msg
-    assert "allowed: fields, format, num_examples, seed, source, split" in msg
+    assert "allowed: fields, format, num_examples, seed, selection, source, split, tags" in msg
     assert str(p) in msg
+
+
+def test_data_source_tags_and_selection_in_a_recipe(tmp_path):
+    # The README's example for the EKSFT authors' LlamaFactory file.
+    r = load_recipe(write(tmp_path, "data: {sft: {source: data/sup_3k_data.json, format: sharegpt, tags: {role_tag: role, "
+                                    "content_tag: value, user_tag: user, assistant_tag: assistant, system_tag: system}}}\n"))
+    assert (r.data.sft.tags.role_tag, r.data.sft.tags.user_tag, r.data.sft.selection) == ("role", "user", "first")
+    p = write(tmp_path, "data:\n  sft:\n    source: x.jsonl\n    format: messages\n    tags: {role_tag: role}\n")
+    with pytest.raises(RecipeError, match=r"r\.yaml: data\.sft: tags: only for format: sharegpt \(this source has format: messages\)"):
+        load_recipe(p)
+    with pytest.raises(RecipeError, match=r"data\.rl: selection: random does not apply to embedded:arithmetic"):
+        load_recipe(None, ["data.rl.selection=random"])
+    with pytest.raises(RecipeError, match=r"data\.sft\.selection: Input should be 'first' or 'random'"):
+        load_recipe(None, ["data.sft.selection=shuffle"])
 
 
 def test_unknown_top_level_key(tmp_path):

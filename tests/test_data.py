@@ -1,4 +1,6 @@
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -107,7 +109,7 @@ def test_malformed_rows_name_file_row_and_field(tmp_path):
         to_sft_messages(read_rows(str(role))[0])
 
     no_assistant = write_jsonl(tmp_path / "na.jsonl", [{"messages": [{"role": "user", "content": "x"}]}])
-    with pytest.raises(DataError, match=r"na\.jsonl: row 1: no assistant message"):
+    with pytest.raises(DataError, match=r"na\.jsonl: row 1: no assistant message to train on in field 'messages'"):
         to_sft_messages(read_rows(str(no_assistant))[0])
 
     not_obj = write_jsonl(tmp_path / "no.jsonl", ["[1, 2]"])
@@ -185,3 +187,138 @@ def test_reduction_steps_by_hand():
 def test_unknown_embedded_generator_is_clear():
     with pytest.raises(ValueError, match=r"unknown embedded generator 'calc' \(available: arithmetic, multistep, gsm, mix\)"):
         read_rows("embedded:calc")
+
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+OPENR1 = FIXTURES / "openr1_math_rows.jsonl"  # made-up rows in OpenR1-Math-220k's full schema (default config, train)
+AUTHORS = FIXTURES / "sharegpt_role_value.json"  # made-up rows in the EKSFT authors' sup_3k_data.json shape
+AUTHORS_TAGS = {"role_tag": "role", "content_tag": "value", "user_tag": "user", "assistant_tag": "assistant",
+                "system_tag": "system"}
+
+
+def data_config(**sft):
+    from eksft.data.config import DataConfig, DataSource
+
+    return DataConfig(sft=DataSource(**sft))
+
+
+def test_openr1_math_rows_load_as_messages():
+    from eksft.data import load_sft_conversations
+
+    raw = [json.loads(line) for line in OPENR1.read_text(encoding="utf-8").splitlines()]
+    for fmt in ("messages", "auto"):  # auto: `messages` comes before problem_solution in the detection order
+        convs, origins = load_sft_conversations(data_config(source=str(OPENR1), format=fmt))
+        assert len(convs) == len(raw) == 6
+        assert origins[0].endswith("openr1_math_rows.jsonl: row 1")
+        for conv, row in zip(convs, raw):
+            assert conv == row["messages"]  # the R1 trace, not the short `solution`; the other fields are ignored
+            assert conv[1]["content"].startswith("<think>\n") and f"\\boxed{{{row['answer']}}}" in conv[1]["content"]
+    assert any("≡" in c[1]["content"] for c in convs)  # unicode in a trace survives
+    convs, _ = load_sft_conversations(data_config(source=str(OPENR1), format="problem_solution", num_examples=1))
+    assert convs[0][1]["content"] == raw[0]["solution"]
+
+
+def test_authors_sharegpt_file_with_role_value_tags():
+    from eksft.data import load_sft_conversations
+
+    raw = json.loads(AUTHORS.read_text(encoding="utf-8"))
+    convs, origins = load_sft_conversations(data_config(source=str(AUTHORS), format="sharegpt", tags=AUTHORS_TAGS))
+    assert convs == [[{"role": m["role"], "content": m["value"]} for m in r["conversations"]] for r in raw]
+    assert [c[0]["role"] for c in convs] == ["user", "system", "user", "user"]
+    assert origins[1].endswith("sharegpt_role_value.json: row 2")
+    # Without tags the reader looks for `from` and says so.
+    with pytest.raises(DataError, match=r"sharegpt_role_value\.json: row 1: message 0: missing field 'from'; message has \['role', 'value'\]"):
+        load_sft_conversations(data_config(source=str(AUTHORS), format="sharegpt"))
+
+
+def test_sharegpt_tags_map_roles_and_defaults_stay_compatible():
+    from eksft.data.config import ShareGPTTags
+
+    custom = ShareGPTTags(role_tag="speaker", content_tag="text", user_tag="Q", assistant_tag="A", system_tag="S")
+    row = Row("f", 1, {"conversations": [{"speaker": "S", "text": "s"}, {"speaker": "Q", "text": "q"}, {"speaker": "A", "text": "a"}]})
+    assert to_sft_messages(row, "sharegpt", tags=custom) == [
+        {"role": "system", "content": "s"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    # LlamaFactory's defaults, spelled out, are strict; unset tags also take user/assistant (as before tags existed).
+    assert ShareGPTTags().model_dump() == {"role_tag": "from", "content_tag": "value", "user_tag": "human",
+                                           "assistant_tag": "gpt", "system_tag": "system"}
+    loose = Row("f", 1, {"conversations": [{"from": "user", "value": "q"}, {"from": "assistant", "value": "a"}]})
+    assert to_sft_messages(loose, "sharegpt") == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    with pytest.raises(DataError, match=r"f: row 1: message 0: field 'from' is 'user' \(allowed: human, gpt, system\)"):
+        to_sft_messages(loose, "sharegpt", tags=ShareGPTTags())
+
+
+def test_sharegpt_conversations_under_another_column_via_fields(tmp_path):
+    from eksft.data import load_sft_conversations
+
+    f = write_jsonl(tmp_path / "d.jsonl", [{"dialog": [{"role": "user", "value": "q"}, {"role": "assistant", "value": "a"}]}])
+    convs, _ = load_sft_conversations(data_config(source=str(f), format="sharegpt", tags=AUTHORS_TAGS,
+                                                  fields={"conversations": "dialog"}))
+    assert convs == [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]]
+
+
+def test_malformed_sharegpt_and_openr1_rows_name_file_row_and_field(tmp_path):
+    from eksft.data import load_sft_conversations
+
+    good = {"conversations": [{"role": "user", "value": "q"}, {"role": "assistant", "value": "a"}]}
+    cases = {
+        "wrong role tag": ({"conversations": [{"role": "user", "value": "q"}, {"role": "gpt", "value": "a"}]},
+                           r"message 1: field 'role' is 'gpt' \(allowed: user, assistant, system\)"),
+        "missing content tag": ({"conversations": [{"role": "user", "content": "q"}]},
+                                r"message 0: missing field 'value'; message has \['content', 'role'\]"),
+        "non-string content": ({"conversations": [{"role": "user", "value": "q"}, {"role": "assistant", "value": 42}]},
+                               r"message 1: field 'value' must be a string, got int"),
+    }
+    for name, (bad, expect) in cases.items():
+        f = tmp_path / "sup_3k_data.json"
+        f.write_text(json.dumps([good, good, bad]))
+        with pytest.raises(DataError, match=rf"{re.escape(str(f))}: row 3: {expect}"):
+            load_sft_conversations(data_config(source=str(f), format="sharegpt", tags=AUTHORS_TAGS))
+
+    rows = [json.loads(line) for line in OPENR1.read_text(encoding="utf-8").splitlines()[:2]]
+    rows[1]["messages"] = rows[1]["messages"][:1]  # the problem without its R1 trace
+    f = write_jsonl(tmp_path / "openr1.jsonl", rows)
+    with pytest.raises(DataError, match=rf"{re.escape(str(f))}: row 2: no assistant message to train on in field 'messages' \(roles: \['user'\]\)"):
+        load_sft_conversations(data_config(source=str(f), format="messages"))
+
+
+def test_random_selection_is_seeded_and_keeps_row_numbers(tmp_path):
+    f = write_jsonl(tmp_path / "many.jsonl", [{"problem": f"p{i}", "answer": str(i)} for i in range(1, 51)])
+
+    def pick(n, seed):
+        rows = read_rows(str(f), num_examples=n, seed=seed, selection="random")
+        for r in rows:  # the original row number stays with its row
+            assert r.data["answer"] == str(r.index) and r.where() == f"{f}: row {r.index}"
+        return [r.index for r in rows]
+
+    a = pick(10, 0)
+    assert len(a) == len(set(a)) == 10 and a == sorted(a) and set(a) <= set(range(1, 51))
+    assert a == pick(10, 0)  # deterministic for a seed
+    assert a != pick(10, 1)
+    assert a == [3, 17, 20, 25, 26, 27, 31, 32, 33, 49]  # pinned (Python 3.11): a change in random.sample would show
+    assert pick(50, 3) == pick(80, 3) == list(range(1, 51))  # N >= the rows: all of them
+    assert [r.index for r in read_rows(str(f), num_examples=3)] == [1, 2, 3]  # selection "first"
+    with pytest.raises(DataError, match="selection 'random' does not apply to an embedded generator"):
+        read_rows("embedded:arithmetic", num_examples=3, selection="random")
+
+
+def test_data_source_recipe_errors():
+    from pydantic import ValidationError
+
+    from eksft.data.config import DataSource
+
+    with pytest.raises(ValidationError, match=r"tags: only for format: sharegpt \(this source has format: messages\)"):
+        DataSource(source="x.jsonl", format="messages", tags=AUTHORS_TAGS)
+    with pytest.raises(ValidationError, match=r"tags: only for format: sharegpt \(this source has format: auto\)"):
+        DataSource(source="x.jsonl", tags={})
+    with pytest.raises(ValidationError, match=r"selection: random does not apply to embedded:gsm"):
+        DataSource(source="embedded:gsm", num_examples=8, selection="random")
+    with pytest.raises(ValidationError, match=r"selection: random needs num_examples"):
+        DataSource(source="x.jsonl", selection="random")
+    with pytest.raises(ValidationError, match=r"user_tag, assistant_tag and system_tag must differ"):
+        DataSource(source="x.json", format="sharegpt", tags={"user_tag": "gpt"})
+    with pytest.raises(ValidationError, match=r"role_tag and content_tag must differ"):
+        DataSource(source="x.json", format="sharegpt", tags={"role_tag": "value"})
+    with pytest.raises(ValidationError, match=r"extra"):
+        DataSource(source="x.json", format="sharegpt", tags={"observation_tag": "obs"})
+    ok = DataSource(source="open-r1/OpenR1-Math-220k", format="messages", num_examples=3000, selection="random")
+    assert ok.seed == 0 and ok.tags is None

@@ -5,10 +5,32 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from eksft.data.formats import BOXED_ANSWER_INSTRUCTION
 from eksft.schema import Strict
+
+
+class ShareGPTTags(Strict):
+    """How a ``sharegpt`` row's messages are spelled: LlamaFactory's ``dataset_info.json`` ``tags``, same keys and
+    defaults. Each message of ``conversations`` is ``{role_tag: <one of the three role tags>, content_tag: str}``.
+    The EKSFT authors' file: ``{role_tag: role, content_tag: value, user_tag: user, assistant_tag: assistant,
+    system_tag: system}``."""
+
+    role_tag: str = Field("from", min_length=1, description="key of a message's role")
+    content_tag: str = Field("value", min_length=1, description="key of a message's text")
+    user_tag: str = Field("human", min_length=1, description="role value of a user turn")
+    assistant_tag: str = Field("gpt", min_length=1, description="role value of an assistant turn")
+    system_tag: str = Field("system", min_length=1, description="role value of a system turn")
+
+    @model_validator(mode="after")
+    def _distinct(self) -> ShareGPTTags:
+        if self.role_tag == self.content_tag:
+            raise ValueError(f"tags: role_tag and content_tag must differ, both are {self.role_tag!r}")
+        roles = [self.user_tag, self.assistant_tag, self.system_tag]
+        if len(set(roles)) < 3:
+            raise ValueError(f"tags: user_tag, assistant_tag and system_tag must differ, got {roles}")
+        return self
 
 
 class DataSource(Strict):
@@ -18,10 +40,33 @@ class DataSource(Strict):
     )
     format: Literal["auto", "messages", "sharegpt", "alpaca", "problem_solution", "problem_answer"] = "auto"
     split: str = "train"
-    num_examples: int | None = Field(None, gt=0, description="first N rows (embedded generators: how many to make, default 256)")
+    num_examples: int | None = Field(None, gt=0, description="N rows, see selection (embedded generators: how many to make, default 256)")
     seed: int = 0
     # Rename fields of the source to the canonical ones, e.g. {problem: question}.
     fields: dict[str, str] = Field(default_factory=dict)
+    selection: Literal["first", "random"] = Field(
+        "first",
+        description="which num_examples rows of a file or hub source: 'first' (the first N) or 'random' (N rows drawn "
+                    "uniformly without replacement with `seed`, kept in source order with their row numbers; all "
+                    "rows when N >= the source's size); not for embedded: sources, which make N rows from `seed`",
+    )
+    tags: ShareGPTTags | None = Field(
+        None,
+        description="format: sharegpt only: the role/content keys and role values (LlamaFactory's tags); unset: "
+                    "from/value with human/gpt/system, which also accepts the role values user and assistant",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DataSource:
+        if self.tags is not None and self.format != "sharegpt":
+            raise ValueError(f"tags: only for format: sharegpt (this source has format: {self.format})")
+        if self.selection == "random":
+            if self.source.startswith("embedded:"):
+                raise ValueError(f"selection: random does not apply to {self.source} (a generator makes num_examples "
+                                 "rows from seed: change seed for other rows)")
+            if self.num_examples is None:
+                raise ValueError("selection: random needs num_examples (how many rows to draw)")
+        return self
 
 
 class DataConfig(Strict):

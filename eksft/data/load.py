@@ -8,13 +8,14 @@ from eksft.data.tokenize import tokenize_dataset
 
 
 def _rows(src):
-    return read_rows(src.source, src.split, src.num_examples, src.seed, src.fields)
+    return read_rows(src.source, src.split, src.num_examples, src.seed, src.fields, src.selection)
 
 
 def load_sft_conversations(data_cfg) -> tuple[list[list[dict]], list[str]]:
     """``(conversations, origins)`` for ``data_cfg.sft``; origins are "file: row N" strings for reports."""
     rows = _rows(data_cfg.sft)
-    convs = [to_sft_messages(r, data_cfg.sft.format, data_cfg.system_prompt, data_cfg.instruction) for r in rows]
+    src = data_cfg.sft
+    convs = [to_sft_messages(r, src.format, data_cfg.system_prompt, data_cfg.instruction, src.tags) for r in rows]
     return convs, [r.where() for r in rows]
 
 

@@ -7,6 +7,7 @@ reported precisely: ``data/train.jsonl: row 17: missing field 'messages'``.
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,20 @@ class Row:
 
 
 def read_rows(source: str, split: str = "train", num_examples: int | None = None, seed: int = 0,
-              fields: dict[str, str] | None = None) -> list[Row]:
-    """Rows of ``source``; ``fields`` renames source fields to canonical ones ({canonical: source_field})."""
+              fields: dict[str, str] | None = None, selection: str = "first") -> list[Row]:
+    """Rows of ``source``; ``fields`` renames source fields to canonical ones ({canonical: source_field}).
+
+    ``num_examples`` rows of a file or hub source are the first N (``selection="first"``) or N drawn uniformly
+    without replacement by ``random.Random(seed)`` (``selection="random"``), kept in source order with their
+    original row numbers; N >= the number of rows takes them all. An ``embedded:`` generator makes N rows from
+    ``seed`` (``selection="random"`` is an error there).
+    """
+    if selection not in ("first", "random"):
+        raise DataError(f"{source}: selection must be 'first' or 'random', got {selection!r}")
     if source.startswith("embedded:"):
+        if selection == "random":
+            raise DataError(f"{source}: selection 'random' does not apply to an embedded generator "
+                            "(it makes num_examples rows from seed)")
         from eksft.data.generators import generate
 
         rows = [Row(source, i + 1, r) for i, r in enumerate(generate(source.removeprefix("embedded:"), num_examples or 256, seed))]
@@ -44,10 +56,20 @@ def read_rows(source: str, split: str = "train", num_examples: int | None = None
         else:
             raise DataError(f"{source}: expected a .jsonl/.json/.parquet file, an HF hub id (org/name) or embedded:<generator>")
         if num_examples is not None:
-            rows = rows[:num_examples]
+            rows = select_rows(rows, num_examples, seed) if selection == "random" else rows[:num_examples]
     if fields:
         rows = [_rename(r, fields) for r in rows]
     return rows
+
+
+def select_rows(rows: list[Row], n: int, seed: int) -> list[Row]:
+    """``n`` of ``rows`` drawn uniformly without replacement with ``random.Random(seed)``, in source order (all when
+    ``n >= len(rows)``): the same seed and rows give the same choice on every machine (Python documents only
+    ``random()`` as reproducible across its versions, not ``sample``: tests pin one choice, so a change would show)."""
+    if n >= len(rows):
+        return list(rows)
+    chosen = sorted(random.Random(seed).sample(range(len(rows)), n))
+    return [rows[i] for i in chosen]
 
 
 def _rename(row: Row, fields: dict[str, str]) -> Row:
