@@ -44,7 +44,7 @@ def test_data_preview_marks_trained_tokens(capsys):
     assert "5 examples" in out and "truncated 0" in out
     heads = re.findall(r"example \d+: (\d+) tokens, (\d+) trained", out)
     assert len(heads) == 2 and all(0 < int(trained) < int(total) for total, trained in heads)  # -n 2; prompt untrained
-    assert out.count("\\boxed{") == 4  # per example: the instruction's empty box and the answer's
+    assert out.count("\\boxed{") == 5  # per example: the instruction's empty box and the answer's; the RL prompt's
 
 
 def test_data_preview_reports_truncation(capsys):
@@ -66,3 +66,24 @@ def test_data_error_exit_code(tmp_path, capsys):
     f.write_text('{"problem": "x"}\n')
     assert main(["data", "preview", "--set", "model.name=tiny:qwen2", "--set", f"data.sft.source={f}"]) == 2
     assert "t.jsonl: row 1: cannot tell the row format" in capsys.readouterr().err
+
+
+AUTHORS_TAGS = "data.sft.tags={role_tag: role, content_tag: value, user_tag: user, assistant_tag: assistant, system_tag: system}"
+LOCAL = {  # the paper recipes' data, swapped for local fixtures of the same shapes (and a model that needs no hub)
+    "paper_rehearsal_1gpu": ["data.sft.source=tests/fixtures/openr1_math_rows.jsonl"],
+    "paper_qwen3_8b": ["data.sft.source=tests/fixtures/sharegpt_role_value.json", "data.sft.format=sharegpt",
+                       AUTHORS_TAGS, "data.sft.selection=first", "data.sft.num_examples=null"],
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(LOCAL))
+def test_data_preview_of_the_paper_recipes_on_local_fixtures(recipe, capsys):
+    overrides = ["model.name=tiny:qwen2", "data.rl.source=embedded:arithmetic", "data.rl.format=auto", *LOCAL[recipe]]
+    assert main(["data", "preview", "--recipe", f"recipes/{recipe}.yaml", "-n", "1",
+                 *(a for o in overrides for a in ("--set", o))]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    rows = 6 if recipe == "paper_rehearsal_1gpu" else 4
+    assert f"{rows} examples" in out and "dropped 0" in out
+    assert "chat template variables (data.chat_template_kwargs, also in RL and evaluation prompts): " \
+           "{'enable_thinking': True}" in out
+    assert "<think>" in out and "RL / evaluation prompt: first row of embedded:arithmetic" in out
