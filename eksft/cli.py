@@ -80,7 +80,8 @@ def cmd_data_preview(args: argparse.Namespace) -> int:
                      + (" (truncated)" if ex["truncated"] else ""))
         console.print(text)
     try:  # what RL and evaluation prompt the model with: the same template and variables
-        rl_row = load_prompt_answer_rows(recipe.data, recipe.data.rl.model_copy(update={"num_examples": 1}))[0]
+        first = recipe.data.rl.model_copy(update={"num_examples": 1, "selection": "first"})
+        rl_row = load_prompt_answer_rows(recipe.data, first)[0]
     except DataError as e:
         console.print(f"[yellow]RL prompt not shown: {e}[/yellow]")
         return 0

@@ -90,8 +90,10 @@ def plan(recipe, run_dir: Path, hardware: dict | None = None) -> list[Stage]:
     base = {
         "model": recipe.model.model_dump(mode="json"),
         "seed": recipe.seed,
+        # Template variables only when set: stages finished before the key existed keep their keys.
         "prompting": {"instruction": recipe.data.instruction, "system_prompt": recipe.data.system_prompt,
-                      "chat_template_kwargs": recipe.data.chat_template_kwargs},
+                      **({"chat_template_kwargs": recipe.data.chat_template_kwargs}
+                         if recipe.data.chat_template_kwargs else {})},
     }
     evaluation = {"eval": recipe.eval.model_dump(mode="json"), "rollout": recipe.rollout.model_dump(mode="json"), **base}
     layout = RunLayout(Path(run_dir))
