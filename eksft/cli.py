@@ -57,7 +57,7 @@ def cmd_data_preview(args: argparse.Namespace) -> int:
     from eksft.models import load_tokenizer
 
     recipe = load_recipe(args.recipe, args.overrides)
-    tokenizer = load_tokenizer(recipe.model.name, recipe.model.trust_remote_code)
+    tokenizer = load_tokenizer(recipe.model.name, recipe.model.trust_remote_code, recipe.model.revision)
     conversations, origins = load_sft_conversations(recipe.data)
     examples, stats = tokenize_dataset(tokenizer, conversations, recipe.data.max_length, origins)
     console = Console(highlight=False)

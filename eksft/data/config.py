@@ -22,6 +22,9 @@ class DataSource(Strict):
     seed: int = 0
     # Rename fields of the source to the canonical ones, e.g. {problem: question}.
     fields: dict[str, str] = Field(default_factory=dict)
+    revision: str | None = Field(
+        None, description="hub commit, tag or branch of a hub source; the pipeline pins a hub source to the commit "
+                          "it resolves to and records it in run.json")
 
 
 class DataConfig(Strict):

@@ -9,6 +9,9 @@ depends on. A finished stage writes ``DONE`` holding its key; a stage whose ``DO
 matches is skipped, so a changed setting reruns exactly the stages that depend on it.
 A stage that started with the same key and did not finish resumes from its checkpoints;
 one that started with another key is cleared and starts again.
+
+Hub sources enter the keys by commit: the pipeline plans with the recipe ``eksft.provenance.pin_revisions``
+returns, so a dataset or model that changed upstream reruns the stages that read it.
 """
 
 from __future__ import annotations
@@ -40,6 +43,18 @@ class Stage:
 
 def stable_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _dump(section) -> dict:
+    """A recipe section as hashed: unset hub revisions (``revision: None``, ``revisions: {}``) left out, so that
+    stages finished before those keys existed keep their keys."""
+    def strip(obj):
+        if isinstance(obj, dict):
+            return {k: strip(v) for k, v in obj.items()
+                    if not ((k == "revision" and v is None) or (k == "revisions" and v == {}))}
+        return obj
+
+    return strip(section.model_dump(mode="json"))
 
 
 KINDS = ("sft", "rl", "eval")
@@ -88,11 +103,11 @@ def plan(recipe, run_dir: Path, hardware: dict | None = None) -> list[Stage]:
         raise RecipeError(f"the arms would train RL at different precisions ({', '.join(f'{a}: {d}' for a, d in per_arm.items())}): "
                           "a comparison needs one; set rl.bf16 in the recipe's rl section, not in an arm's rl overrides")
     base = {
-        "model": recipe.model.model_dump(mode="json"),
+        "model": _dump(recipe.model),
         "seed": recipe.seed,
         "prompting": {"instruction": recipe.data.instruction, "system_prompt": recipe.data.system_prompt},
     }
-    evaluation = {"eval": recipe.eval.model_dump(mode="json"), "rollout": recipe.rollout.model_dump(mode="json"), **base}
+    evaluation = {"eval": _dump(recipe.eval), "rollout": recipe.rollout.model_dump(mode="json"), **base}
     layout = RunLayout(Path(run_dir))
 
     def eval_stage(arm_name: str, point: EvalPoint, deps: list[str], arm=None) -> Stage:
@@ -104,7 +119,7 @@ def plan(recipe, run_dir: Path, hardware: dict | None = None) -> list[Stage]:
         arm_dir = layout.arm(arm.name)
         start_dep = stages[0].name
         if arm.objective is not None:
-            sft_settings = {**base, "data": recipe.data.model_dump(mode="json"),
+            sft_settings = {**base, "data": _dump(recipe.data),
                             "sft": {**recipe.sft.model_dump(mode="json"), "objective": arm.objective.model_dump(mode="json")},
                             "precision": precision(arm, "sft")}
             stages.append(Stage(f"{arm.name}/sft", arm.name, "sft", arm_dir.sft, sft_settings))
@@ -112,7 +127,7 @@ def plan(recipe, run_dir: Path, hardware: dict | None = None) -> list[Stage]:
             start_dep = f"{arm.name}/sft"
         rl_cfg = recipe.arm_rl(arm)
         stages.append(Stage(f"{arm.name}/rl", arm.name, "rl", arm_dir.rl,
-                            {**base, "data_rl": recipe.data.rl.model_dump(mode="json"),
+                            {**base, "data_rl": _dump(recipe.data.rl),
                              "rl": rl_cfg.model_dump(mode="json"), "rollout": recipe.rollout.model_dump(mode="json"),
                              "precision": precision(arm, "rl")},
                             deps=[start_dep]))
