@@ -58,7 +58,7 @@ def cmd_data_preview(args: argparse.Namespace) -> int:
     from rl.rollout import prompt_token_ids
 
     recipe = load_recipe(args.recipe, args.overrides)
-    tokenizer = load_tokenizer(recipe.model.name, recipe.model.trust_remote_code)
+    tokenizer = load_tokenizer(recipe.model.name, recipe.model.trust_remote_code, recipe.model.revision)
     template_kwargs = recipe.data.chat_template_kwargs
     conversations, origins = load_sft_conversations(recipe.data)
     examples, stats = tokenize_dataset(tokenizer, conversations, recipe.data.max_length, origins, template_kwargs)

@@ -38,6 +38,9 @@ class ModelConfig(Strict):
         "float32", description="weights of the SFT stage (the GRPO trainer keeps float32 weights, rl.lora.base_dtype "
                                "aside; engines compute in rollout.dtype)")
     trust_remote_code: bool = False
+    revision: str | None = Field(
+        None, description="hub commit, tag or branch of a hub model; the pipeline pins a hub model to the commit it "
+                          "resolves to and records it in run.json")
 
 
 class LoraSettings(lora.LoraSettings):

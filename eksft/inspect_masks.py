@@ -152,7 +152,7 @@ def run_inspect(recipe, objective: ObjectiveSettings, n: int, checkpoint: str | 
     from eksft.models import load_model
     from eksft.data import build_sft_dataset
 
-    reference, tokenizer = load_model(recipe.model.name, "float32", recipe.model.trust_remote_code)
+    reference, tokenizer = load_model(recipe.model.name, "float32", recipe.model.trust_remote_code, recipe.model.revision)
     policy = load_model(checkpoint, "float32", recipe.model.trust_remote_code)[0] if checkpoint else reference
     examples, _ = build_sft_dataset(recipe, tokenizer)
     title = f"EKSFT token masks: {checkpoint or recipe.model.name} on {recipe.data.sft.source}"

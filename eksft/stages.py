@@ -34,15 +34,14 @@ def rl_stage(recipe, arm, start_model: str, out: RLStageDir, *, step_offset: int
     ``step_offset``: the SFT steps before it, so that trackers draw one timeline.
     """
     from eksft.data import load_prompt_answer_rows
-    from eksft.models import resolve_model_dir
     from eksft.tracking import make_trackers
     from rl.grpo import run_grpo
 
     rows = load_prompt_answer_rows(recipe.data, recipe.data.rl)
     trackers = make_trackers(recipe.report_to, out.tensorboard, f"{recipe.name}-{arm.name}-rl",
                              recipe.model_dump(mode="json"), step_offset=step_offset)
-    return run_grpo(resolve_model_dir(start_model), rows, recipe.arm_rl(arm), out.trainer_outputs(), rollout=recipe.rollout,
-                    reference_dir=resolve_model_dir(recipe.model.name), trust_remote_code=recipe.model.trust_remote_code,
+    return run_grpo(model_dir(recipe, start_model), rows, recipe.arm_rl(arm), out.trainer_outputs(), rollout=recipe.rollout,
+                    reference_dir=model_dir(recipe, recipe.model.name), trust_remote_code=recipe.model.trust_remote_code,
                     trackers=trackers, chat_template_kwargs=recipe.data.chat_template_kwargs)
 
 
@@ -50,11 +49,17 @@ def eval_stage(recipe, model: str, out_dir: Path | None, point: str | None, *, p
     """Evaluate ``model`` (a name or directory) with the recipe's ``eval``, ``rollout`` and prompt settings;
     writes one JSON per benchmark into ``out_dir`` (when given) labelled ``point``."""
     from eksft.eval.runner import evaluate
-    from eksft.models import resolve_model_dir
 
-    return evaluate(resolve_model_dir(model), recipe.eval.benchmarks, recipe.eval, rollout_cfg=recipe.rollout,
+    return evaluate(model_dir(recipe, model), recipe.eval.benchmarks, recipe.eval, rollout_cfg=recipe.rollout,
                     data_cfg=recipe.data, out_dir=out_dir, point=point, model_name=model,
                     trust_remote_code=recipe.model.trust_remote_code, progress=progress)
+
+
+def model_dir(recipe, model: str) -> str:
+    """``resolve_model_dir`` of ``model``, at the recipe's ``model.revision`` when it is the recipe's model."""
+    from eksft.models import resolve_model_dir
+
+    return resolve_model_dir(model, recipe.model.revision if model == recipe.model.name else None)
 
 
 def arm_start_model(recipe, arm, arm_dir: ArmDir) -> str:

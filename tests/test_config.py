@@ -31,7 +31,7 @@ def test_unknown_key_names_path_and_allowed_keys(tmp_path):
         load_recipe(p)
     msg = str(e.value)
     assert "data.sft.fromat: unknown key" in msg
-    assert "allowed: fields, format, num_examples, seed, selection, source, split, tags" in msg
+    assert "allowed: fields, format, num_examples, revision, seed, selection, source, split, tags" in msg
     assert str(p) in msg
 
 

@@ -147,6 +147,18 @@ def test_mini_recipe_through_the_ray_pipeline(tmp_path, capsys):
     assert run["precision"]["sft"]["sft.bf16"]["capability"] == detect_hardware().capability
     assert done_marker(tmp_path, "eksft/rl")["precision"]["rl.bf16"]["dtype"] == want
     assert done_marker(tmp_path, "sft/eval:after_rl")["precision"]["rollout.dtype"]["dtype"] == want
+    # What produced the run: the code, the libraries, the hub commits (none: tiny model, embedded data), the workers.
+    provenance = run["provenance"]
+    assert set(provenance) == {"git", "versions", "python", "platform", "hub", "hardware"}
+    assert set(provenance["git"]) == {"commit", "dirty"}
+    assert provenance["git"]["commit"] is None or re.fullmatch(r"[0-9a-f]{40}", provenance["git"]["commit"])
+    assert all(provenance["versions"][p] for p in ("torch", "transformers", "vllm", "ray", "peft", "datasets",
+                                                   "math-verify", "eksft"))
+    assert provenance["hub"] == {}
+    for kind in ("sft", "rl", "eval"):  # from each kind's Ray probe task
+        hardware = provenance["hardware"][kind]
+        assert hardware["cpu_capability"] == detect_hardware().capability and isinstance(hardware["gpus"], list)
+        assert (hardware["gpus"] == []) == (hardware["device"] == "cpu")  # a GPU worker names its GPUs
 
 
 @pytest.mark.slow

@@ -67,6 +67,9 @@ class DataSource(Strict):
             if self.num_examples is None:
                 raise ValueError("selection: random needs num_examples (how many rows to draw)")
         return self
+    revision: str | None = Field(
+        None, description="hub commit, tag or branch of a hub source; the pipeline pins a hub source to the commit "
+                          "it resolves to and records it in run.json")
 
 
 class DataConfig(Strict):

@@ -8,7 +8,8 @@ from eksft.data.tokenize import tokenize_dataset
 
 
 def _rows(src):
-    return read_rows(src.source, src.split, src.num_examples, src.seed, src.fields, src.selection)
+    return read_rows(src.source, src.split, src.num_examples, src.seed, src.fields, src.selection,
+                     revision=src.revision)
 
 
 def load_sft_conversations(data_cfg) -> tuple[list[list[dict]], list[str]]:

@@ -28,8 +28,10 @@ class Row:
 
 
 def read_rows(source: str, split: str = "train", num_examples: int | None = None, seed: int = 0,
-              fields: dict[str, str] | None = None, selection: str = "first") -> list[Row]:
-    """Rows of ``source``; ``fields`` renames source fields to canonical ones ({canonical: source_field}).
+              fields: dict[str, str] | None = None, selection: str = "first",
+              revision: str | None = None) -> list[Row]:
+    """Rows of ``source``; ``fields`` renames source fields to canonical ones ({canonical: source_field});
+    ``revision``: the hub commit, tag or branch of a hub source (ignored for the others).
 
     ``num_examples`` rows of a file or hub source are the first N (``selection="first"``) or N drawn uniformly
     without replacement by ``random.Random(seed)`` (``selection="random"``), kept in source order with their
@@ -52,7 +54,7 @@ def read_rows(source: str, split: str = "train", num_examples: int | None = None
                 raise DataError(f"{source}: file not found")
             rows = _read_file(path)
         elif path.is_dir() or source.count("/") == 1:
-            rows = _read_hub(source, split)
+            rows = _read_hub(source, split, revision)
         else:
             raise DataError(f"{source}: expected a .jsonl/.json/.parquet file, an HF hub id (org/name) or embedded:<generator>")
         if num_examples is not None:
@@ -110,11 +112,11 @@ def _read_file(path: Path) -> list[Row]:
     return [Row(str(path), i + 1, r) for i, r in enumerate(table.to_pylist())]
 
 
-def _read_hub(source: str, split: str) -> list[Row]:
+def _read_hub(source: str, split: str, revision: str | None = None) -> list[Row]:
     import datasets
 
     try:
-        ds = datasets.load_dataset(source, split=split)
+        ds = datasets.load_dataset(source, split=split, revision=revision)
     except Exception as e:  # offline machines, missing splits, private repos: say which source failed
         raise DataError(f"{source}: could not load split {split!r} from the HF hub or cache: {e}") from e
     return [Row(f"{source}[{split}]", i + 1, dict(r)) for i, r in enumerate(ds)]

@@ -203,11 +203,11 @@ def check_benchmark_name(name: str) -> str:
 # ----------------------------------------------------------------------------- loading
 
 
-def _hub_rows(name: str, spec: BenchmarkSpec) -> list[Row]:
+def _hub_rows(name: str, spec: BenchmarkSpec, revision: str | None = None) -> list[Row]:
     try:
         import datasets
 
-        ds = datasets.load_dataset(spec.hub_id, spec.config, split=spec.split)
+        ds = datasets.load_dataset(spec.hub_id, spec.config, split=spec.split, revision=revision)
     except Exception as e:  # offline, renamed dataset, missing split: say which benchmark and where
         raise DataError(
             f"benchmark {name!r}: could not load {spec.source()} from the HF hub or the local cache "
@@ -234,12 +234,13 @@ def _auto_problem_answer(row: Row) -> tuple[str, str]:
     return problem, answer
 
 
-def load_benchmark(name: str, num_problems: int | None = None, data_cfg=None) -> list[dict]:
+def load_benchmark(name: str, num_problems: int | None = None, data_cfg=None, revision: str | None = None) -> list[dict]:
     """``[{"prompt": messages, "answer": str, "problem": str}]`` of benchmark ``name`` (see the module docstring).
 
     ``num_problems``: the first N problems (embedded generators: how many to make, default 64).
     ``data_cfg``: an ``eksft.data.config.DataConfig`` (or anything with ``system_prompt`` and ``instruction``) whose
     prompt settings are used; default: ``DataConfig()``'s (no system prompt, the boxed-answer instruction).
+    ``revision``: the hub commit, tag or branch of a registry benchmark (default: the hub's main branch).
     Raises :class:`DataError` naming the benchmark (and hub id, file or row) on any problem.
     """
     from eksft.data import read_rows, to_prompt_answer
@@ -251,7 +252,7 @@ def load_benchmark(name: str, num_problems: int | None = None, data_cfg=None) ->
     check_benchmark_name(name)
     if name in BENCHMARKS:
         spec = BENCHMARKS[name]
-        rows = _hub_rows(name, spec)
+        rows = _hub_rows(name, spec, revision)
         if num_problems is not None:
             rows = rows[:num_problems]
         pairs = [(row, spec.to_problem_answer(row)) for row in rows]

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from eksft.eval.benchmarks import check_benchmark_name
+from eksft.eval.benchmarks import BENCHMARKS, check_benchmark_name
 from eksft.layout import check_distinct_result_files
 
 
@@ -41,6 +41,17 @@ class EvalConfig(BaseModel):
     answer_fallback: Literal["none", "last_number"] = Field(
         "none", description="answer of a completion without a closed \\boxed{}: none (incorrect) or its last number")
     seed: int = 0
+    revisions: dict[str, str] = Field(
+        default_factory=dict, description="hub commit, tag or branch per registry benchmark, e.g. {gsm8k: <sha>}; the "
+                                          "pipeline pins each registry benchmark to the commit it resolves to")
+
+    @field_validator("revisions")
+    @classmethod
+    def _registry_revisions(cls, revisions: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(revisions) - set(BENCHMARKS))
+        if unknown:
+            raise ValueError(f"revisions are for registry benchmarks ({', '.join(BENCHMARKS)}), got {unknown}")
+        return revisions
 
     @field_validator("benchmarks")
     @classmethod

@@ -158,7 +158,7 @@ def evaluate(model_dir: str, benchmarks: Sequence[str], cfg: EvalConfig, rollout
 
     benchmarks = list(benchmarks)
     check_distinct_result_files(benchmarks)
-    problems = {name: load_benchmark(name, cfg.num_problems, data_cfg) for name in benchmarks}
+    problems = {name: load_benchmark(name, cfg.num_problems, data_cfg, cfg.revisions.get(name)) for name in benchmarks}
     if tokenizer is None:
         from transformers import AutoTokenizer
 

@@ -8,11 +8,16 @@ Stages are planned in ``eksft.pipeline.plan`` (a DAG keyed by config hashes) and
 concurrently when resources allow.
 ``RAY_ADDRESS`` points at a cluster; without it Ray starts locally. Rerunning skips finished
 stages, reruns those whose settings changed, and resumes interrupted ones.
+
+Hub sources are pinned to the commits they resolve to before planning (``eksft.provenance``), so those commits are
+part of the stage keys; ``run.json`` records them with the code's commit, the library versions, the workers'
+hardware and the resolved precision.
 """
 
 from __future__ import annotations
 
 import json
+import platform
 import shutil
 import sys
 import time
@@ -30,11 +35,16 @@ def run_pipeline(recipe, run_dir: str | Path | None = None, *, local: bool = Fal
         import ray
 
         ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=True)  # honours RAY_ADDRESS
-    hardware = _stage_hardware(recipe, local)
+    from eksft.provenance import pin_revisions
+
+    recipe, hub = pin_revisions(recipe)  # planned and run at these commits: they are part of the stage keys
+    machines = _stage_machines(recipe, local)
+    hardware = {kind: hw for kind, (hw, _) in machines.items()}
     stages = plan(recipe, run_dir, hardware)
     precision = _precision_summary(recipe, hardware)
+    provenance = _provenance(hub, {kind: summary for kind, (_, summary) in machines.items()})
     recipe_json = recipe.model_dump(mode="json")
-    _write_run_json(recipe, run_dir, precision)
+    _write_run_json(recipe, run_dir, precision, provenance)
     todo = [s for s in stages if not s.done()]
     print(f"[run] {recipe.name}: {len(stages)} stages, {len(stages) - len(todo)} already done "
           f"(arms: {', '.join(a.name for a in recipe.arms)}) -> {run_dir}", flush=True)
@@ -46,7 +56,7 @@ def run_pipeline(recipe, run_dir: str | Path | None = None, *, local: bool = Fal
             _status(s, "skipped (done with the same settings)")
     failures = _run_local(todo, recipe, recipe_json, run_dir) if local else _run_ray(todo, recipe, recipe_json, run_dir)
     _share_base_eval(recipe, run_dir)
-    _write_run_json(recipe, run_dir, precision)
+    _write_run_json(recipe, run_dir, precision, provenance)
     from eksft.report import build_report, format_table
 
     report = build_report(run_dir)
@@ -80,16 +90,17 @@ def _run_local(todo: list[Stage], recipe, recipe_json: dict, run_dir: Path) -> l
     return sorted(failed)
 
 
-def _stage_hardware(recipe, local: bool) -> dict:
-    """``{kind: Hardware}`` of the workers that will run each kind of stage (Ray: a probe task with its resources)."""
-    from rl.common.precision import detect_hardware
+def _stage_machines(recipe, local: bool) -> dict:
+    """``{kind: (Hardware, summary)}`` of the workers that will run each kind of stage (Ray: a probe task with its
+    resources; ``eksft.provenance.worker_machine``)."""
+    from eksft.provenance import worker_machine
 
     if local:
-        here = detect_hardware()
+        here = worker_machine()
         return {kind: here for kind in KINDS}
     import ray
 
-    probe = ray.remote(detect_hardware)
+    probe = ray.remote(worker_machine)
     refs = {kind: probe.options(num_cpus=getattr(recipe.resources, kind).num_cpus,
                                 num_gpus=getattr(recipe.resources, kind).num_gpus, max_retries=0).remote()
             for kind in KINDS}
@@ -207,9 +218,18 @@ def _share_base_eval(recipe, run_dir: Path) -> None:
             shutil.copy2(f, dst / f.name)
 
 
-def _write_run_json(recipe, run_dir: Path, precision: dict) -> None:
+def _provenance(hub: dict, machines: dict) -> dict:
+    """What produced the run: the code's commit, the libraries, the hub commits, the workers' hardware."""
+    from eksft.provenance import git_state, package_versions
+
+    return {"git": git_state(), "versions": package_versions(), "python": platform.python_version(),
+            "platform": platform.platform(), "hub": hub, "hardware": machines}
+
+
+def _write_run_json(recipe, run_dir: Path, precision: dict, provenance: dict) -> None:
     layout = RunLayout(run_dir)
     info = {
+        "provenance": provenance,
         "precision": precision,
         "recipe": recipe.name,
         "arms": [a.name for a in recipe.arms],

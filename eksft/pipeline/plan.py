@@ -9,6 +9,9 @@ depends on. A finished stage writes ``DONE`` holding its key; a stage whose ``DO
 matches is skipped, so a changed setting reruns exactly the stages that depend on it.
 A stage that started with the same key and did not finish resumes from its checkpoints;
 one that started with another key is cleared and starts again.
+
+Hub sources enter the keys by commit: the pipeline plans with the recipe ``eksft.provenance.pin_revisions``
+returns, so a dataset or model that changed upstream reruns the stages that read it.
 """
 
 from __future__ import annotations
@@ -40,6 +43,22 @@ class Stage:
 
 def stable_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# Recipe keys added after runs existed, at the value that behaves as before: left out of the hashed settings, so
+# that stages finished before the key existed keep their keys (and a value that changes behaviour changes them).
+ADDED_KEY_DEFAULTS = {"revision": None, "revisions": {}, "selection": "first", "tags": None, "chat_template_kwargs": {},
+                      "global_batch": None}
+
+
+def _dump(section) -> dict:
+    """A recipe section as hashed: ``ADDED_KEY_DEFAULTS`` at their defaults left out, at every depth."""
+    def strip(obj):
+        if isinstance(obj, dict):
+            return {k: strip(v) for k, v in obj.items() if not (k in ADDED_KEY_DEFAULTS and v == ADDED_KEY_DEFAULTS[k])}
+        return obj
+
+    return strip(section if isinstance(section, dict) else section.model_dump(mode="json"))
 
 
 KINDS = ("sft", "rl", "eval")
@@ -88,14 +107,12 @@ def plan(recipe, run_dir: Path, hardware: dict | None = None) -> list[Stage]:
         raise RecipeError(f"the arms would train RL at different precisions ({', '.join(f'{a}: {d}' for a, d in per_arm.items())}): "
                           "a comparison needs one; set rl.bf16 in the recipe's rl section, not in an arm's rl overrides")
     base = {
-        "model": recipe.model.model_dump(mode="json"),
+        "model": _dump(recipe.model),
         "seed": recipe.seed,
-        # Template variables only when set: stages finished before the key existed keep their keys.
-        "prompting": {"instruction": recipe.data.instruction, "system_prompt": recipe.data.system_prompt,
-                      **({"chat_template_kwargs": recipe.data.chat_template_kwargs}
-                         if recipe.data.chat_template_kwargs else {})},
+        "prompting": _dump({"instruction": recipe.data.instruction, "system_prompt": recipe.data.system_prompt,
+                            "chat_template_kwargs": recipe.data.chat_template_kwargs}),
     }
-    evaluation = {"eval": recipe.eval.model_dump(mode="json"), "rollout": recipe.rollout.model_dump(mode="json"), **base}
+    evaluation = {"eval": _dump(recipe.eval), "rollout": recipe.rollout.model_dump(mode="json"), **base}
     layout = RunLayout(Path(run_dir))
 
     def eval_stage(arm_name: str, point: EvalPoint, deps: list[str], arm=None) -> Stage:
@@ -107,15 +124,15 @@ def plan(recipe, run_dir: Path, hardware: dict | None = None) -> list[Stage]:
         arm_dir = layout.arm(arm.name)
         start_dep = stages[0].name
         if arm.objective is not None:
-            sft_settings = {**base, "data": recipe.data.model_dump(mode="json"),
-                            "sft": {**recipe.sft.model_dump(mode="json"), "objective": arm.objective.model_dump(mode="json")},
+            sft_settings = {**base, "data": _dump(recipe.data),
+                            "sft": {**_dump(recipe.sft), "objective": arm.objective.model_dump(mode="json")},
                             "precision": precision(arm, "sft")}
             stages.append(Stage(f"{arm.name}/sft", arm.name, "sft", arm_dir.sft, sft_settings))
             stages.append(eval_stage(arm.name, AFTER_SFT, [f"{arm.name}/sft"], arm))
             start_dep = f"{arm.name}/sft"
         rl_cfg = recipe.arm_rl(arm)
         stages.append(Stage(f"{arm.name}/rl", arm.name, "rl", arm_dir.rl,
-                            {**base, "data_rl": recipe.data.rl.model_dump(mode="json"),
+                            {**base, "data_rl": _dump(recipe.data.rl),
                              "rl": rl_cfg.model_dump(mode="json"), "rollout": recipe.rollout.model_dump(mode="json"),
                              "precision": precision(arm, "rl")},
                             deps=[start_dep]))

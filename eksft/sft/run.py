@@ -46,7 +46,7 @@ def run_sft(recipe, objective, out: SFTStageDir, *, callbacks=()) -> Path:
     cfg = recipe.sft
     out.root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
-    model, tokenizer = load_model(recipe.model.name, recipe.model.dtype, recipe.model.trust_remote_code)
+    model, tokenizer = load_model(recipe.model.name, recipe.model.dtype, recipe.model.trust_remote_code, recipe.model.revision)
     examples, stats = build_sft_dataset(recipe, tokenizer)
     # Under torchrun every process runs this function; only the first one writes files and prints.
     main_process = is_main_process()
@@ -70,7 +70,7 @@ def run_sft(recipe, objective, out: SFTStageDir, *, callbacks=()) -> Path:
         if cfg.reference == "adapter":
             reference = ReferenceModel("adapter")
         else:
-            frozen, _ = load_model(recipe.model.name, recipe.model.dtype, recipe.model.trust_remote_code)
+            frozen, _ = load_model(recipe.model.name, recipe.model.dtype, recipe.model.trust_remote_code, recipe.model.revision)
             reference = ReferenceModel("copy", frozen)
 
     args = TrainingArguments(
@@ -135,7 +135,7 @@ def run_sft(recipe, objective, out: SFTStageDir, *, callbacks=()) -> Path:
         # The token-mask page (the report links to it) from the models in memory, before LoRA is merged away.
         page_reference = (reference or trained) if cfg.lora.enabled else reference  # trained: its adapters-off base
         if page_reference is None:  # sft/dft without a KL metric loaded none: the page needs the starting model
-            page_reference = load_model(recipe.model.name, recipe.model.dtype, recipe.model.trust_remote_code)[0]
+            page_reference = load_model(recipe.model.name, recipe.model.dtype, recipe.model.trust_remote_code, recipe.model.revision)[0]
         write_masks_page(trained, page_reference, tokenizer, examples, objective, out.masks, n=MASKS_PAGE_EXAMPLES,
                          title=f"EKSFT token masks: {final} on {recipe.data.sft.source}")
         if cfg.lora.enabled:
