@@ -140,6 +140,12 @@ def test_mini_recipe_through_the_ray_pipeline(tmp_path, capsys):
     assert "| sft" in out and "| eksft" in out  # the table is printed at the end
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["sft_steps"] == {"sft": 2, "eksft": 2}
+    # The global batch, in run.json and as each SFT stage's 2 torchrun processes realised it.
+    sft = load_recipe(MINI).sft
+    batch = {"batch_size": sft.batch_size, "grad_accum": sft.grad_accum, "global_batch": 2 * sft.batch_size * sft.grad_accum}
+    assert run["sft_global_batch"] == {"processes": 2, **batch}
+    for arm in ("sft", "eksft"):
+        assert json.loads((tmp_path / arm / "sft" / "batch.json").read_text()) == {"devices": 2, **batch}
     # The precision the Ray workers resolved (a probe task per stage kind), in run.json and in each stage's DONE.
     want = resolve_bf16("auto", hardware=detect_hardware()).dtype
     assert run["precision"]["sft"]["sft.bf16"]["dtype"] == run["precision"]["rl"]["rl.bf16"]["dtype"] == want

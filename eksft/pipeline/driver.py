@@ -235,6 +235,8 @@ def _write_run_json(recipe, run_dir: Path, precision: dict, provenance: dict) ->
         "arms": [a.name for a in recipe.arms],
         "benchmarks": list(recipe.eval.benchmarks),
         "eval_n": recipe.eval.n,
+        "sft_global_batch": {"processes": recipe.sft.num_processes, "batch_size": recipe.sft.batch_size,
+                             "grad_accum": recipe.sft.grad_accum, "global_batch": recipe.sft.sequences_per_step()},
         "sft_steps": {a.name: layout.arm(a.name).sft.logged_steps() for a in recipe.arms},
         "rl_steps": {a.name: recipe.arm_rl(a).steps for a in recipe.arms},
         "config": recipe.model_dump(mode="json"),
