@@ -28,7 +28,8 @@ DESCRIPTION = (
     "Benchmarks: math500, aime24, aime25, amc23, gsm8k, minerva, olympiadbench (HF hub or its cache), "
     "embedded:arithmetic|multistep|gsm|mix (generated offline with a held-out seed, 64 problems by default), or a "
     "local .jsonl/.json/.parquet file with problem|question and answer|final_answer fields. Prompts use the "
-    f"recipe's system prompt and instruction (default: '{BOXED_ANSWER_INSTRUCTION}')."
+    f"recipe's system prompt and instruction (default: '{BOXED_ANSWER_INSTRUCTION}') and its chat-template "
+    "variables (data.chat_template_kwargs)."
 )
 
 EPILOG = ("Examples:\n"
@@ -67,7 +68,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", help="directory of the result files (default: <output_dir>/eval/<model basename>)")
     p.add_argument("--point", help="label stored in the results, e.g. sft_end (default: none)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
-    p.add_argument("--recipe", "-r", help="YAML recipe for the prompt (data.instruction, data.system_prompt), rollout "
+    p.add_argument("--recipe", "-r", help="YAML recipe for the prompt (data.instruction, data.system_prompt, "
+                                          "data.chat_template_kwargs), rollout "
                                           "settings (rollout.*) and model (default: the built-in defaults)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key, e.g. --set rollout.max_model_len=4096 (repeatable)")
