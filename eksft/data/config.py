@@ -55,6 +55,9 @@ class DataSource(Strict):
         description="format: sharegpt only: the role/content keys and role values (LlamaFactory's tags); unset: "
                     "from/value with human/gpt/system, which also accepts the role values user and assistant",
     )
+    revision: str | None = Field(
+        None, description="hub commit, tag or branch of a hub source; the pipeline pins a hub source to the commit "
+                          "it resolves to and records it in run.json")
 
     @model_validator(mode="after")
     def _consistent(self) -> DataSource:
@@ -67,9 +70,6 @@ class DataSource(Strict):
             if self.num_examples is None:
                 raise ValueError("selection: random needs num_examples (how many rows to draw)")
         return self
-    revision: str | None = Field(
-        None, description="hub commit, tag or branch of a hub source; the pipeline pins a hub source to the commit "
-                          "it resolves to and records it in run.json")
 
 
 class DataConfig(Strict):

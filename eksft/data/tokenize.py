@@ -48,10 +48,11 @@ def assistant_spans(tokenizer, messages: list[dict[str, str]],
         before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True, **kwargs) if i else ""
         through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False, **kwargs)
         if not through.startswith(before):
+            parted = max(0, len(os.path.commonprefix([before, through])) - 20)  # a little context before they part
             raise ValueError(
                 f"the chat template{f' with {kwargs}' if kwargs else ''} does not render assistant turn {i} after the "
                 f"generation prompt: the prompt ends {before[-40:]!r} but the conversation continues "
-                f"{through[len(os.path.commonprefix([before, through])) - 20:][:60]!r}. The model would be trained on "
+                f"{through[parted:parted + 60]!r}. The model would be trained on "
                 "a turn it is never prompted for (e.g. a <think> trace with enable_thinking: false, whose prompt "
                 "already closes the think block): change data.chat_template_kwargs or the data")
         if not text.startswith(through):
