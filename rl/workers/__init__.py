@@ -1,0 +1,26 @@
+"""The trainer worker group: an FSDP2-sharded policy in N ranks (Ray actors), behind a small interface that a
+single-controller loop calls (log-probs, update on a mini-batch, full weights out).
+
+STATUS (branch fsdp-workers; issue "Sharded GRPO training on Ray"):
+  done     TrainerWorker (process group, FSDP2 per decoder layer + root, float32 master weights, bf16 compute
+           where the precision rule says so, float32 gradient reduction, AdamW on the shards, DTensor-aware
+           clipping, sharded reference forward-only), WorkerGroup (Ray actors in a placement group, micro-batches
+           split across ranks, global counts all-reduced), full_state_dict gathered one tensor at a time on
+           rank 0, local_storage_bytes. Tested: tests/test_workers.py (N=2 vs N=1 after one update, each
+           aggregation, KL on and off; storage ratio).
+  not yet  GRPOTrainer on the group (its single-process _update is still there), LoRA (reference = base with
+           adapters off), a Ray streaming generator for weights to the engine (full_state_dict holds all on rank
+           0), loading the checkpoint on rank 0 only (meta device elsewhere), torch.distributed.checkpoint
+           save/load, the CPU accounting of a stage and its workers, a killed worker failing the stage in bounded
+           time (only call_timeout_s so far), the prompt-sharing forward of rl.grpo.logprobs under FSDP
+           (workers run one full-sequence forward per micro-batch: see rl.workers.batch.sequence_logprobs),
+           activation checkpointing and CPU offload are wired but untested.
+
+`rl.workers` imports neither Ray nor transformers at import time.
+"""
+
+from rl.workers.batch import MicroBatch, split_across_ranks
+from rl.workers.group import WorkerGroup
+from rl.workers.trainer_worker import TrainerWorker, WorkerSettings
+
+__all__ = ["MicroBatch", "TrainerWorker", "WorkerGroup", "WorkerSettings", "split_across_ranks"]

@@ -1,0 +1,91 @@
+"""N `TrainerWorker` Ray actors forming one torch.distributed process group, driven by one controller.
+
+The actors sit in a Ray placement group with one bundle per worker (``PACK``: on as few nodes as possible, so
+the ranks of one node share it; a larger group spans nodes with the same code). Rank 0 picks the rendezvous
+address; every rank then joins at once. Each call fans out to every rank and returns rank 0's answer, or the
+answers reassembled in the controller's order (log-probs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from rl.workers.batch import MicroBatch, split_across_ranks, unsplit
+from rl.workers.trainer_worker import TrainerWorker, WorkerSettings
+
+__all__ = ["WorkerGroup"]
+
+
+class WorkerGroup:
+    """``num_workers`` ranks, each with ``num_cpus`` CPUs and ``num_gpus`` GPUs (1 on GPU machines).
+
+    ``call_timeout_s`` bounds every call: a rank that dies or hangs fails the call (and so the stage) instead of
+    blocking the controller forever.
+    """
+
+    def __init__(self, settings: WorkerSettings, num_workers: int, *, num_cpus: float = 1, num_gpus: float = 0,
+                 omp_threads: int = 1, call_timeout_s: float | None = None):
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        if not ray.is_initialized():
+            ray.init(ignore_reinit_error=True)  # RAY_ADDRESS, when set, points at a cluster
+        self._ray, self.num_workers, self.call_timeout_s = ray, num_workers, call_timeout_s
+        bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
+        self.placement = placement_group([bundle] * num_workers, strategy="PACK")
+        ray.get(self.placement.ready(), timeout=call_timeout_s)
+        actor_cls = ray.remote(TrainerWorker)
+        self.actors = [
+            actor_cls.options(
+                num_cpus=num_cpus, num_gpus=num_gpus,
+                runtime_env={"env_vars": {"OMP_NUM_THREADS": str(omp_threads)}},
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=rank),
+            ).remote(settings, rank, num_workers)
+            for rank in range(num_workers)
+        ]
+        addr, port = self._get(self.actors[0].rendezvous_address.remote())
+        self._all("setup", addr, port)
+
+    def _get(self, refs):
+        return self._ray.get(refs, timeout=self.call_timeout_s)
+
+    def _all(self, method: str, *args) -> list:
+        return self._get([getattr(a, method).remote(*args) for a in self.actors])
+
+    def load_models(self, model_dir: str | None = None) -> None:
+        """Every rank reloads the policy (from ``model_dir``, default the settings') with a fresh optimizer."""
+        self._all("load_models", model_dir)
+
+    def update(self, micro_batches: Sequence[MicroBatch], loss_settings: dict[str, Any]) -> dict[str, float]:
+        """One optimizer step on a mini-batch: rank r trains micro-batches r, r + N, ... (`split_across_ranks`);
+        ``loss_settings``: the keyword arguments of `rl.grpo.loss.policy_loss`."""
+        shares = split_across_ranks(micro_batches, self.num_workers)
+        return self._get([a.update.remote(share, loss_settings) for a, share in zip(self.actors, shares)])[0]
+
+    def logprobs(self, micro_batches: Sequence[MicroBatch], reference: bool = False) -> list[list[float]]:
+        """Per sample, in the order of ``micro_batches``: the completion log-probs (old policy or reference)."""
+        shares = split_across_ranks(micro_batches, self.num_workers)
+        per_rank = self._get([a.logprobs.remote(share, reference) for a, share in zip(self.actors, shares)])
+        return unsplit(per_rank, len(micro_batches))
+
+    def full_state_dict(self):
+        """Full weights with HF names (CPU tensors), gathered one tensor at a time on rank 0."""
+        return self._all("full_state_dict")[0]
+
+    def local_storage_bytes(self) -> list[dict[str, int]]:
+        """Per rank: bytes of parameter shards, gradient shards and optimizer state."""
+        return self._all("local_storage_bytes")
+
+    def shutdown(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        try:
+            self._get([a.shutdown.remote() for a in self.actors])
+        finally:
+            for actor in self.actors:
+                self._ray.kill(actor)
+            remove_placement_group(self.placement)

@@ -1,0 +1,271 @@
+"""One rank of the trainer worker group: an FSDP2-sharded policy (and reference), AdamW on the shards, the GRPO
+update on this rank's share of the micro-batches.
+
+Plain Python: `WorkerGroup` runs it as a Ray actor (one per GPU, or N processes on a CPU); a single worker can
+also run in this process. Sharding follows torch's FSDP2 recipe: ``fully_shard`` on every decoder layer, then
+on the root (embeddings, final norm and LM head), on a 1-D device mesh over all ranks.
+
+Precision: the sharded master weights are float32; ``MixedPrecisionPolicy(param_dtype=bf16)`` makes FSDP
+all-gather and compute in bf16 only where `rl.common.precision.resolve_bf16` says the device computes bf16
+natively; gradients are reduced in float32 either way.
+
+Gradients are SUMMED across ranks, not averaged (divide factor 1): each micro-batch loss is already its share of
+the mini-batch loss (global token / sequence counts, all-reduced here), so the sum over every micro-batch of
+every rank is the mini-batch gradient, whatever the number of ranks.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+
+from rl.grpo.loss import policy_loss
+from rl.workers.batch import MicroBatch, dense_rows, sequence_logprobs
+
+__all__ = ["TrainerWorker", "WorkerSettings", "free_port"]
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What every rank needs to build the same sharded policy, optimizer and loss."""
+
+    model_dir: str
+    reference_dir: str | None = None  # None: no reference model (KL term off and no kl metric)
+    learning_rate: float = 1e-6
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float = 1.0
+    bf16: Literal["auto"] | bool = "auto"
+    temperature: float = 1.0
+    activation_checkpointing: bool = False
+    cpu_offload: bool = False
+    trust_remote_code: bool = False
+    process_group_timeout_s: float = 600.0
+
+    @classmethod
+    def from_grpo(cls, config, model_dir: str, reference_dir: str | None = None, **overrides) -> WorkerSettings:
+        """The settings a `rl.grpo.config.GRPOConfig` implies (the reference is loaded when given)."""
+        return cls(model_dir=model_dir, reference_dir=reference_dir, learning_rate=config.learning_rate,
+                   weight_decay=config.weight_decay, adam_betas=tuple(config.adam_betas),
+                   max_grad_norm=config.max_grad_norm, bf16=config.bf16, temperature=config.temperature,
+                   **overrides)
+
+
+def free_port() -> int:
+    """A TCP port free on this host now (for rank 0's rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class TrainerWorker:
+    """One rank. Construct, then `setup` on every rank at once (it joins the process group)."""
+
+    def __init__(self, settings: WorkerSettings, rank: int, world_size: int):
+        self.settings, self.rank, self.world_size = settings, rank, world_size
+        self.model = self.reference = self.optimizer = None
+
+    # ------------------------------------------------------------------ setup
+    def rendezvous_address(self) -> tuple[str, int]:
+        """(this node's IP, a free port): where the other ranks find rank 0."""
+        try:
+            import ray
+
+            host = ray.util.get_node_ip_address()
+        except Exception:  # not in Ray: one host
+            host = "127.0.0.1"
+        return host, free_port()
+
+    def setup(self, master_addr: str, master_port: int) -> None:
+        """Join the process group (NCCL on CUDA, gloo on CPU), then `load_models`."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from rl.common.precision import resolve_bf16, stage_device
+
+        s = self.settings
+        self.device = torch.device(stage_device())
+        if self.device.type == "cuda":
+            torch.cuda.set_device(0)  # Ray shows each actor its own GPU as device 0
+            self.device = torch.device("cuda", 0)
+        dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
+                                init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
+                                world_size=self.world_size, timeout=timedelta(seconds=s.process_group_timeout_s))
+        self.mesh = init_device_mesh(self.device.type, (self.world_size,))
+        self.precision = resolve_bf16(s.bf16, self.device.type)
+        self.load_models()
+
+    def load_models(self, model_dir: str | None = None) -> None:
+        """Load and shard the policy (from ``model_dir``, default the settings') with a fresh AdamW, and the
+        reference: a new start on the same process group (another stage's weights, or a test's second run)."""
+        s = self.settings
+        self.model = self.reference = self.optimizer = None  # free the old shards first
+        self.model = self._sharded_model(model_dir or s.model_dir, trainable=True)
+        self.model.train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=s.learning_rate, betas=tuple(s.adam_betas),
+                                           weight_decay=s.weight_decay)
+        if s.reference_dir is not None:
+            self.reference = self._sharded_model(s.reference_dir, trainable=False).eval()
+
+    def _sharded_model(self, model_dir: str, *, trainable: bool):
+        """float32 weights, ``fully_shard`` per decoder layer then the root; gradients summed across ranks."""
+        from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+        from transformers import AutoModelForCausalLM
+
+        s = self.settings
+        # TODO(large models): every rank loads the full float32 model on CPU first; rank 0 only + broadcast
+        # (meta device elsewhere) is what an 8B model on 8 ranks of one node needs.
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                     trust_remote_code=s.trust_remote_code)
+        if not trainable:
+            model.requires_grad_(False)
+        elif s.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        shard = dict(
+            mesh=self.mesh,
+            mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16 if self.precision.bf16 else None,
+                                           reduce_dtype=torch.float32),
+            offload_policy=CPUOffloadPolicy() if s.cpu_offload else OffloadPolicy(),
+        )
+        for layer in decoder_layers(model):
+            fully_shard(layer, **shard)
+        fully_shard(model, **shard)
+        for module in model.modules():
+            if isinstance(module, FSDPModule):  # a plain SUM (gloo has no PREMUL_SUM), no division after it
+                module.set_gradient_divide_factor(1.0)
+                module.set_force_sum_reduction_for_comms(True)
+        return model
+
+    # ------------------------------------------------------------------ work
+    @torch.no_grad()
+    def logprobs(self, micro_batches: list[MicroBatch], reference: bool = False) -> list[list[list[float]]]:
+        """Per micro-batch, per sample: the completion tokens' log-probs under the policy (old log-probs) or the
+        reference."""
+        model = self.reference if reference else self.model
+        if model is None:
+            raise RuntimeError("no reference model: WorkerSettings.reference_dir is None")
+        out = []
+        for mb in micro_batches:
+            logp, _, mask = sequence_logprobs(model, mb.prompt_ids, mb.completion_ids, self.settings.temperature,
+                                              with_entropy=False)
+            out.append([row[m].float().cpu().tolist() for row, m in zip(logp, mask)])
+        return out
+
+    def update(self, micro_batches: list[MicroBatch], loss_settings: dict[str, Any]) -> dict[str, float]:
+        """One optimizer step on this rank's share of a mini-batch; metrics are over the whole mini-batch.
+
+        ``loss_settings`` are the keyword arguments of `rl.grpo.loss.policy_loss` (``GRPOConfig.policy_loss_kwargs``):
+        the controller owns the algorithm, so they come with each update (a KL controller may change beta).
+
+        ``loss`` is the mini-batch loss (sum of every micro-batch's share), the other loss metrics are means over
+        the trained sequences, ``grad_norm`` the norm before clipping.
+        """
+        s = self.settings
+        local = [mb.counts() for mb in micro_batches]
+        num_tokens, num_seqs = self._sum_across_ranks([sum(t for t, _ in local), sum(q for _, q in local)])
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        weight = 0.0
+        ratio_min, ratio_max = float("inf"), float("-inf")
+        for mb in micro_batches:
+            logp, entropy, mask = sequence_logprobs(self.model, mb.prompt_ids, mb.completion_ids, s.temperature,
+                                                    with_entropy=True)
+            trained = torch.tensor(mb.trained_mask(), device=mask.device)
+            mask = mask & trained[:, None]
+            old = logp.detach() if mb.old_logprobs is None else dense_rows(mb.old_logprobs, logp)
+            ref = None if mb.ref_logprobs is None else dense_rows(mb.ref_logprobs, logp)
+            advantages = torch.tensor(mb.advantages, dtype=torch.float32, device=logp.device)
+            loss, metrics = policy_loss(logp, old, advantages, mask, ref_logp=ref, entropy=entropy,
+                                        num_tokens=max(num_tokens, 1.0), num_seqs=max(num_seqs, 1.0), **loss_settings)
+            loss.backward()
+            n = float(trained.sum())
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+            for k, v in metrics.items():
+                if k not in ("num_tokens", "num_seqs", "ratio_min", "ratio_max"):
+                    sums[k] = sums.get(k, 0.0) + float(v) * n
+            if mask.any():
+                ratio_min, ratio_max = min(ratio_min, float(metrics["ratio_min"])), max(ratio_max, float(metrics["ratio_max"]))
+            weight += n
+        grad_norm = clip_grad_norm_(self.model.parameters(), s.max_grad_norm)
+        self.optimizer.step()
+        keys = sorted(sums)
+        totals = self._sum_across_ranks([sums[k] for k in keys] + [weight])
+        weight = max(totals.pop(), 1.0)
+        out = {k: (v if k == "loss" else v / weight) for k, v in zip(keys, totals)}
+        (ratio_min,), (ratio_max,) = self._reduce([ratio_min], dist.ReduceOp.MIN), self._reduce([ratio_max], dist.ReduceOp.MAX)
+        if num_tokens > 0:
+            out.update(ratio_min=ratio_min, ratio_max=ratio_max)
+        out.update(grad_norm=grad_norm, num_tokens=num_tokens, num_seqs=num_seqs)
+        return out
+
+    def _reduce(self, values: list[float], op) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=op)
+        return t.tolist()
+
+    def _sum_across_ranks(self, values: list[float]) -> list[float]:
+        return self._reduce(values, dist.ReduceOp.SUM)
+
+    # ------------------------------------------------------------------ weights out
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Plain HF names and full CPU tensors on rank 0 (None elsewhere), gathered one tensor at a time: every
+        rank must call it. The peak extra memory on a rank is one full tensor."""
+        out = {} if self.rank == 0 else None
+        for name, tensor in self.model.state_dict().items():
+            full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+            if out is not None:
+                out[name] = full.detach().to("cpu", copy=True)
+            del full
+        return out
+
+    def local_storage_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds for the policy's parameter shards, gradient shards and optimizer state, each
+        storage counted once (the padded shard buffers FSDP allocates, not only the visible elements)."""
+        seen: set[int] = set()
+
+        def size(tensors) -> int:
+            total = 0
+            for t in tensors:
+                if t is None:
+                    continue
+                local = t.to_local() if hasattr(t, "to_local") else t
+                storage = local.untyped_storage()
+                if storage.data_ptr() not in seen:
+                    seen.add(storage.data_ptr())
+                    total += storage.nbytes()
+            return total
+
+        params = list(self.model.parameters())
+        state = [v for per_param in self.optimizer.state.values() for v in per_param.values() if torch.is_tensor(v)]
+        return {"parameters": size(params), "gradients": size(p.grad for p in params), "optimizer": size(state)}
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The repeated blocks of a transformers causal LM (``model.model.layers`` for Llama/Qwen-style models):
+    FSDP's units, each all-gathered just before it runs and freed after."""
+    for owner in (getattr(model, "model", None), model):
+        layers = getattr(owner, "layers", None)
+        if isinstance(layers, torch.nn.ModuleList):
+            return list(layers)
+    raise ValueError(f"no decoder layers found in {type(model).__name__} (expected model.model.layers)")
+
+
+def clip_grad_norm_(parameters, max_norm: float) -> float:
+    """`torch.nn.utils.clip_grad_norm_` for DTensor gradients: the norm of the local shards is a partial value that
+    ``full_tensor`` all-reduces into the global norm, and every rank scales its shards by the same factor."""
+    from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+
+    parameters = [p for p in parameters if p.grad is not None]
+    total = get_total_norm([p.grad for p in parameters], norm_type=2.0)
+    if hasattr(total, "full_tensor"):
+        total = total.full_tensor()
+    clip_grads_with_norm_(parameters, max_norm, total)
+    return float(total)

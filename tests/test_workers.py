@@ -1,0 +1,128 @@
+"""The FSDP2 trainer worker group on CPU (gloo, real Ray actors): N=2 ranks give the update one rank gives."""
+
+import pytest
+import torch
+
+from rl.grpo.loss import AGGREGATIONS
+from rl.workers import MicroBatch, WorkerGroup, WorkerSettings, split_across_ranks
+from rl.workers.batch import unsplit
+
+MICRO_BATCHES = 4  # N=1 runs all four, each of N=2 ranks runs two
+
+
+def test_split_across_ranks_pads_short_ranks_and_unsplit_restores_order():
+    mbs = [MicroBatch([[1]], [[i] * (i + 1)], [0.0], ref_logprobs=[[0.0] * (i + 1)]) for i in range(5)]
+    shares = split_across_ranks(mbs, 2)
+    assert [len(s) for s in shares] == [3, 3]
+    assert shares[1][2].trained == [False] and shares[1][2].counts() == (0, 0)
+    assert shares[1][2].ref_logprobs is not None and shares[1][2].old_logprobs is None  # same fields as the rest
+    per_rank = [[[mb.completion_ids[0]] for mb in share] for share in shares]
+    assert unsplit(per_rank, len(mbs)) == [mb.completion_ids[0] for mb in mbs]
+
+
+def synthetic_micro_batches(seed: int) -> list[MicroBatch]:
+    """Groups of 2 completions per prompt, ragged lengths (one empty, one excluded as truncated), fixed
+    advantages; old log-probs come later (the policy's, perturbed so that rho != 1 and clipping happens)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for m in range(MICRO_BATCHES):
+        prompts = [torch.randint(0, 300, (int(torch.randint(3, 9, (1,), generator=gen)),), generator=gen).tolist()
+                   for _ in range(2)]
+        lengths = torch.randint(1, 10, (4,), generator=gen).tolist()
+        if m == 1:
+            lengths[3] = 0
+        completions = [torch.randint(0, 300, (n,), generator=gen).tolist() for n in lengths]
+        advantages = torch.randn(4, generator=gen).tolist()
+        trained = [not (m == 2 and i == 0) for i in range(4)]
+        out.append(MicroBatch([prompts[i // 2] for i in range(4)], completions, advantages, trained=trained))
+    return out
+
+
+def with_logprobs(mbs, old, ref, seed):
+    gen = torch.Generator().manual_seed(seed)
+    flat_old = [[x + 0.3 * float(torch.randn(1, generator=gen)) for x in row] for row in old]
+    out, k = [], 0
+    for mb in mbs:
+        n = len(mb)
+        out.append(MicroBatch(mb.prompt_ids, mb.completion_ids, mb.advantages, flat_old[k:k + n],
+                              None if ref is None else ref[k:k + n], mb.trained))
+        k += n
+    return out
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference_dir(tiny_qwen2_dir, tmp_path_factory):
+    """A reference that differs from the policy, so that the k3 term has a gradient from the first step."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=gen))
+    path = tmp_path_factory.mktemp("reference")
+    model.save_pretrained(path)
+    return str(path)
+
+
+def relative_difference(a: dict, b: dict) -> float:
+    """max over tensors of ||a - b|| / ||b||."""
+    return max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-30)) for k in b)
+
+
+@pytest.mark.slow
+def test_two_ranks_update_like_one_for_each_aggregation_with_and_without_kl(ray_cluster, tiny_qwen2_dir,
+                                                                           reference_dir):
+    """One GRPO update from the same start (fresh weights and AdamW each time), for each of the 3 aggregations
+    with the k3 KL term off and on (sharded reference), on one rank (all 4 micro-batches) and on two (2 each):
+    the parameters agree to 1e-5 relative in float32. Then: storage per rank at N=2 <= 0.55x N=1."""
+    settings = WorkerSettings(model_dir=tiny_qwen2_dir, reference_dir=reference_dir, bf16=False,
+                              learning_rate=1e-3, temperature=0.9, max_grad_norm=1.0)
+    one = WorkerGroup(settings, 1, num_cpus=0.5, call_timeout_s=300)
+    two = WorkerGroup(settings, 2, num_cpus=0.5, call_timeout_s=300)
+    try:
+        start = one.full_state_dict()
+        assert relative_difference(two.full_state_dict(), start) == 0.0
+        for case, (aggregation, beta) in enumerate((a, b) for a in AGGREGATIONS for b in (0.0, 0.1)):
+            if case:
+                one.load_models()
+                two.load_models()
+            mbs = synthetic_micro_batches(seed=case)
+            old = one.logprobs(mbs)
+            ref_one, ref_two = one.logprobs(mbs, reference=True), two.logprobs(mbs, reference=True)
+            assert max(abs(a - b) for r1, r2 in zip(ref_one, ref_two) for a, b in zip(r1, r2)) < 1e-5
+            mbs = with_logprobs(mbs, old, ref_one, seed=100 + case)
+            loss = dict(aggregation=aggregation, beta=beta, eps_low=0.2, eps_high=0.28, max_response_len=12.0)
+            m1, m2 = one.update(mbs, loss), two.update(mbs, loss)
+            after_one, after_two = one.full_state_dict(), two.full_state_dict()
+            params = relative_difference(after_two, after_one)
+            update = relative_difference({k: after_two[k] - start[k] for k in start},
+                                         {k: after_one[k] - start[k] for k in start})
+            print(f"[workers] {aggregation} beta={beta}: loss {m1['loss']:.6f} / {m2['loss']:.6f}, grad_norm "
+                  f"{m1['grad_norm']:.6f} / {m2['grad_norm']:.6f}, clip_fraction {m1['clip_fraction']:.3f}, "
+                  f"kl {m1['kl']:.4f}, tokens {m1['num_tokens']:.0f}/{m2['num_tokens']:.0f}, seqs "
+                  f"{m1['num_seqs']:.0f}/{m2['num_seqs']:.0f}; max relative difference: parameters {params:.2e}, "
+                  f"update {update:.2e}")
+            assert (m1["num_tokens"], m1["num_seqs"]) == (m2["num_tokens"], m2["num_seqs"])
+            assert m2["loss"] == pytest.approx(m1["loss"], rel=1e-5, abs=1e-7)
+            assert m2["grad_norm"] == pytest.approx(m1["grad_norm"], rel=1e-5)
+            assert params <= 1e-5
+
+        sizes_one, sizes_two = one.local_storage_bytes(), two.local_storage_bytes()
+        total_one = sum(sizes_one[0].values())
+        ratios = [sum(s.values()) / total_one for s in sizes_two]
+        print(f"[workers] bytes of parameters + gradients + AdamW state: N=1 {sizes_one[0]}, N=2 {sizes_two}; "
+              f"ratios {[f'{r:.3f}' for r in ratios]}")
+        assert all(s["optimizer"] > 0 and s["gradients"] > 0 for s in sizes_one + sizes_two)
+        assert max(ratios) <= 0.55
+    finally:
+        one.shutdown()
+        two.shutdown()
