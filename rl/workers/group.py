@@ -76,6 +76,17 @@ class WorkerGroup:
         """Full weights with HF names (CPU tensors), gathered one tensor at a time on rank 0."""
         return self._all("full_state_dict")[0]
 
+    def save_checkpoint(self, path: str) -> None:
+        """Sharded policy and optimizer state (torch.distributed.checkpoint), each rank its own shards."""
+        self._all("save_checkpoint", str(path))
+
+    def load_checkpoint(self, path: str) -> None:
+        self._all("load_checkpoint", str(path))
+
+    def save_hf(self, path: str) -> None:
+        """A consolidated HF model directory, written by rank 0."""
+        self._all("save_hf", str(path))
+
     def local_storage_bytes(self) -> list[dict[str, int]]:
         """Per rank: bytes of parameter shards, gradient shards and optimizer state."""
         return self._all("local_storage_bytes")

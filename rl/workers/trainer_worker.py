@@ -222,6 +222,41 @@ class TrainerWorker:
             del full
         return out
 
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, path: str) -> None:
+        """The sharded policy and AdamW state with torch.distributed.checkpoint: each rank writes its own shards
+        (``path`` on a file system every rank sees). Every rank must call it."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=path)
+
+    def load_checkpoint(self, path: str) -> None:
+        """The counterpart of `save_checkpoint`, into the current shards (any number of ranks can read it)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)  # the layout to read into
+        state = {"model": model_state, "optimizer": optim_state}
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+    def save_hf(self, path: str) -> None:
+        """A consolidated HF model directory (float32 weights, config, tokenizer), written by rank 0 from the full
+        tensors gathered one at a time. Every rank must call it."""
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        full = self.full_state_dict()
+        if self.rank != 0:
+            return
+        s = self.settings
+        config = AutoConfig.from_pretrained(s.model_dir, trust_remote_code=s.trust_remote_code)
+        with torch.device("meta"):  # names and tied weights only: the values are `full`
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=s.trust_remote_code)
+        skeleton.save_pretrained(path, state_dict=full, safe_serialization=True)
+        AutoTokenizer.from_pretrained(s.model_dir, trust_remote_code=s.trust_remote_code).save_pretrained(path)
+
     def local_storage_bytes(self) -> dict[str, int]:
         """Bytes this rank holds for the policy's parameter shards, gradient shards and optimizer state, each
         storage counted once (the padded shard buffers FSDP allocates, not only the visible elements)."""
