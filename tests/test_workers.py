@@ -159,3 +159,28 @@ def test_sharded_checkpoint_resumes_exactly_and_the_hf_export_loads_identically(
         assert all(torch.equal(loaded[k], straight[k]) for k in straight)
     finally:
         two.shutdown()
+
+
+@pytest.mark.slow
+def test_a_killed_worker_fails_the_call_at_once(ray_cluster, tiny_qwen2_dir):
+    """Rank 1 dies in the middle of an update: the call fails with Ray's error within seconds, not after the
+    process-group timeout that rank 0, blocked in a collective, would otherwise wait for."""
+    import threading
+    import time
+
+    from ray.exceptions import RayActorError
+
+    settings = WorkerSettings(model_dir=tiny_qwen2_dir, bf16=False, process_group_timeout_s=600)
+    two = WorkerGroup(settings, 2, num_cpus=0.5, call_timeout_s=300)
+    try:
+        killer = threading.Timer(1.0, ray_cluster.kill, args=(two.actors[1],))
+        start = time.monotonic()
+        killer.start()
+        with pytest.raises(RayActorError):
+            two.update(synthetic_micro_batches(seed=0) * 50, dict(aggregation="token-mean"))
+        elapsed = time.monotonic() - start
+        killer.join()
+        print(f"[workers] rank 1 killed 1 s into an update: the call failed after {elapsed:.1f} s")
+        assert elapsed < 60 and two.broken
+    finally:
+        two.shutdown()  # kills rank 0, still blocked in a collective, without waiting for it

@@ -8,6 +8,7 @@ answers reassembled in the controller's order (log-probs).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,6 +36,7 @@ class WorkerGroup:
         if not ray.is_initialized():
             ray.init(ignore_reinit_error=True)  # RAY_ADDRESS, when set, points at a cluster
         self._ray, self.num_workers, self.call_timeout_s = ray, num_workers, call_timeout_s
+        self.broken = False  # a call failed: the process group cannot be trusted any more
         bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
         self.placement = placement_group([bundle] * num_workers, strategy="PACK")
         ray.get(self.placement.ready(), timeout=call_timeout_s)
@@ -51,7 +53,24 @@ class WorkerGroup:
         self._all("setup", addr, port)
 
     def _get(self, refs):
-        return self._ray.get(refs, timeout=self.call_timeout_s)
+        """The answers of ``refs`` (one ref or a list), failing as soon as any rank fails: the others are then
+        blocked in a collective that will never complete, so waiting for them all would hang until the
+        process-group timeout. ``call_timeout_s`` bounds the whole call."""
+        if not isinstance(refs, list):
+            return self._get([refs])[0]
+        deadline = None if self.call_timeout_s is None else time.monotonic() + self.call_timeout_s
+        pending = list(refs)
+        while pending:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            ready, pending = self._ray.wait(pending, num_returns=1, timeout=left)
+            try:
+                if not ready:
+                    raise TimeoutError(f"trainer workers did not answer within {self.call_timeout_s} s")
+                self._ray.get(ready[0])  # raises the rank's error (or ActorDiedError) now
+            except BaseException:
+                self.broken = True  # the surviving ranks may be stuck in a collective: shutdown kills them
+                raise
+        return self._ray.get(refs)
 
     def _all(self, method: str, *args) -> list:
         return self._get([getattr(a, method).remote(*args) for a in self.actors])
@@ -95,7 +114,8 @@ class WorkerGroup:
         from ray.util.placement_group import remove_placement_group
 
         try:
-            self._get([a.shutdown.remote() for a in self.actors])
+            if not self.broken:
+                self._get([a.shutdown.remote() for a in self.actors])
         finally:
             for actor in self.actors:
                 self._ray.kill(actor)
