@@ -73,6 +73,14 @@ class GRPOConfig(BaseModel):
 
     lora: GRPOLoraConfig = Field(default_factory=GRPOLoraConfig)
 
+    # Trainer workers (rl.workers): the policy, reference and optimizer sharded (FSDP2) over this many ranks
+    workers: int = Field(1, ge=1, description="trainer ranks (FSDP2); 1 = one rank in the stage's process, "
+                                              "N > 1 = N Ray actors (one GPU each on GPU machines)")
+    worker_cpus: float = Field(1.0, gt=0, description="CPUs each Ray trainer worker reserves (and its torch "
+                                                      "threads, at least 1); rl.workers > 1 only")
+    worker_timeout_s: float = Field(3600.0, gt=0, description="a call to the Ray trainer workers that takes "
+                                                             "longer fails the stage (a dead or hung rank)")
+
     # Optimiser
     learning_rate: float = Field(1e-6, gt=0)
     weight_decay: float = Field(0.0, ge=0)

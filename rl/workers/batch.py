@@ -23,6 +23,8 @@ class MicroBatch:
     ``old_logprobs`` None means on policy: the detached log-probs of the training forward are the old ones
     (rho = 1). ``ref_logprobs`` is needed when the KL term is on (and feeds the ``kl`` metric when given).
     ``trained`` False excludes a sequence from the loss and from every count (overlong masking); None: all.
+    ``engine_logprobs`` (the rollout engine's log-probs of the sampled tokens), when given, make `update` report
+    ``logprob_gap_engine_trainer``: the mean |trainer - engine| over the trained tokens, before the step.
     """
 
     prompt_ids: list[list[int]]
@@ -31,6 +33,7 @@ class MicroBatch:
     old_logprobs: list[list[float]] | None = None
     ref_logprobs: list[list[float]] | None = None
     trained: list[bool] | None = None
+    engine_logprobs: list[list[float]] | None = None  # the sampler's: `update` reports the trainer-engine gap
 
     def __len__(self) -> int:
         return len(self.completion_ids)
@@ -45,7 +48,8 @@ class MicroBatch:
         def zeros(field):
             return None if field is None else [[0.0]]
 
-        return cls([[0]], [[0]], [0.0], zeros(like.old_logprobs), zeros(like.ref_logprobs), [False])
+        return cls([[0]], [[0]], [0.0], zeros(like.old_logprobs), zeros(like.ref_logprobs), [False],
+                   zeros(like.engine_logprobs))
 
     def trained_mask(self) -> list[bool]:
         return list(self.trained) if self.trained is not None else [True] * len(self)

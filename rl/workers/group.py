@@ -15,7 +15,7 @@ from typing import Any
 from rl.workers.batch import MicroBatch, split_across_ranks, unsplit
 from rl.workers.trainer_worker import TrainerWorker, WorkerSettings
 
-__all__ = ["WorkerGroup"]
+__all__ = ["InProcessWorkerGroup", "WorkerGroup", "make_worker_group"]
 
 
 class WorkerGroup:
@@ -95,6 +95,20 @@ class WorkerGroup:
         """Full weights with HF names (CPU tensors), gathered one tensor at a time on rank 0."""
         return self._all("full_state_dict")[0]
 
+    def iter_full_weights(self):
+        """(HF name, full CPU tensor) pairs, one at a time: rank 0 streams them (a Ray streaming generator) while
+        the other ranks take part in each gather. Consume it to the end."""
+        streams = [a.stream_full_weights.options(num_returns="streaming").remote() for a in self.actors]
+        try:
+            for ref in streams[0]:
+                yield self._ray.get(ref)
+            for stream in streams[1:]:  # nothing to read: this surfaces a rank's error
+                for ref in stream:
+                    self._ray.get(ref)
+        except BaseException:
+            self.broken = True
+            raise
+
     def save_checkpoint(self, path: str) -> None:
         """Sharded policy and optimizer state (torch.distributed.checkpoint), each rank its own shards."""
         self._all("save_checkpoint", str(path))
@@ -120,3 +134,57 @@ class WorkerGroup:
             for actor in self.actors:
                 self._ray.kill(actor)
             remove_placement_group(self.placement)
+
+
+class InProcessWorkerGroup:
+    """The same interface and the same `TrainerWorker` code with ONE rank in the controller's process (no Ray):
+    what ``rl.workers: 1`` runs. The rank joins the process's default process group when one exists (an
+    in-process vLLM engine makes a one-rank group) or makes its own; FSDP2 over one rank shards nothing but
+    computes exactly as in a larger group (mixed precision, float32 gradient reduction, DTensor clipping)."""
+
+    num_workers = 1
+    broken = False
+
+    def __init__(self, settings: WorkerSettings):
+        from rl.workers.trainer_worker import free_port
+
+        self.worker = TrainerWorker(settings, 0, 1)
+        self.worker.setup("127.0.0.1", free_port())
+
+    def load_models(self, model_dir: str | None = None) -> None:
+        self.worker.load_models(model_dir)
+
+    def update(self, micro_batches: Sequence[MicroBatch], loss_settings: dict[str, Any]) -> dict[str, float]:
+        return self.worker.update(list(micro_batches), loss_settings)
+
+    def logprobs(self, micro_batches: Sequence[MicroBatch], reference: bool = False) -> list[list[float]]:
+        return unsplit([self.worker.logprobs(list(micro_batches), reference)], len(micro_batches))
+
+    def full_state_dict(self):
+        return self.worker.full_state_dict()
+
+    def iter_full_weights(self):
+        return self.worker.iter_full_weights()
+
+    def save_checkpoint(self, path: str) -> None:
+        self.worker.save_checkpoint(str(path))
+
+    def load_checkpoint(self, path: str) -> None:
+        self.worker.load_checkpoint(str(path))
+
+    def save_hf(self, path: str) -> None:
+        self.worker.save_hf(str(path))
+
+    def local_storage_bytes(self) -> list[dict[str, int]]:
+        return [self.worker.local_storage_bytes()]
+
+    def shutdown(self) -> None:
+        self.worker.shutdown()
+
+
+def make_worker_group(settings: WorkerSettings, num_workers: int, **ray_options):
+    """``num_workers`` ranks: Ray actors (`WorkerGroup`), or for one rank the same worker in this process
+    (`InProcessWorkerGroup`: no Ray, no copy of the weights between processes)."""
+    if num_workers == 1:
+        return InProcessWorkerGroup(settings)
+    return WorkerGroup(settings, num_workers, **ray_options)

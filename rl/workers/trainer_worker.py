@@ -16,6 +16,7 @@ every rank is the mini-batch gradient, whatever the number of ranks.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -46,6 +47,10 @@ class WorkerSettings:
     cpu_offload: bool = False
     trust_remote_code: bool = False
     process_group_timeout_s: float = 600.0
+    # LoRA adapters (rl.common.lora.LoraSettings) on a frozen float32 base: only the adapters train, and the
+    # reference is the base with the adapters off unless ``reference_dir`` names another model.
+    lora: Any = None
+    seed: int = 0  # seeds the fresh LoRA adapters (the same on every rank)
 
     @classmethod
     def from_grpo(cls, config, model_dir: str, reference_dir: str | None = None, **overrides) -> WorkerSettings:
@@ -53,7 +58,7 @@ class WorkerSettings:
         return cls(model_dir=model_dir, reference_dir=reference_dir, learning_rate=config.learning_rate,
                    weight_decay=config.weight_decay, adam_betas=tuple(config.adam_betas),
                    max_grad_norm=config.max_grad_norm, bf16=config.bf16, temperature=config.temperature,
-                   **overrides)
+                   lora=config.lora if config.lora.enabled else None, seed=config.seed, **overrides)
 
 
 def free_port() -> int:
@@ -92,9 +97,16 @@ class TrainerWorker:
         if self.device.type == "cuda":
             torch.cuda.set_device(0)  # Ray shows each actor its own GPU as device 0
             self.device = torch.device("cuda", 0)
-        dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
-                                init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
-                                world_size=self.world_size, timeout=timedelta(seconds=s.process_group_timeout_s))
+        self.owns_process_group = not dist.is_initialized()
+        if self.owns_process_group:
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
+                                    init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
+                                    world_size=self.world_size, timeout=timedelta(seconds=s.process_group_timeout_s))
+        elif dist.get_world_size() != self.world_size:
+            # One worker in the controller's process, where an in-process vLLM engine already made its
+            # (world size 1) default group: FSDP over that group is the same one-rank sharding.
+            raise RuntimeError(f"this process already has a process group of {dist.get_world_size()} ranks; "
+                               f"a trainer worker of a {self.world_size}-rank group needs its own process")
         self.mesh = init_device_mesh(self.device.type, (self.world_size,))
         self.precision = resolve_bf16(s.bf16, self.device.type)
         self.load_models()
@@ -106,8 +118,8 @@ class TrainerWorker:
         self.model = self.reference = self.optimizer = None  # free the old shards first
         self.model = self._sharded_model(model_dir or s.model_dir, trainable=True)
         self.model.train()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=s.learning_rate, betas=tuple(s.adam_betas),
-                                           weight_decay=s.weight_decay)
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
+                                           lr=s.learning_rate, betas=tuple(s.adam_betas), weight_decay=s.weight_decay)
         if s.reference_dir is not None:
             self.reference = self._sharded_model(s.reference_dir, trainable=False).eval()
 
@@ -125,6 +137,12 @@ class TrainerWorker:
             model.requires_grad_(False)
         elif s.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if trainable and s.lora is not None:
+            from rl.common.lora import wrap_with_lora
+
+            with torch.random.fork_rng():  # the same fresh adapters on every rank, whatever each RNG did before
+                torch.manual_seed(s.seed)
+                model = wrap_with_lora(model, s.lora)
         shard = dict(
             mesh=self.mesh,
             mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16 if self.precision.bf16 else None,
@@ -145,15 +163,27 @@ class TrainerWorker:
     def logprobs(self, micro_batches: list[MicroBatch], reference: bool = False) -> list[list[list[float]]]:
         """Per micro-batch, per sample: the completion tokens' log-probs under the policy (old log-probs) or the
         reference."""
-        model = self.reference if reference else self.model
-        if model is None:
-            raise RuntimeError("no reference model: WorkerSettings.reference_dir is None")
-        out = []
-        for mb in micro_batches:
-            logp, _, mask = sequence_logprobs(model, mb.prompt_ids, mb.completion_ids, self.settings.temperature,
-                                              with_entropy=False)
-            out.append([row[m].float().cpu().tolist() for row, m in zip(logp, mask)])
+        with self._policy_or_reference(reference) as model:
+            out = []
+            for mb in micro_batches:
+                logp, _, mask = sequence_logprobs(model, mb.prompt_ids, mb.completion_ids, self.settings.temperature,
+                                                  with_entropy=False)
+                out.append([row[m].float().cpu().tolist() for row, m in zip(logp, mask)])
         return out
+
+    @contextlib.contextmanager
+    def _policy_or_reference(self, reference: bool):
+        if not reference:
+            yield self.model
+        elif self.reference is not None:
+            yield self.reference
+        elif self.settings.lora is not None:  # the base alone: the same sharded modules, adapters off
+            from rl.common.lora import adapters_disabled
+
+            with adapters_disabled(self.model) as base:
+                yield base
+        else:
+            raise RuntimeError("no reference model: WorkerSettings.reference_dir is None")
 
     def update(self, micro_batches: list[MicroBatch], loss_settings: dict[str, Any]) -> dict[str, float]:
         """One optimizer step on this rank's share of a mini-batch; metrics are over the whole mini-batch.
@@ -170,6 +200,7 @@ class TrainerWorker:
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
         weight = 0.0
+        gap, gap_tokens = 0.0, 0.0  # |trainer - engine| log-prob over the trained tokens (before this update)
         ratio_min, ratio_max = float("inf"), float("-inf")
         for mb in micro_batches:
             logp, entropy, mask = sequence_logprobs(self.model, mb.prompt_ids, mb.completion_ids, s.temperature,
@@ -182,6 +213,10 @@ class TrainerWorker:
             loss, metrics = policy_loss(logp, old, advantages, mask, ref_logp=ref, entropy=entropy,
                                         num_tokens=max(num_tokens, 1.0), num_seqs=max(num_seqs, 1.0), **loss_settings)
             loss.backward()
+            if mb.engine_logprobs is not None:
+                engine = dense_rows(mb.engine_logprobs, logp)
+                gap += float(((logp.detach() - engine).abs() * mask).sum())
+                gap_tokens += float(mask.sum())
             n = float(trained.sum())
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
             for k, v in metrics.items():
@@ -193,13 +228,16 @@ class TrainerWorker:
         grad_norm = clip_grad_norm_(self.model.parameters(), s.max_grad_norm)
         self.optimizer.step()
         keys = sorted(sums)
-        totals = self._sum_across_ranks([sums[k] for k in keys] + [weight])
+        totals = self._sum_across_ranks([sums[k] for k in keys] + [gap, gap_tokens, weight])
         weight = max(totals.pop(), 1.0)
+        gap_tokens, gap = totals.pop(), totals.pop()
         out = {k: (v if k == "loss" else v / weight) for k, v in zip(keys, totals)}
         (ratio_min,), (ratio_max,) = self._reduce([ratio_min], dist.ReduceOp.MIN), self._reduce([ratio_max], dist.ReduceOp.MAX)
         if num_tokens > 0:
             out.update(ratio_min=ratio_min, ratio_max=ratio_max)
         out.update(grad_norm=grad_norm, num_tokens=num_tokens, num_seqs=num_seqs)
+        if micro_batches[0].engine_logprobs is not None:
+            out["logprob_gap_engine_trainer"] = gap / max(gap_tokens, 1.0)
         return out
 
     def _reduce(self, values: list[float], op) -> list[float]:
@@ -211,16 +249,53 @@ class TrainerWorker:
         return self._reduce(values, dist.ReduceOp.SUM)
 
     # ------------------------------------------------------------------ weights out
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """Plain HF names and full CPU tensors on rank 0 (None elsewhere), gathered one tensor at a time: every
-        rank must call it. The peak extra memory on a rank is one full tensor."""
-        out = {} if self.rank == 0 else None
-        for name, tensor in self.model.state_dict().items():
-            full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-            if out is not None:
-                out[name] = full.detach().to("cpu", copy=True)
+    def iter_full_weights(self):
+        """(HF name, full CPU tensor) pairs, gathered one tensor at a time; rank 0 yields them, the other ranks
+        yield nothing but must run the generator to its end too (each tensor is a collective). The peak extra
+        memory on a rank is one full tensor. With LoRA: base + scaled B @ A under the base's names (the
+        adapters, small, are gathered first)."""
+        state = self.model.state_dict()
+        adapters = {}
+        if self.settings.lora is not None:
+            adapters = {name: self._gather(t) for name, t in state.items() if "lora_" in name}
+        for name, tensor in state.items():
+            if "lora_" in name:
+                continue
+            full = self._gather(tensor)
+            if self.rank == 0:
+                if self.settings.lora is not None:
+                    name, full = self._merge_adapters(name, full, adapters)
+                yield name, full
             del full
-        return out
+
+    def _gather(self, tensor) -> torch.Tensor:
+        full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+        return full.detach().to("cpu", copy=True)
+
+    def _merge_adapters(self, name: str, weight: torch.Tensor, adapters: dict) -> tuple[str, torch.Tensor]:
+        """A PEFT state-dict entry -> (plain HF name, weight with every active adapter's delta added), computed
+        as `rl.common.lora.merged_state_dict` does (float32, then the base's dtype)."""
+        name = name.removeprefix("base_model.model.")
+        if ".base_layer." not in name:
+            return name, weight
+        module_name = name.rsplit(".base_layer.", 1)[0]
+        module = self.model.get_base_model().get_submodule(module_name)
+        delta = 0
+        for a in module.active_adapters:
+            key = f"base_model.model.{module_name}.lora_%s.{a}.weight"
+            if key % "A" in adapters:
+                ba = adapters[key % "B"] @ adapters[key % "A"]
+                delta = delta + (ba.T if module.fan_in_fan_out else ba) * module.scaling[a]
+        return name.replace(".base_layer.", "."), (weight.float() + delta).to(weight.dtype)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """`iter_full_weights` collected into one dict on rank 0 (None elsewhere): every rank must call it."""
+        out = dict(self.iter_full_weights())
+        return out if self.rank == 0 else None
+
+    def stream_full_weights(self):
+        """`iter_full_weights` for a Ray streaming generator: rank 0 yields ``(name, tensor)``, one per object."""
+        yield from self.iter_full_weights()
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, path: str) -> None:
@@ -247,15 +322,28 @@ class TrainerWorker:
         tensors gathered one at a time. Every rank must call it."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+        from transformers import GenerationConfig
+
+        from rl.common.lora import ADAPTER_DIR
+
         full = self.full_state_dict()
+        adapters = None
+        if self.settings.lora is not None:  # gathered on every rank (collectives), kept on rank 0
+            adapters = {name: self._gather(t) for name, t in self.model.state_dict().items() if "lora_" in name}
         if self.rank != 0:
             return
         s = self.settings
         config = AutoConfig.from_pretrained(s.model_dir, trust_remote_code=s.trust_remote_code)
         with torch.device("meta"):  # names and tied weights only: the values are `full`
             skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=s.trust_remote_code)
+        try:
+            skeleton.generation_config = GenerationConfig.from_pretrained(s.model_dir)
+        except OSError:  # the model has none: keep the one derived from its config
+            pass
         skeleton.save_pretrained(path, state_dict=full, safe_serialization=True)
         AutoTokenizer.from_pretrained(s.model_dir, trust_remote_code=s.trust_remote_code).save_pretrained(path)
+        if adapters is not None:  # the adapters alone as well (PEFT's format), beside the merged weights
+            self.model.save_pretrained(f"{path}/{ADAPTER_DIR}", state_dict=adapters)
 
     def local_storage_bytes(self) -> dict[str, int]:
         """Bytes this rank holds for the policy's parameter shards, gradient shards and optimizer state, each
@@ -279,13 +367,15 @@ class TrainerWorker:
         return {"parameters": size(params), "gradients": size(p.grad for p in params), "optimizer": size(state)}
 
     def shutdown(self) -> None:
-        if dist.is_initialized():
+        if getattr(self, "owns_process_group", False) and dist.is_initialized():
             dist.destroy_process_group()
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:
     """The repeated blocks of a transformers causal LM (``model.model.layers`` for Llama/Qwen-style models):
-    FSDP's units, each all-gathered just before it runs and freed after."""
+    FSDP's units, each all-gathered just before it runs and freed after. A PEFT model: its base's blocks."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
     for owner in (getattr(model, "model", None), model):
         layers = getattr(owner, "layers", None)
         if isinstance(layers, torch.nn.ModuleList):
