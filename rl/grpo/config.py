@@ -76,8 +76,10 @@ class GRPOConfig(BaseModel):
     # Trainer workers (rl.workers): the policy, reference and optimizer sharded (FSDP2) over this many ranks
     workers: int = Field(1, ge=1, description="trainer ranks (FSDP2); 1 = one rank in the stage's process, "
                                               "N > 1 = N Ray actors (one GPU each on GPU machines)")
-    worker_cpus: float = Field(1.0, gt=0, description="CPUs each Ray trainer worker reserves (and its torch "
-                                                      "threads, at least 1); rl.workers > 1 only")
+    worker_cpus: float | None = Field(
+        None, gt=0, description="CPUs each Ray trainer worker reserves (rl.workers > 1); None: the workers run inside "
+                                "the stage's own CPUs (resources.rl.num_cpus), which they share (threads = the "
+                                "stage's / workers): the controller and its engine wait while they train")
     worker_timeout_s: float = Field(3600.0, gt=0, description="a call to the Ray trainer workers that takes "
                                                              "longer fails the stage (a dead or hung rank)")
 

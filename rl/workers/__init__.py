@@ -4,21 +4,31 @@ single-controller loop calls (log-probs, update on a mini-batch, full weights ou
 STATUS (branch fsdp-workers; issue "Sharded GRPO training on Ray"):
   done     TrainerWorker (process group, FSDP2 per decoder layer + root, float32 master weights, bf16 compute
            where the precision rule says so, float32 gradient reduction, AdamW on the shards, DTensor-aware
-           clipping, sharded reference forward-only), WorkerGroup (Ray actors in a placement group, micro-batches
-           split across ranks, global counts all-reduced), full_state_dict gathered one tensor at a time on
-           rank 0, local_storage_bytes, sharded checkpoints (torch.distributed.checkpoint: model + AdamW) and a
-           consolidated HF directory written by rank 0, calls that fail as soon as one rank fails (the group is
-           then marked broken and shutdown kills it). Tested in tests/test_workers.py: N=2 vs N=1 after one
-           update, each aggregation, KL on and off; storage ratio; exact resume at N=2; the HF export loads; a
-           rank killed mid-update fails the call within seconds.
-  not yet  GRPOTrainer on the group (its single-process _update is still there; rl.workers: N in the config),
-           LoRA (reference = base with adapters off), a Ray streaming generator for weights to the engine
-           (full_state_dict holds all of them on rank 0), loading the weights on rank 0 only (meta device
-           elsewhere: every rank now reads the full float32 model first), the CPU accounting of a stage and its
-           workers, the stage (not only the call) failing when a worker dies, the prompt-sharing forward of
-           rl.grpo.logprobs under FSDP (workers run one full-sequence forward per micro-batch: see
-           rl.workers.batch.sequence_logprobs), activation checkpointing and CPU offload (wired, untested),
-           anything on GPU/NCCL (untested).
+           clipping, sharded reference forward-only, LoRA: seeded adapters on a float32 base, reference = base
+           with adapters off, merged weights out), WorkerGroup (Ray actors in a placement group, micro-batches
+           split across ranks, global counts all-reduced, full weights streamed from rank 0 with a Ray streaming
+           generator), InProcessWorkerGroup (rl.workers: 1: the same TrainerWorker in the controller's process,
+           joining an in-process vLLM's one-rank process group), sharded checkpoints (torch.distributed.checkpoint:
+           model + AdamW) and a consolidated HF directory written by rank 0 (+ adapter/ with LoRA), calls that
+           fail as soon as one rank fails. GRPOTrainer (rl/grpo/trainer.py) drives the group: old-policy and
+           reference log-probs, updates, weight sync one tensor at a time, checkpoints (HF dir + dcp/ +
+           trainer_state.pt); its single-process update path is gone. Reward function and advantage estimator
+           are constructor arguments (defaults: math_reward, group_advantages). CPU accounting: with
+           rl.worker_cpus unset the Ray workers reserve 0.01 CPU each and share the RL stage's own CPUs
+           (threads = stage threads / N); rl.worker_cpus = c reserves c each on top.
+           Tested: tests/test_workers.py (N=2 vs N=1 per aggregation, KL on/off, storage, DCP resume, HF export,
+           killed rank), tests/test_grpo_workers.py (the real trainer: workers 2 vs 1 after one step, exact
+           resume at workers 2), tests/test_grpo*.py, the LoRA merge against PEFT's.
+  not yet  rl.lora.base_dtype: bfloat16 with the workers (a clear error now: mixed dtypes in one FSDP unit
+           untested), resuming a checkpoint of the pre-worker trainer (no dcp/: a clear error), loading the
+           weights on rank 0 only (every rank reads the full float32 model first), the stage (not only the call)
+           failing when a worker dies mid weight-stream (a dead rank there blocks rank 0 until the process-group
+           timeout), the prompt-sharing forward of rl.grpo.logprobs under FSDP (workers run one full-sequence
+           forward per micro-batch: see rl.workers.batch.sequence_logprobs; rl.grpo.logprobs is now used by tests
+           and benchmarks only), activation checkpointing and CPU offload (wired, untested), anything on
+           GPU/NCCL (untested; on GPU the in-process vLLM and an in-process worker would share the default group),
+           benchmarks/grpo_step.py --profile (it replicates the removed single-process update on trainer.model).
+  see the end of this block for what was last measured.
 
 `rl.workers` imports neither Ray nor transformers at import time.
 """

@@ -156,6 +156,10 @@ class TrainerWorker:
             if isinstance(module, FSDPModule):  # a plain SUM (gloo has no PREMUL_SUM), no division after it
                 module.set_gradient_divide_factor(1.0)
                 module.set_force_sum_reduction_for_comms(True)
+        # FSDP fixes each unit's gradient dtypes from the parameters that require gradients at its lazy init
+        # (the first forward). PEFT's adapters-off context (the LoRA reference, often the first forward) sets
+        # requires_grad False on the adapters, which would leave bf16 gradients uncast: initialise now.
+        model._get_fsdp_state()._lazy_init()
         return model
 
     # ------------------------------------------------------------------ work
@@ -274,11 +278,11 @@ class TrainerWorker:
 
     def _merge_adapters(self, name: str, weight: torch.Tensor, adapters: dict) -> tuple[str, torch.Tensor]:
         """A PEFT state-dict entry -> (plain HF name, weight with every active adapter's delta added), computed
-        as `rl.common.lora.merged_state_dict` does (float32, then the base's dtype)."""
+        as PEFT's merge does (B @ A times the scaling, added in float32, then the base's dtype)."""
         name = name.removeprefix("base_model.model.")
-        if ".base_layer." not in name:
-            return name, weight
-        module_name = name.rsplit(".base_layer.", 1)[0]
+        if not name.endswith(".base_layer.weight"):  # not adapted, or an adapted layer's bias
+            return name.replace(".base_layer.", "."), weight
+        module_name = name.removesuffix(".base_layer.weight")
         module = self.model.get_base_model().get_submodule(module_name)
         delta = 0
         for a in module.active_adapters:
@@ -340,6 +344,11 @@ class TrainerWorker:
             skeleton.generation_config = GenerationConfig.from_pretrained(s.model_dir)
         except OSError:  # the model has none: keep the one derived from its config
             pass
+        # Tied weights (an LM head that is the embedding) once, under the name the model keeps: the gathered
+        # copies no longer share storage, so save_pretrained would write both.
+        kept = {name for name, _ in skeleton.named_parameters()}
+        tied = {name for name, _ in skeleton.named_parameters(remove_duplicate=False)} - kept
+        full = {k: v for k, v in full.items() if k not in tied}
         skeleton.save_pretrained(path, state_dict=full, safe_serialization=True)
         AutoTokenizer.from_pretrained(s.model_dir, trust_remote_code=s.trust_remote_code).save_pretrained(path)
         if adapters is not None:  # the adapters alone as well (PEFT's format), beside the merged weights
