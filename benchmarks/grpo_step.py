@@ -353,6 +353,11 @@ def profile_update(trainer, groups, args: argparse.Namespace) -> dict[str, Any]:
     from rl.grpo.core import group_advantages, minibatches
     from rl.grpo.trainer import GRPOTrainer
 
+    # rl.workers: 1 keeps its one FSDP2 rank in this process: the replicas below train that rank's (unsharded)
+    # model and AdamW. They use completion_logprobs (prompt once per micro-batch) and autocast, as the
+    # single-process update before rl.workers did; the workers run one full-sequence forward per micro-batch
+    # with FSDP mixed precision (GRPOTrainer._update, timed first).
+    trainer.model, trainer.optimizer = trainer.workers.worker.model, trainer.workers.worker.optimizer
     samples = [s for g in groups for s in g.samples]
     rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)
     advantages = group_advantages(rewards, normalize_std=trainer.cfg.normalize_std).flatten()
@@ -419,7 +424,7 @@ def profile_update(trainer, groups, args: argparse.Namespace) -> dict[str, Any]:
     out["flush_denormal_supported"] = previous
     # Weight sync cost alone (the engine re-packs the tied LM head, see rl.rollout.vllm_engine).
     t = time.perf_counter()
-    trainer.engine.update_weights(trainer.model.state_dict())
+    trainer.engine.update_weights(trainer.workers.iter_full_weights())
     out["sync_s"] = time.perf_counter() - t
     return out
 
