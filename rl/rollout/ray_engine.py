@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-
 from rl.rollout.base import Sample, SamplingConfig, Weights, weight_items
-
 
 class _EngineActor:
     def __init__(self, kind: str, model_dir: str, kwargs: dict):
@@ -23,7 +20,6 @@ class _EngineActor:
 
     def shutdown(self):
         self.engine.shutdown()
-
 
 class RayEngine:
     """Same interface as the in-process engines; calls block until the actor answers."""
