@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from rl.rollout.base import Sample, SamplingConfig, Weights, weight_items
 
+
 class _EngineActor:
     def __init__(self, kind: str, model_dir: str, kwargs: dict):
         from rl.rollout.in_process import make_engine
@@ -20,6 +21,7 @@ class _EngineActor:
 
     def shutdown(self):
         self.engine.shutdown()
+
 
 class RayEngine:
     """Same interface as the in-process engines; calls block until the actor answers."""

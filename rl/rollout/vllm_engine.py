@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from rl.rollout.base import Sample, SamplingConfig, Weights, weight_items
 
+
 def make_llm(model_dir: str, *, dtype: str = "float32", max_model_len: int = 2048, seed: int = 0,
              kv_cache_gib: float = 1.0, trust_remote_code: bool = False, **kwargs):
     """A ``vllm.LLM`` sized for this machine.
@@ -43,8 +44,10 @@ def make_llm(model_dir: str, *, dtype: str = "float32", max_model_len: int = 204
         **kwargs,
     )
 
+
 def _reload_in_worker(worker, weights: Weights) -> None:
     worker.model_runner.reload_weights(weights_iterator=iter(weight_items(weights)))
+
 
 class VLLMEngine:
     """Samples with per-token log-probs of the sampling distribution (``processed_logprobs``: after temperature)."""
