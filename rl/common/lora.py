@@ -19,6 +19,7 @@ ADAPTER_DIR = "adapter"  # GRPO: inside checkpoints/step-N/, beside the merged H
 
 LoraDropout = Annotated[float, Field(ge=0, lt=1)]
 
+
 class LoraSettings(BaseModel):
     """Train LoRA adapters instead of every weight (the reference is then the base with adapters off).
 
@@ -33,6 +34,7 @@ class LoraSettings(BaseModel):
     dropout: LoraDropout = 0.0
     target_modules: str | list[str] = "all-linear"
 
+
 def wrap_with_lora(model, settings, adapter_dir: str | Path | None = None):
     """A trainable PEFT model over ``model``: fresh adapters, or the ones saved in ``adapter_dir``."""
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -44,6 +46,7 @@ def wrap_with_lora(model, settings, adapter_dir: str | Path | None = None):
         r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
         target_modules=settings.target_modules, task_type="CAUSAL_LM"))
 
+
 @contextmanager
 def eval_mode(model):
     """``model`` in eval mode (no dropout) inside the block, back in its previous mode after it."""
@@ -53,6 +56,7 @@ def eval_mode(model):
         yield model
     finally:
         model.train(was_training)
+
 
 @contextmanager
 def adapters_disabled(peft_model):
