@@ -33,6 +33,12 @@ STATUS (branch fsdp-workers; issue "Sharded GRPO training on Ray"):
            exact resume at workers 2 holds (test_grpo_workers). benchmarks/grpo_step.py not rerun on this branch:
            the "within 10% of the step time before" check of rl.workers: 1 is still to do (the workers' forward
            is one full sequence per micro-batch, not rl.grpo.logprobs' prompt-sharing one).
+           `eksft run recipes/quickstart.yaml --set rl.workers=2` on 2 cores (23 GB RAM shared with other jobs):
+           the sft arm's RL stage (a Ray task of 1 CPU + 2 workers of 0.01 CPU) finished its 6 steps in 294 s
+           beside the other arm's stages; the eksft arm's RL stage was killed by Ray's memory monitor (node
+           memory > 95%: two RL stages, each an in-process vLLM + 2 workers that each load the full float32
+           policy and reference before sharding, plus an evaluation, plus other jobs on the machine).
+           Memory is the open problem there, not CPUs (rank-0-only loading is the first fix).
 
 `rl.workers` imports neither Ray nor transformers at import time.
 """
