@@ -163,12 +163,14 @@ def test_sharded_checkpoint_resumes_exactly_and_the_hf_export_loads_identically(
 
 @pytest.mark.slow
 def test_a_killed_worker_fails_the_call_at_once(ray_cluster, tiny_qwen2_dir):
-    """Rank 1 dies in the middle of an update: the call fails with Ray's error within seconds, not after the
-    process-group timeout that rank 0, blocked in a collective, would otherwise wait for."""
+    """Rank 1 dies in the middle of an update: the call fails with an error naming rank 1 within seconds, not
+    after the process-group timeout that rank 0, blocked in a collective, would otherwise wait for."""
     import threading
     import time
 
     from ray.exceptions import RayActorError
+
+    from rl.workers import WorkerFailure
 
     settings = WorkerSettings(model_dir=tiny_qwen2_dir, bf16=False, process_group_timeout_s=600)
     two = WorkerGroup(settings, 2, num_cpus=0.5, call_timeout_s=300)
@@ -176,11 +178,46 @@ def test_a_killed_worker_fails_the_call_at_once(ray_cluster, tiny_qwen2_dir):
         killer = threading.Timer(1.0, ray_cluster.kill, args=(two.actors[1],))
         start = time.monotonic()
         killer.start()
-        with pytest.raises(RayActorError):
+        with pytest.raises(WorkerFailure, match=f"rank 1 of 2 .*pid {two.pids[1]}.* in update") as failure:
             two.update(synthetic_micro_batches(seed=0) * 50, dict(aggregation="token-mean"))
         elapsed = time.monotonic() - start
         killer.join()
-        print(f"[workers] rank 1 killed 1 s into an update: the call failed after {elapsed:.1f} s")
+        print(f"[workers] rank 1 killed 1 s into an update: the call failed after {elapsed:.1f} s: {failure.value}")
+        assert isinstance(failure.value.__cause__, RayActorError) and failure.value.rank == 1
         assert elapsed < 60 and two.broken
     finally:
         two.shutdown()  # kills rank 0, still blocked in a collective, without waiting for it
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_weight_stream_fails_the_stream_at_once(ray_cluster, tiny_qwen2_dir):
+    """SIGKILL to rank 1's process after the first streamed tensor: the stream fails naming rank 1 within
+    seconds (rank 0 is left blocked in the next gather until the process-group timeout; shutdown kills it)."""
+    import os
+    import signal
+    import time
+
+    from rl.workers import WorkerFailure
+
+    settings = WorkerSettings(model_dir=tiny_qwen2_dir, bf16=False, process_group_timeout_s=600)
+    two = WorkerGroup(settings, 2, num_cpus=0.5, call_timeout_s=300)
+    try:
+        stream = two.iter_full_weights()
+        next(stream)
+        os.kill(two.pids[1], signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(WorkerFailure, match="rank 1 of 2 .* in the weight stream"):
+            for _ in stream:
+                time.sleep(0.05)  # a slow consumer, as an engine loading weights
+        elapsed = time.monotonic() - start
+        print(f"[workers] rank 1 SIGKILLed mid weight-stream: failed after {elapsed:.1f} s")
+        assert elapsed < 60 and two.broken
+    finally:
+        two.shutdown()
+
+
+def test_the_default_process_group_timeout_on_cpu_is_two_minutes():
+    from rl.workers.trainer_worker import default_process_group_timeout_s
+
+    assert WorkerSettings(model_dir="x").process_group_timeout_s is None
+    assert default_process_group_timeout_s("cpu") == 120.0

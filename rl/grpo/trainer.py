@@ -136,7 +136,12 @@ class GRPOTrainer:
             self.engine.shutdown()
             raise
         if resume_dir:
-            self._load_state(resume_dir)
+            try:
+                self._load_state(resume_dir)
+            except BaseException:  # a worker died while loading: tear the group and the engine down too
+                self.workers.shutdown()
+                self.engine.shutdown()
+                raise
             print(f"[rl] resumed from {resume_dir} (step {self.step})", flush=True)
         truncate_metrics(self.out.metrics, self.step)  # steps after the checkpoint are logged again
 
@@ -159,8 +164,16 @@ class GRPOTrainer:
             finally:
                 self.engine.shutdown()
             self.workers.save_hf(self.out.final)
+        except Exception as err:
+            from rl.workers import WorkerFailure
+
+            if isinstance(err, WorkerFailure):  # the group is torn down below; a rerun resumes
+                last = self.latest_checkpoint()
+                print(f"[rl] FAILED at step {self.step + 1}: {err}; a rerun resumes from "
+                      f"{last or 'the start'}", flush=True)
+            raise
         finally:
-            self.workers.shutdown()
+            self.workers.shutdown()  # a broken group: its actors are killed, not asked
         return self.out.final
 
     def train_step(self) -> dict:

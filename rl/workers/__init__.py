@@ -50,8 +50,8 @@ STATUS (branch fsdp-workers; issue "Sharded GRPO training on Ray"):
 """
 
 from rl.workers.batch import MicroBatch, split_across_ranks
-from rl.workers.group import InProcessWorkerGroup, WorkerGroup, make_worker_group
+from rl.workers.group import InProcessWorkerGroup, WorkerFailure, WorkerGroup, make_worker_group
 from rl.workers.trainer_worker import TrainerWorker, WorkerSettings
 
-__all__ = ["InProcessWorkerGroup", "MicroBatch", "TrainerWorker", "WorkerGroup", "WorkerSettings", "make_worker_group",
-           "split_across_ranks"]
+__all__ = ["InProcessWorkerGroup", "MicroBatch", "TrainerWorker", "WorkerFailure", "WorkerGroup", "WorkerSettings",
+           "make_worker_group", "split_across_ranks"]

@@ -15,7 +15,16 @@ from typing import Any
 from rl.workers.batch import MicroBatch, split_across_ranks, unsplit
 from rl.workers.trainer_worker import TrainerWorker, WorkerSettings
 
-__all__ = ["InProcessWorkerGroup", "WorkerGroup", "make_worker_group"]
+__all__ = ["InProcessWorkerGroup", "WorkerFailure", "WorkerGroup", "make_worker_group"]
+
+
+class WorkerFailure(RuntimeError):
+    """A trainer worker died, failed or did not answer: the message names the rank, its pid and Ray actor, and
+    the call; the cause (Ray's error, or the rank's own exception) is chained. The group is broken after it."""
+
+    def __init__(self, message: str, rank: int | None = None, pid: int | None = None):
+        super().__init__(message)
+        self.rank, self.pid = rank, pid
 
 
 class WorkerGroup:
@@ -49,31 +58,55 @@ class WorkerGroup:
             ).remote(settings, rank, num_workers)
             for rank in range(num_workers)
         ]
-        addr, port = self._get(self.actors[0].rendezvous_address.remote())
+        self.identities: list[dict] = [{"rank": r} for r in range(num_workers)]  # filled in just below
+        self.identities = self._all("identity")
+        addr, port = self._get(self.actors[0].rendezvous_address.remote(), "rendezvous_address")
         self._all("setup", addr, port)
 
-    def _get(self, refs):
-        """The answers of ``refs`` (one ref or a list), failing as soon as any rank fails: the others are then
-        blocked in a collective that will never complete, so waiting for them all would hang until the
-        process-group timeout. ``call_timeout_s`` bounds the whole call."""
+    @property
+    def pids(self) -> list[int]:
+        """Each rank's process id (rank order)."""
+        return [i["pid"] for i in self.identities]
+
+    def _describe(self, rank: int) -> str:
+        ident = self.identities[rank]
+        return (f"trainer worker rank {rank} of {self.num_workers} (Ray actor {ident.get('actor_id', '?')}, "
+                f"pid {ident.get('pid', '?')})")
+
+    def _fail(self, rank: int | None, method: str, cause: BaseException | None) -> WorkerFailure:
+        """Mark the group broken (the surviving ranks may be stuck in a collective: shutdown kills them) and
+        build the error that names the rank."""
+        self.broken = True
+        if rank is None:
+            return WorkerFailure(f"trainer workers did not answer {method} within {self.call_timeout_s} s "
+                                 "(rl.worker_timeout_s)")
+        first_line = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        return WorkerFailure(f"{self._describe(rank)} failed in {method}: {type(cause).__name__}: {first_line}",
+                             rank=rank, pid=self.identities[rank].get("pid"))
+
+    def _get(self, refs, method: str = "a call", ranks: list[int] | None = None):
+        """The answers of ``refs`` (one ref or a list, rank order unless ``ranks`` says), failing as soon as any
+        rank fails: the others are then blocked in a collective that will never complete, so waiting for them
+        all would hang until the process-group timeout. ``call_timeout_s`` bounds the whole call."""
         if not isinstance(refs, list):
-            return self._get([refs])[0]
+            return self._get([refs], method, ranks)[0]
+        ranks = list(range(len(refs))) if ranks is None else ranks
+        rank_of = {ref: rank for ref, rank in zip(refs, ranks)}
         deadline = None if self.call_timeout_s is None else time.monotonic() + self.call_timeout_s
         pending = list(refs)
         while pending:
             left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             ready, pending = self._ray.wait(pending, num_returns=1, timeout=left)
+            if not ready:
+                raise self._fail(None, method, None)
             try:
-                if not ready:
-                    raise TimeoutError(f"trainer workers did not answer within {self.call_timeout_s} s")
                 self._ray.get(ready[0])  # raises the rank's error (or ActorDiedError) now
-            except BaseException:
-                self.broken = True  # the surviving ranks may be stuck in a collective: shutdown kills them
-                raise
+            except Exception as err:
+                raise self._fail(rank_of[ready[0]], method, err) from err
         return self._ray.get(refs)
 
     def _all(self, method: str, *args) -> list:
-        return self._get([getattr(a, method).remote(*args) for a in self.actors])
+        return self._get([getattr(a, method).remote(*args) for a in self.actors], method)
 
     def load_models(self, model_dir: str | None = None) -> None:
         """Every rank reloads the policy (from ``model_dir``, default the settings') with a fresh optimizer."""
@@ -83,12 +116,13 @@ class WorkerGroup:
         """One optimizer step on a mini-batch: rank r trains micro-batches r, r + N, ... (`split_across_ranks`);
         ``loss_settings``: the keyword arguments of `rl.grpo.loss.policy_loss`."""
         shares = split_across_ranks(micro_batches, self.num_workers)
-        return self._get([a.update.remote(share, loss_settings) for a, share in zip(self.actors, shares)])[0]
+        return self._get([a.update.remote(share, loss_settings) for a, share in zip(self.actors, shares)], "update")[0]
 
     def logprobs(self, micro_batches: Sequence[MicroBatch], reference: bool = False) -> list[list[float]]:
         """Per sample, in the order of ``micro_batches``: the completion log-probs (old policy or reference)."""
         shares = split_across_ranks(micro_batches, self.num_workers)
-        per_rank = self._get([a.logprobs.remote(share, reference) for a, share in zip(self.actors, shares)])
+        per_rank = self._get([a.logprobs.remote(share, reference) for a, share in zip(self.actors, shares)],
+                             "reference log-probs" if reference else "log-probs")
         return unsplit(per_rank, len(micro_batches))
 
     def full_state_dict(self):
@@ -97,17 +131,36 @@ class WorkerGroup:
 
     def iter_full_weights(self):
         """(HF name, full CPU tensor) pairs, one at a time: rank 0 streams them (a Ray streaming generator) while
-        the other ranks take part in each gather. Consume it to the end."""
-        streams = [a.stream_full_weights.options(num_returns="streaming").remote() for a in self.actors]
-        try:
-            for ref in streams[0]:
-                yield self._ray.get(ref)
-            for stream in streams[1:]:  # nothing to read: this surfaces a rank's error
-                for ref in stream:
-                    self._ray.get(ref)
-        except BaseException:
-            self.broken = True
-            raise
+        the other ranks take part in each gather (a plain call each). Consume it to the end.
+
+        Every wait covers rank 0's next tensor AND the other ranks' calls, so a rank that dies mid-stream fails
+        the stream at once, not after rank 0 waited out the process-group timeout in that rank's gather."""
+        method = "the weight stream"
+        stream = self.actors[0].stream_full_weights.options(num_returns="streaming").remote()
+        others = {a.gather_full_weights.remote(): rank for rank, a in enumerate(self.actors) if rank}
+        deadline = None if self.call_timeout_s is None else time.monotonic() + self.call_timeout_s
+        while True:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            ready, _ = self._ray.wait([stream, *others], num_returns=1, timeout=left)
+            if not ready:
+                raise self._fail(None, method, None)
+            if ready[0] is not stream:  # another rank finished (fine) or died (its error now)
+                rank = others.pop(ready[0])
+                try:
+                    self._ray.get(ready[0])
+                except Exception as err:
+                    raise self._fail(rank, method, err) from err
+                continue
+            try:
+                ref = next(stream)
+            except StopIteration:
+                break
+            try:
+                item = self._ray.get(ref)
+            except Exception as err:
+                raise self._fail(0, method, err) from err
+            yield item
+        self._get(list(others), method, list(others.values()))  # the other ranks' ends: surfaces their errors
 
     def save_checkpoint(self, path: str) -> None:
         """Sharded policy and optimizer state (torch.distributed.checkpoint), each rank its own shards."""
@@ -129,7 +182,7 @@ class WorkerGroup:
 
         try:
             if not self.broken:
-                self._get([a.shutdown.remote() for a in self.actors])
+                self._get([a.shutdown.remote() for a in self.actors], "shutdown")
         finally:
             for actor in self.actors:
                 self._ray.kill(actor)

@@ -28,7 +28,17 @@ import torch.distributed as dist
 from rl.grpo.loss import policy_loss
 from rl.workers.batch import MicroBatch, dense_rows, sequence_logprobs
 
-__all__ = ["TrainerWorker", "WorkerSettings", "free_port"]
+__all__ = ["TrainerWorker", "WorkerSettings", "default_process_group_timeout_s", "free_port"]
+
+# The process-group timeout when WorkerSettings.process_group_timeout_s is None. On CPU the ranks run the same
+# work in lock step (a collective per layer), so a peer silent for 2 minutes is dead; on GPU the first NCCL
+# collectives may wait for slow model loading / compilation, hence the longer bound.
+CPU_PROCESS_GROUP_TIMEOUT_S = 120.0
+GPU_PROCESS_GROUP_TIMEOUT_S = 600.0
+
+
+def default_process_group_timeout_s(device_type: str) -> float:
+    return GPU_PROCESS_GROUP_TIMEOUT_S if device_type == "cuda" else CPU_PROCESS_GROUP_TIMEOUT_S
 
 
 @dataclass(frozen=True)
@@ -46,7 +56,10 @@ class WorkerSettings:
     activation_checkpointing: bool = False
     cpu_offload: bool = False
     trust_remote_code: bool = False
-    process_group_timeout_s: float = 600.0
+    # How long a rank waits in one collective for the others before failing (gloo / NCCL timeout). None: 120 s
+    # on CPU, 600 s on GPU (`default_process_group_timeout_s`). The controller notices a dead rank at once (Ray);
+    # this is the bound for the ranks left waiting, e.g. rank 0 mid weight-stream when a peer dies.
+    process_group_timeout_s: float | None = None
     # LoRA adapters (rl.common.lora.LoraSettings) on a frozen float32 base: only the adapters train, and the
     # reference is the base with the adapters off unless ``reference_dir`` names another model.
     lora: Any = None
@@ -76,6 +89,20 @@ class TrainerWorker:
         self.model = self.reference = self.optimizer = None
 
     # ------------------------------------------------------------------ setup
+    def identity(self) -> dict:
+        """Who this rank is, for error messages that name a dead worker: rank, pid, Ray actor id (in Ray)."""
+        import os
+
+        actor_id = None
+        try:
+            import ray
+
+            if ray.is_initialized():
+                actor_id = ray.get_runtime_context().get_actor_id()
+        except ImportError:
+            pass
+        return {"rank": self.rank, "pid": os.getpid(), "actor_id": actor_id}
+
     def rendezvous_address(self) -> tuple[str, int]:
         """(this node's IP, a free port): where the other ranks find rank 0."""
         try:
@@ -99,9 +126,10 @@ class TrainerWorker:
             self.device = torch.device("cuda", 0)
         self.owns_process_group = not dist.is_initialized()
         if self.owns_process_group:
+            timeout = s.process_group_timeout_s or default_process_group_timeout_s(self.device.type)
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
                                     init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
-                                    world_size=self.world_size, timeout=timedelta(seconds=s.process_group_timeout_s))
+                                    world_size=self.world_size, timeout=timedelta(seconds=timeout))
         elif dist.get_world_size() != self.world_size:
             # One worker in the controller's process, where an in-process vLLM engine already made its
             # (world size 1) default group: FSDP over that group is the same one-rank sharding.
@@ -296,6 +324,12 @@ class TrainerWorker:
         """`iter_full_weights` collected into one dict on rank 0 (None elsewhere): every rank must call it."""
         out = dict(self.iter_full_weights())
         return out if self.rank == 0 else None
+
+    def gather_full_weights(self) -> None:
+        """`iter_full_weights` run to its end for its collectives only: the part of a rank other than 0 in a
+        weight stream (a plain call, so that the controller sees at once when this rank dies)."""
+        for _ in self.iter_full_weights():
+            pass
 
     def stream_full_weights(self):
         """`iter_full_weights` for a Ray streaming generator: rank 0 yields ``(name, tensor)``, one per object."""
