@@ -66,3 +66,71 @@ def test_two_workers_step_like_one_and_resume_exactly(ray_cluster, tmp_path, tin
     w_full, w_res = load_file(str(full / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     for k in w_full:
         torch.testing.assert_close(w_res[k], w_full[k], rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.slow
+def test_a_sigkilled_worker_fails_the_stage_and_a_rerun_resumes_exactly(ray_cluster, tmp_path, tiny_qwen2_dir):
+    """A real SIGKILL to rank 1's process just after step 1's checkpoint: the stage fails within 2 minutes with
+    an error naming rank 1 and its pid, and the group is torn down (rank 0's process goes too). Rerunning the
+    same stage on the same outputs resumes from step 1 and ends where an uninterrupted 3-step run ends."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from rl.grpo.trainer import GRPOTrainer
+    from rl.workers import WorkerFailure
+
+    data, config = rows(8), GRPOConfig(steps=3, workers=2, **COMMON)
+    straight = run_grpo(tiny_qwen2_dir, data, config, outputs(tmp_path / "straight"), rollout=FLOAT32_ENGINE)
+
+    out = outputs(tmp_path / "killed")
+    trainer = GRPOTrainer(model_dir=tiny_qwen2_dir, rows=data, config=config, outputs=out, rollout=FLOAT32_ENGINE)
+    pids, killed_at = trainer.workers.pids, []
+
+    def kill_rank_1_after_step_1():
+        while not out.step_checkpoint(1).is_dir():  # renamed into place only when complete
+            time.sleep(0.02)
+        killed_at.append(time.monotonic())
+        os.kill(pids[1], signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_rank_1_after_step_1, daemon=True)
+    killer.start()
+    with pytest.raises(WorkerFailure, match=f"rank 1 of 2 .*pid {pids[1]}") as failure:
+        trainer.train()
+    elapsed = time.monotonic() - killed_at[0]
+    killer.join()
+    print(f"[grpo workers] rank 1 (pid {pids[1]}) SIGKILLed after step 1's checkpoint: the stage failed after "
+          f"{elapsed:.1f} s: {failure.value}")
+    assert elapsed < 120 and failure.value.rank == 1
+    assert trainer.latest_checkpoint() == out.step_checkpoint(1)
+    deadline = time.monotonic() + 30
+    while _alive(pids[0]) and time.monotonic() < deadline:  # ray.kill is asynchronous
+        time.sleep(0.2)
+    assert not _alive(pids[0]), "rank 0 was left running"
+
+    resumed = run_grpo(tiny_qwen2_dir, data, config, out, rollout=FLOAT32_ENGINE)
+    a, b = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "killed")
+    assert [m["step"] for m in b] == [1, 2, 3]
+    compared = [k for k in a[0] if k.startswith("reward") or "loss" in k]
+    assert "reward_mean" in compared and "pg_loss" in compared
+    for x, y in zip(a, b):
+        for key in compared:
+            assert y[key] == pytest.approx(x[key], rel=1e-6, abs=1e-9), (x["step"], key)
+    w_straight, w_resumed = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert w_resumed.keys() == w_straight.keys()
+    assert relative_difference(w_resumed, w_straight) <= 1e-6
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (killed, not yet reaped by its parent) is gone for our purposes
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
