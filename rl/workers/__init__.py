@@ -10,23 +10,33 @@ STATUS (branch fsdp-workers; issue "Sharded GRPO training on Ray"):
            generator), InProcessWorkerGroup (rl.workers: 1: the same TrainerWorker in the controller's process,
            joining an in-process vLLM's one-rank process group), sharded checkpoints (torch.distributed.checkpoint:
            model + AdamW) and a consolidated HF directory written by rank 0 (+ adapter/ with LoRA), calls that
-           fail as soon as one rank fails. GRPOTrainer (rl/grpo/trainer.py) drives the group: old-policy and
-           reference log-probs, updates, weight sync one tensor at a time, checkpoints (HF dir + dcp/ +
-           trainer_state.pt); its single-process update path is gone. Reward function and advantage estimator
-           are constructor arguments (defaults: math_reward, group_advantages). CPU accounting: with
+           fail as soon as one rank fails, with a `WorkerFailure` naming the rank, its pid and Ray actor and the
+           call (update, log-probs, the weight stream: every wait of the stream covers every rank, so a rank
+           dying mid-stream fails it at once), the group then torn down (actors killed). Process-group timeout:
+           WorkerSettings.process_group_timeout_s, None = 120 s on CPU / 600 s on GPU
+           (rl/workers/trainer_worker.py, CPU_/GPU_PROCESS_GROUP_TIMEOUT_S). GRPOTrainer (rl/grpo/trainer.py)
+           drives the group: old-policy and reference log-probs, updates, weight sync one tensor at a time,
+           checkpoints (HF dir + dcp/ + trainer_state.pt); its single-process update path is gone. Reward
+           function and advantage estimator are constructor arguments (defaults: math_reward,
+           group_advantages). CPU accounting: with
            rl.worker_cpus unset the Ray workers reserve 0.01 CPU each and share the RL stage's own CPUs
            (threads = stage threads / N); rl.worker_cpus = c reserves c each on top.
            Tested: tests/test_workers.py (N=2 vs N=1 per aggregation, KL on/off, storage, DCP resume, HF export,
-           killed rank), tests/test_grpo_workers.py (the real trainer: workers 2 vs 1 after one step, exact
-           resume at workers 2), tests/test_grpo*.py, the LoRA merge against PEFT's.
+           killed rank mid-update and SIGKILLed mid weight-stream: WorkerFailure naming rank 1 within 1 s),
+           tests/test_grpo_workers.py (the real trainer: workers 2 vs 1 after one step, exact resume at workers 2;
+           a real SIGKILL to rank 1's process after step 1's checkpoint of a 3-step run fails the stage 1.4 s
+           later naming rank 1 and its pid, rank 0's process goes, and the rerun resumes from step 1 and ends
+           with the uninterrupted run's weights (<= 1e-6 relative) and reward/loss metrics, steps 1..3 once
+           each), tests/test_grpo*.py, the LoRA merge against PEFT's. benchmarks/gpu_fsdp_update.py: the
+           worker at world size 1 on a random Qwen2.5-0.5B-shape model (step time, peak memory; torch +
+           transformers only), smoke-tested on CPU with --tiny (tests/test_bench_gpu_fsdp_update.py).
   not yet  rl.lora.base_dtype: bfloat16 with the workers (a clear error now: mixed dtypes in one FSDP unit
            untested), resuming a checkpoint of the pre-worker trainer (no dcp/: a clear error), loading the
-           weights on rank 0 only (every rank reads the full float32 model first), the stage (not only the call)
-           failing when a worker dies mid weight-stream (a dead rank there blocks rank 0 until the process-group
-           timeout), the prompt-sharing forward of rl.grpo.logprobs under FSDP (workers run one full-sequence
-           forward per micro-batch: see rl.workers.batch.sequence_logprobs; rl.grpo.logprobs is now used by tests
-           and benchmarks only), activation checkpointing and CPU offload (wired, untested), anything on
-           GPU/NCCL (untested; on GPU the in-process vLLM and an in-process worker would share the default group),
+           weights on rank 0 only (every rank reads the full float32 model first), benchmarks/gpu_fsdp_update.py
+           on a GPU (prepared, never run: no GPU lent so far), the prompt-sharing forward of rl.grpo.logprobs
+           under FSDP (workers run one full-sequence forward per micro-batch: see
+           rl.workers.batch.sequence_logprobs; rl.grpo.logprobs is now used by tests and benchmarks only),
+           activation checkpointing and CPU offload (wired, untested), anything on GPU/NCCL (untested; on GPU the in-process vLLM and an in-process worker would share the default group),
            benchmarks/grpo_step.py --profile (it replicates the removed single-process update on trainer.model).
   measured (2-core CPU, float32): the real trainer with workers 2 vs 1 after one GRPO step (2 mini-batches,
            seq-mean-token-mean, KL and entropy on): parameters identical bit for bit (relative difference 0.0);
@@ -34,7 +44,8 @@ STATUS (branch fsdp-workers; issue "Sharded GRPO training on Ray"):
            (8 prompts x 8 x 128 tokens, bf16 auto on a Xeon with AVX512_BF16, others' CPU share 0.00), main at
            8c15e6b then this branch at 7c3fdb0, back to back: step 63.53 s (train 48.48 s) before, 60.31 s
            (train 45.86 s) with rl.workers: 1, identical rollouts (4218.5 completion tokens/step): within 10%.
-           TRL's ratio not rerun (--systems ours only); the scaling row (N=1 vs 2) and the GPU script are to do.
+           TRL's ratio not rerun (--systems ours only); the scaling row (N=1 vs 2) is to do; the GPU script is
+           written (benchmarks/gpu_fsdp_update.py) but has not run on a GPU.
            `eksft run recipes/quickstart.yaml --set rl.workers=2` on 2 cores (23 GB RAM shared with other jobs):
            the sft arm's RL stage (a Ray task of 1 CPU + 2 workers of 0.01 CPU) finished its 6 steps in 294 s
            beside the other arm's stages; the eksft arm's RL stage was killed by Ray's memory monitor (node
