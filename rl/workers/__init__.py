@@ -36,7 +36,8 @@ STATUS (branch fsdp-workers; issue "Sharded GRPO training on Ray"):
            on a GPU (prepared, never run: no GPU lent so far), the prompt-sharing forward of rl.grpo.logprobs
            under FSDP (workers run one full-sequence forward per micro-batch: see
            rl.workers.batch.sequence_logprobs; rl.grpo.logprobs is now used by tests and benchmarks only),
-           activation checkpointing and CPU offload (wired, untested), anything on GPU/NCCL (untested; on GPU the in-process vLLM and an in-process worker would share the default group),
+           activation checkpointing and CPU offload (wired, untested), anything on GPU/NCCL (untested; on GPU
+           the in-process vLLM and an in-process worker would share the default group),
            benchmarks/grpo_step.py --profile (it replicates the removed single-process update on trainer.model).
   measured (2-core CPU, float32): the real trainer with workers 2 vs 1 after one GRPO step (2 mini-batches,
            seq-mean-token-mean, KL and entropy on): parameters identical bit for bit (relative difference 0.0);
