@@ -221,3 +221,64 @@ def test_the_default_process_group_timeout_on_cpu_is_two_minutes():
 
     assert WorkerSettings(model_dir="x").process_group_timeout_s is None
     assert default_process_group_timeout_s("cpu") == 120.0
+
+
+@pytest.mark.slow
+def test_lora_on_a_bf16_base_trains_float32_adapters_alike_on_one_and_two_ranks(ray_cluster, tiny_qwen2_dir,
+                                                                                tmp_path):
+    """rl.lora.base_dtype: bfloat16 (a frozen bf16 base, float32 adapters and AdamW state; the reference is the
+    base with adapters off): two GRPO updates with the k3 KL term on one rank and on two. The base stays bf16
+    and unchanged, the adapters float32 and moved; N=2 agrees with N=1 closely (bf16 base compute); the merged
+    HF export (bf16, base + B @ A) loads in transformers with the streamed weights."""
+    from transformers import AutoModelForCausalLM
+
+    from rl.grpo import GRPOLoraConfig
+
+    lora = GRPOLoraConfig(enabled=True, r=4, alpha=8, base_dtype="bfloat16")
+    settings = WorkerSettings(model_dir=tiny_qwen2_dir, bf16=False, learning_rate=1e-2, temperature=0.9, lora=lora)
+    one = WorkerGroup(settings, 1, num_cpus=0.5, call_timeout_s=300)
+    two = WorkerGroup(settings, 2, num_cpus=0.5, call_timeout_s=300)
+    try:
+        start = one.module_state_dict()
+        assert relative_difference(two.module_state_dict(), start) == 0.0
+        base = {k for k in start if "lora_" not in k}
+        adapters = set(start) - base
+        assert adapters and all(start[k].dtype == torch.float32 for k in adapters)
+        assert all(start[k].dtype == torch.bfloat16 for k in base)
+        loss = dict(aggregation="token-mean", beta=0.1, eps_low=0.2, eps_high=0.28)
+        for step in range(2):
+            mbs = synthetic_micro_batches(seed=20 + step)
+            old = one.logprobs(mbs)
+            ref_one, ref_two = one.logprobs(mbs, reference=True), two.logprobs(mbs, reference=True)
+            ref_gap = max(abs(a - b) for r1, r2 in zip(ref_one, ref_two) for a, b in zip(r1, r2))
+            mbs = with_logprobs(mbs, old, ref_one, seed=200 + step)
+            m1, m2 = one.update(mbs, loss), two.update(mbs, loss)
+            print(f"[workers lora bf16 base] step {step + 1}: loss {m1['loss']:.6f} / {m2['loss']:.6f}, grad_norm "
+                  f"{m1['grad_norm']:.6f} / {m2['grad_norm']:.6f}, kl {m1['kl']:.2e} / {m2['kl']:.2e}, reference "
+                  f"log-prob max |N=2 - N=1| {ref_gap:.2e}")
+            assert ref_gap < 1e-5
+            assert m2["loss"] == pytest.approx(m1["loss"], rel=1e-4, abs=1e-6)
+            assert m2["grad_norm"] == pytest.approx(m1["grad_norm"], rel=1e-4)
+        after_one, after_two = one.module_state_dict(), two.module_state_dict()
+        for after in (after_one, after_two):
+            assert all(after[k].dtype == torch.bfloat16 and torch.equal(after[k], start[k]) for k in base)
+            assert all(after[k].dtype == torch.float32 for k in adapters)
+            assert any("lora_A" in k and not torch.equal(after[k], start[k]) for k in adapters)
+            assert any("lora_B" in k and not torch.equal(after[k], start[k]) for k in adapters)
+        params = relative_difference({k: after_two[k] for k in adapters}, {k: after_one[k] for k in adapters})
+        update = relative_difference({k: after_two[k] - start[k] for k in adapters},
+                                     {k: after_one[k] - start[k] for k in adapters})
+        print(f"[workers lora bf16 base] adapters after 2 updates, max relative difference N=2 vs N=1: parameters "
+              f"{params:.2e}, update {update:.2e}")
+        assert params <= 1e-4 and update <= 1e-4
+
+        merged = two.full_state_dict()
+        assert all(v.dtype == torch.bfloat16 for v in merged.values())
+        two.save_hf(tmp_path / "hf")
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").state_dict()
+        assert loaded.keys() == merged.keys()
+        assert all(torch.equal(loaded[k].to(torch.bfloat16), merged[k]) for k in merged)
+        assert (tmp_path / "hf" / "adapter" / "adapter_model.safetensors").is_file()
+    finally:
+        one.shutdown()
+        two.shutdown()

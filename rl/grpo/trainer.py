@@ -110,9 +110,6 @@ class GRPOTrainer:
         print(f"[rl] trainer compute: {self.precision.describe()}, {config.workers} worker(s)", flush=True)
         if warning := slow_bf16_warning(self.precision, "rl.bf16"):
             print(f"[rl] WARNING: {warning}", flush=True)
-        if config.lora.enabled and config.lora.base_dtype != "float32":
-            raise ValueError("rl.lora.base_dtype: bfloat16 is not supported by the FSDP trainer workers yet "
-                             "(their sharded base is float32); set rl.lora.base_dtype=float32")
         self.tokenizer = AutoTokenizer.from_pretrained(start_dir, trust_remote_code=trust_remote_code)
         self.prompt_ids = prompt_token_ids(self.tokenizer, [r["prompt"] for r in rows], chat_template_kwargs)
         # The engine first: an in-process vLLM makes this process's (one-rank) process group, which a

@@ -129,6 +129,10 @@ class WorkerGroup:
         """Full weights with HF names (CPU tensors), gathered one tensor at a time on rank 0."""
         return self._all("full_state_dict")[0]
 
+    def module_state_dict(self):
+        """The policy's unmerged state dict (PEFT names with LoRA), full CPU tensors in their dtypes, from rank 0."""
+        return self._all("module_state_dict")[0]
+
     def iter_full_weights(self):
         """(HF name, full CPU tensor) pairs, one at a time: rank 0 streams them (a Ray streaming generator) while
         the other ranks take part in each gather (a plain call each). Consume it to the end.
@@ -215,6 +219,9 @@ class InProcessWorkerGroup:
 
     def full_state_dict(self):
         return self.worker.full_state_dict()
+
+    def module_state_dict(self):
+        return self.worker.module_state_dict()
 
     def iter_full_weights(self):
         return self.worker.iter_full_weights()

@@ -151,6 +151,11 @@ class TrainerWorker:
         if s.reference_dir is not None:
             self.reference = self._sharded_model(s.reference_dir, trainable=False).eval()
 
+    def base_dtype(self) -> torch.dtype:
+        """The dtype the models are loaded in: float32, or with LoRA ``lora.base_dtype`` (the frozen base, and a
+        separate reference, in bf16 to halve their memory; the adapters stay float32)."""
+        return getattr(torch, getattr(self.settings.lora, "base_dtype", "float32") or "float32")
+
     def _sharded_model(self, model_dir: str, *, trainable: bool):
         """float32 weights, ``fully_shard`` per decoder layer then the root; gradients summed across ranks."""
         from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
@@ -159,7 +164,7 @@ class TrainerWorker:
         s = self.settings
         # TODO(large models): every rank loads the full float32 model on CPU first; rank 0 only + broadcast
         # (meta device elsewhere) is what an 8B model on 8 ranks of one node needs.
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.base_dtype(),
                                                      trust_remote_code=s.trust_remote_code)
         if not trainable:
             model.requires_grad_(False)
@@ -171,6 +176,9 @@ class TrainerWorker:
             with torch.random.fork_rng():  # the same fresh adapters on every rank, whatever each RNG did before
                 torch.manual_seed(s.seed)
                 model = wrap_with_lora(model, s.lora)
+            for p in model.parameters():  # float32 adapters (and AdamW state) on a frozen base of any dtype
+                if p.requires_grad and p.dtype != torch.float32:
+                    p.data = p.data.float()
         shard = dict(
             mesh=self.mesh,
             mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16 if self.precision.bf16 else None,
@@ -323,6 +331,13 @@ class TrainerWorker:
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """`iter_full_weights` collected into one dict on rank 0 (None elsewhere): every rank must call it."""
         out = dict(self.iter_full_weights())
+        return out if self.rank == 0 else None
+
+    def module_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The policy's own state dict gathered to full CPU tensors in their stored dtypes, on rank 0 (None
+        elsewhere; every rank must call it): with LoRA, PEFT's names (``...base_layer.weight``, ``lora_A``/``B``)
+        unmerged. For tests and inspection; the engine and the checkpoints get `iter_full_weights`."""
+        out = {name: self._gather(t) for name, t in self.model.state_dict().items()}
         return out if self.rank == 0 else None
 
     def gather_full_weights(self) -> None:
