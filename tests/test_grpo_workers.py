@@ -134,3 +134,39 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+@pytest.mark.slow
+def test_lora_on_a_bf16_base_with_one_and_two_workers(ray_cluster, tmp_path, tiny_qwen2_dir):
+    """rl.lora.base_dtype: bfloat16 through the real trainer (the engine syncs the merged bf16 weights): 2 steps
+    with workers 1 and 2 give the same step-1 adapters and merged weights (closely), only the adapted linear
+    layers move, and the final HF directory loads in transformers."""
+    from transformers import AutoModelForCausalLM
+
+    data = rows(8)
+    lora = {"enabled": True, "r": 4, "alpha": 8, "base_dtype": "bfloat16"}
+    config = dict(COMMON, learning_rate=1e-2, steps=2, lora=lora)
+    finals, outs = {}, {}
+    for n in (1, 2):
+        outs[n] = outputs(tmp_path / f"w{n}")
+        finals[n] = run_grpo(tiny_qwen2_dir, data, GRPOConfig(workers=n, **config), outs[n], rollout=FLOAT32_ENGINE)
+    assert outs[1].rollout_file(1).read_text() == outs[2].rollout_file(1).read_text()
+    start = load_file(f"{tiny_qwen2_dir}/model.safetensors")
+    merged = {n: load_file(str(outs[n].step_checkpoint(1) / "model.safetensors")) for n in (1, 2)}
+    adapters = {n: load_file(str(outs[n].step_checkpoint(1) / "adapter/adapter_model.safetensors")) for n in (1, 2)}
+    assert all(v.dtype == torch.bfloat16 for v in merged[2].values())
+    assert all(v.dtype == torch.float32 for v in adapters[2].values())
+    moved = {k for k in start if not torch.equal(start[k].to(torch.bfloat16), merged[2][k])}
+    assert moved and all(k.endswith("proj.weight") for k in moved)
+    params = relative_difference({k: v.float() for k, v in merged[2].items()}, {k: v.float() for k, v in merged[1].items()})
+    adapter = relative_difference(adapters[2], adapters[1])
+    m1, m2 = read_metrics(tmp_path / "w1"), read_metrics(tmp_path / "w2")
+    print(f"[grpo workers lora bf16 base] step 1, workers 1 vs 2: max relative difference adapters {adapter:.2e}, "
+          f"merged bf16 weights {params:.2e}; grad_norm {m1[0]['grad_norm']:.6f} / {m2[0]['grad_norm']:.6f}; "
+          f"step 2 logprob_gap_engine_trainer {m1[1]['logprob_gap_engine_trainer']:.2e} / "
+          f"{m2[1]['logprob_gap_engine_trainer']:.2e}")
+    assert adapter <= 1e-4 and params <= 1e-2  # bf16 rounding of base + B @ A
+    assert m2[0]["grad_norm"] == pytest.approx(m1[0]["grad_norm"], rel=1e-4)
+    loaded = AutoModelForCausalLM.from_pretrained(finals[2]).state_dict()
+    final = load_file(str(finals[2] / "model.safetensors"))
+    assert all(torch.equal(loaded[k].to(torch.bfloat16), final[k]) for k in final)

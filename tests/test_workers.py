@@ -224,7 +224,8 @@ def test_the_default_process_group_timeout_on_cpu_is_two_minutes():
 
 
 @pytest.mark.slow
-def test_lora_on_a_bf16_base_trains_float32_adapters_alike_on_one_and_two_ranks(ray_cluster, tiny_qwen2_dir,
+@pytest.mark.parametrize("bf16", [False, True], ids=["float32-compute", "bf16-compute"])
+def test_lora_on_a_bf16_base_trains_float32_adapters_alike_on_one_and_two_ranks(ray_cluster, tiny_qwen2_dir, bf16,
                                                                                 tmp_path):
     """rl.lora.base_dtype: bfloat16 (a frozen bf16 base, float32 adapters and AdamW state; the reference is the
     base with adapters off): two GRPO updates with the k3 KL term on one rank and on two. The base stays bf16
@@ -235,7 +236,7 @@ def test_lora_on_a_bf16_base_trains_float32_adapters_alike_on_one_and_two_ranks(
     from rl.grpo import GRPOLoraConfig
 
     lora = GRPOLoraConfig(enabled=True, r=4, alpha=8, base_dtype="bfloat16")
-    settings = WorkerSettings(model_dir=tiny_qwen2_dir, bf16=False, learning_rate=1e-2, temperature=0.9, lora=lora)
+    settings = WorkerSettings(model_dir=tiny_qwen2_dir, bf16=bf16, learning_rate=1e-2, temperature=0.9, lora=lora)
     one = WorkerGroup(settings, 1, num_cpus=0.5, call_timeout_s=300)
     two = WorkerGroup(settings, 2, num_cpus=0.5, call_timeout_s=300)
     try:
