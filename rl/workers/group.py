@@ -81,8 +81,29 @@ class WorkerGroup:
             return WorkerFailure(f"trainer workers did not answer {method} within {self.call_timeout_s} s "
                                  "(rl.worker_timeout_s)")
         first_line = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
-        return WorkerFailure(f"{self._describe(rank)} failed in {method}: {type(cause).__name__}: {first_line}",
-                             rank=rank, pid=self.identities[rank].get("pid"))
+        message = f"{self._describe(rank)} failed in {method}: {type(cause).__name__}: {first_line}"
+        dead = None if isinstance(cause, self._ray.exceptions.RayActorError) else self._dead_peer(rank)
+        if dead is not None:  # e.g. gloo saw the peer's connection close before Ray reported the death
+            return WorkerFailure(f"{self._describe(dead)} died during {method} (then {message})",
+                                 rank=dead, pid=self.identities[dead].get("pid"))
+        return WorkerFailure(message, rank=rank, pid=self.identities[rank].get("pid"))
+
+    def _dead_peer(self, rank: int, wait_s: float = 2.0) -> int | None:
+        """A rank other than ``rank`` whose actor is dead, if Ray says so within ``wait_s`` (a rank that failed
+        in a collective often failed because a peer died; the live peers, blocked in the collective, answer
+        nothing and are not waited for longer)."""
+        refs = {self.actors[r].identity.remote(): r for r in range(self.num_workers) if r != rank}
+        if not refs:
+            return None
+        ready, _ = self._ray.wait(list(refs), num_returns=len(refs), timeout=wait_s)
+        for ref in ready:
+            try:
+                self._ray.get(ref)
+            except self._ray.exceptions.RayActorError:
+                return refs[ref]
+            except Exception:
+                pass
+        return None
 
     def _get(self, refs, method: str = "a call", ranks: list[int] | None = None):
         """The answers of ``refs`` (one ref or a list, rank order unless ``ranks`` says), failing as soon as any

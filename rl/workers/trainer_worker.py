@@ -162,10 +162,19 @@ class TrainerWorker:
         from transformers import AutoModelForCausalLM
 
         s = self.settings
-        # TODO(large models): every rank loads the full float32 model on CPU first; rank 0 only + broadcast
-        # (meta device elsewhere) is what an 8B model on 8 ranks of one node needs.
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.base_dtype(),
-                                                     trust_remote_code=s.trust_remote_code)
+        # Only rank 0 reads the weights (the full model on its CPU); the other ranks build the same modules on the
+        # meta device (no memory) and receive their shards from rank 0 after sharding (`_load_from_rank0`).
+        on_meta = self.world_size > 1 and self.rank != 0
+        if on_meta:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(model_dir, trust_remote_code=s.trust_remote_code)
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config, trust_remote_code=s.trust_remote_code)
+            model.to(self.base_dtype())
+        else:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.base_dtype(),
+                                                         trust_remote_code=s.trust_remote_code)
         if not trainable:
             model.requires_grad_(False)
         elif s.activation_checkpointing:
@@ -179,6 +188,8 @@ class TrainerWorker:
             for p in model.parameters():  # float32 adapters (and AdamW state) on a frozen base of any dtype
                 if p.requires_grad and p.dtype != torch.float32:
                     p.data = p.data.float()
+        # Rank 0's full weights (the tensors themselves, no copy), kept past the sharding to broadcast from.
+        full = model.state_dict() if self.world_size > 1 and not on_meta else None
         shard = dict(
             mesh=self.mesh,
             mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16 if self.precision.bf16 else None,
@@ -188,6 +199,9 @@ class TrainerWorker:
         for layer in decoder_layers(model):
             fully_shard(layer, **shard)
         fully_shard(model, **shard)
+        if self.world_size > 1:
+            self._load_from_rank0(model, full, on_meta)
+            del full
         for module in model.modules():
             if isinstance(module, FSDPModule):  # a plain SUM (gloo has no PREMUL_SUM), no division after it
                 module.set_gradient_divide_factor(1.0)
@@ -197,6 +211,24 @@ class TrainerWorker:
         # requires_grad False on the adapters, which would leave bf16 gradients uncast: initialise now.
         model._get_fsdp_state()._lazy_init()
         return model
+
+    def _load_from_rank0(self, model, full: dict | None, on_meta: bool) -> None:
+        """Fill every rank's shards from rank 0's full state dict (``full``; None on the other ranks), one tensor
+        broadcast at a time (torch.distributed.checkpoint's ``broadcast_from_rank0``), then copy rank 0's
+        buffers to every rank (non-persistent ones such as rotary frequencies are in no state dict; on the
+        meta device they were never computed)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        if on_meta:  # storage for the shards and buffers; the values come below
+            model.to_empty(device="cpu" if self.settings.cpu_offload else self.device)
+        set_model_state_dict(model, full if full is not None else {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        for module in model.modules():
+            for name, buffer in module._buffers.items():
+                if buffer is not None:
+                    buffer = buffer.to(self.device)
+                    dist.broadcast(buffer, src=0)
+                    module._buffers[name] = buffer
 
     # ------------------------------------------------------------------ work
     @torch.no_grad()
