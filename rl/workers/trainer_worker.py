@@ -169,9 +169,9 @@ class TrainerWorker:
             from transformers import AutoConfig
 
             config = AutoConfig.from_pretrained(model_dir, trust_remote_code=s.trust_remote_code)
-            with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(config, trust_remote_code=s.trust_remote_code)
-            model.to(self.base_dtype())
+            with torch.device("meta"):  # `dtype` as from_pretrained applies it (float32 rotary buffers stay so)
+                model = AutoModelForCausalLM.from_config(config, dtype=self.base_dtype(),
+                                                         trust_remote_code=s.trust_remote_code)
         else:
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.base_dtype(),
                                                          trust_remote_code=s.trust_remote_code)
@@ -188,8 +188,9 @@ class TrainerWorker:
             for p in model.parameters():  # float32 adapters (and AdamW state) on a frozen base of any dtype
                 if p.requires_grad and p.dtype != torch.float32:
                     p.data = p.data.float()
-        # Rank 0's full weights (the tensors themselves, no copy), kept past the sharding to broadcast from.
-        full = model.state_dict() if self.world_size > 1 and not on_meta else None
+        # Rank 0's full weights kept past the sharding to broadcast from: detached aliases (no copy) of the CPU
+        # storage, which stay on the CPU when fully_shard moves the parameters to the GPU.
+        full = {k: v.detach() for k, v in model.state_dict().items()} if self.world_size > 1 and not on_meta else None
         shard = dict(
             mesh=self.mesh,
             mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16 if self.precision.bf16 else None,
@@ -223,12 +224,17 @@ class TrainerWorker:
             model.to_empty(device="cpu" if self.settings.cpu_offload else self.device)
         set_model_state_dict(model, full if full is not None else {},
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-        for module in model.modules():
-            for name, buffer in module._buffers.items():
-                if buffer is not None:
-                    buffer = buffer.to(self.device)
-                    dist.broadcast(buffer, src=0)
-                    module._buffers[name] = buffer
+        # Buffers: rank 0's names, shapes and dtypes first, so that each broadcast has the same size everywhere.
+        buffers = [(m, name, b) for m in model.modules() for name, b in m._buffers.items() if b is not None]
+        layout = [[(tuple(b.shape), b.dtype) for _, _, b in buffers]]
+        dist.broadcast_object_list(layout, src=0)
+        if len(layout[0]) != len(buffers):
+            raise RuntimeError(f"rank {self.rank} built {len(buffers)} buffers, rank 0 {len(layout[0])}")
+        for (module, name, buffer), (shape, dtype) in zip(buffers, layout[0]):
+            buffer = (buffer.to(self.device) if self.rank == 0 else
+                      torch.empty(shape, dtype=dtype, device=self.device))
+            dist.broadcast(buffer, src=0)
+            module._buffers[name] = buffer
 
     # ------------------------------------------------------------------ work
     @torch.no_grad()
