@@ -158,7 +158,8 @@ def test_lora_on_a_bf16_base_with_one_and_two_workers(ray_cluster, tmp_path, tin
     assert all(v.dtype == torch.float32 for v in adapters[2].values())
     moved = {k for k in start if not torch.equal(start[k].to(torch.bfloat16), merged[2][k])}
     assert moved and all(k.endswith("proj.weight") for k in moved)
-    params = relative_difference({k: v.float() for k, v in merged[2].items()}, {k: v.float() for k, v in merged[1].items()})
+    params = relative_difference({k: v.float() for k, v in merged[2].items()},
+                                 {k: v.float() for k, v in merged[1].items()})
     adapter = relative_difference(adapters[2], adapters[1])
     m1, m2 = read_metrics(tmp_path / "w1"), read_metrics(tmp_path / "w2")
     print(f"[grpo workers lora bf16 base] step 1, workers 1 vs 2: max relative difference adapters {adapter:.2e}, "

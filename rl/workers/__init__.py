@@ -4,15 +4,21 @@ single-controller loop calls (log-probs, update on a mini-batch, full weights ou
 STATUS (branch fsdp-workers; issue "Sharded GRPO training on Ray"):
   done     TrainerWorker (process group, FSDP2 per decoder layer + root, float32 master weights, bf16 compute
            where the precision rule says so, float32 gradient reduction, AdamW on the shards, DTensor-aware
-           clipping, sharded reference forward-only, LoRA: seeded adapters on a float32 base, reference = base
-           with adapters off, merged weights out), WorkerGroup (Ray actors in a placement group, micro-batches
-           split across ranks, global counts all-reduced, full weights streamed from rank 0 with a Ray streaming
-           generator), InProcessWorkerGroup (rl.workers: 1: the same TrainerWorker in the controller's process,
-           joining an in-process vLLM's one-rank process group), sharded checkpoints (torch.distributed.checkpoint:
+           clipping, sharded reference forward-only, LoRA: seeded float32 adapters on a frozen base in
+           rl.lora.base_dtype (float32 or bfloat16; a separate reference also in base_dtype), reference = base
+           with adapters off, merged weights out in the base's dtype; weights read from disk on rank 0 only:
+           the other ranks build the model on the meta device, shard it, then receive their shards
+           (set_model_state_dict, full_state_dict + broadcast_from_rank0) and rank 0's buffers), WorkerGroup
+           (Ray actors in a placement group, micro-batches split across ranks, global counts all-reduced, full
+           weights streamed from rank 0 with a Ray streaming generator), InProcessWorkerGroup (rl.workers: 1:
+           the same TrainerWorker in the controller's process, joining an in-process vLLM's one-rank process
+           group), sharded checkpoints (torch.distributed.checkpoint:
            model + AdamW) and a consolidated HF directory written by rank 0 (+ adapter/ with LoRA), calls that
            fail as soon as one rank fails, with a `WorkerFailure` naming the rank, its pid and Ray actor and the
            call (update, log-probs, the weight stream: every wait of the stream covers every rank, so a rank
-           dying mid-stream fails it at once), the group then torn down (actors killed). Process-group timeout:
+           dying mid-stream fails it at once; a rank that fails in a collective because a peer died, e.g. gloo
+           seeing the connection close, is reported as the dead peer when Ray confirms the death within 2 s),
+           the group then torn down (actors killed). Process-group timeout:
            WorkerSettings.process_group_timeout_s, None = 120 s on CPU / 600 s on GPU
            (rl/workers/trainer_worker.py, CPU_/GPU_PROCESS_GROUP_TIMEOUT_S). GRPOTrainer (rl/grpo/trainer.py)
            drives the group: old-policy and reference log-probs, updates, weight sync one tensor at a time,
@@ -27,18 +33,32 @@ STATUS (branch fsdp-workers; issue "Sharded GRPO training on Ray"):
            a real SIGKILL to rank 1's process after step 1's checkpoint of a 3-step run fails the stage 1.4 s
            later naming rank 1 and its pid, rank 0's process goes, and the rerun resumes from step 1 and ends
            with the uninterrupted run's weights (<= 1e-6 relative) and reward/loss metrics, steps 1..3 once
-           each), tests/test_grpo*.py, the LoRA merge against PEFT's. benchmarks/gpu_fsdp_update.py: the
+           each), tests/test_grpo*.py, the LoRA merge against PEFT's. rl.lora.base_dtype: bfloat16 (see
+           measured): tests/test_workers.py (N=1 vs 2, float32 and bf16 compute) and tests/test_grpo_workers.py
+           (the real trainer, workers 1 vs 2). Rank-0 loading: N=2's unmerged parameters after setup equal
+           N=1's exactly (torch.equal and dtype, full model and LoRA on a bf16 base), all N=2 vs N=1 tests
+           unchanged (same printed differences before and after the change). benchmarks/gpu_fsdp_update.py: the
            worker at world size 1 on a random Qwen2.5-0.5B-shape model (step time, peak memory; torch +
            transformers only), smoke-tested on CPU with --tiny (tests/test_bench_gpu_fsdp_update.py).
-  not yet  rl.lora.base_dtype: bfloat16 with the workers (a clear error now: mixed dtypes in one FSDP unit
-           untested), resuming a checkpoint of the pre-worker trainer (no dcp/: a clear error), loading the
-           weights on rank 0 only (every rank reads the full float32 model first), benchmarks/gpu_fsdp_update.py
+  not yet  resuming a checkpoint of the pre-worker trainer (no dcp/: a clear error), a measurement of the
+           memory rank-0 loading saves (tested for correctness only, on a tiny model; rank 0 still holds the full
+           model in CPU memory during setup, and on GPU fully_shard first moves rank 0's full parameters to the
+           GPU before sharding them), benchmarks/gpu_fsdp_update.py
            on a GPU (prepared, never run: no GPU lent so far), the prompt-sharing forward of rl.grpo.logprobs
            under FSDP (workers run one full-sequence forward per micro-batch: see
            rl.workers.batch.sequence_logprobs; rl.grpo.logprobs is now used by tests and benchmarks only),
            activation checkpointing and CPU offload (wired, untested), anything on GPU/NCCL (untested; on GPU
            the in-process vLLM and an in-process worker would share the default group),
            benchmarks/grpo_step.py --profile (it replicates the removed single-process update on trainer.model).
+  measured (2-core CPU) rl.lora.base_dtype: bfloat16 (frozen bf16 base, float32 adapters and AdamW state; FSDP
+           units mix a bf16 frozen base and float32 trainable adapters: torch 2.13's FSDP2 checks dtype
+           uniformity over the trainable parameters only, and all-gathers mixed dtypes as bytes, so no separate
+           units were needed): worker level, two updates with KL, N=2 vs N=1: float32 compute (bf16 activations
+           from the bf16 base) adapters max relative difference 1.3e-6 (update 9.3e-6), loss and grad norm equal
+           to 6 digits; bf16 compute: 0.0 (bit for bit); reference log-probs N=2 vs N=1 identical; the base
+           unchanged and bf16, both adapter matrices moved; the merged HF export (bf16) loads in transformers.
+           Real trainer, workers 1 vs 2, one step: adapters and merged bf16 weights identical (0.0); step 2's
+           engine-trainer log-prob gap 7.7e-4 (float32 engine on bf16 merged weights).
   measured (2-core CPU, float32): the real trainer with workers 2 vs 1 after one GRPO step (2 mini-batches,
            seq-mean-token-mean, KL and entropy on): parameters identical bit for bit (relative difference 0.0);
            exact resume at workers 2 holds (test_grpo_workers). benchmarks/grpo_step.py --systems ours --no-profile
@@ -52,7 +72,8 @@ STATUS (branch fsdp-workers; issue "Sharded GRPO training on Ray"):
            beside the other arm's stages; the eksft arm's RL stage was killed by Ray's memory monitor (node
            memory > 95%: two RL stages, each an in-process vLLM + 2 workers that each load the full float32
            policy and reference before sharding, plus an evaluation, plus other jobs on the machine).
-           Memory is the open problem there, not CPUs (rank-0-only loading is the first fix). Rerun (the same
+           Memory is the open problem there, not CPUs (rank-0-only loading, since done, is the first fix; that
+           quickstart was not rerun with it). Rerun (the same
            command, finished stages skipped): the eksft arm's RL finished (308 s) and the report was written.
            The bf16 trainer-engine gap (logprob_gap_engine_trainer) is not a regression: the quickstart on main
            (old trainer, same machine, bf16 auto) logged sft 0.006-0.017, eksft 0.031-0.039 per step; this branch

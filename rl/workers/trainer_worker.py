@@ -60,8 +60,9 @@ class WorkerSettings:
     # on CPU, 600 s on GPU (`default_process_group_timeout_s`). The controller notices a dead rank at once (Ray);
     # this is the bound for the ranks left waiting, e.g. rank 0 mid weight-stream when a peer dies.
     process_group_timeout_s: float | None = None
-    # LoRA adapters (rl.common.lora.LoraSettings) on a frozen float32 base: only the adapters train, and the
-    # reference is the base with the adapters off unless ``reference_dir`` names another model.
+    # LoRA adapters (rl.grpo.GRPOLoraConfig) on a frozen base in its ``base_dtype`` (float32 or bfloat16; a
+    # separate reference too): only the float32 adapters train, and the reference is the base with the adapters
+    # off unless ``reference_dir`` names another model.
     lora: Any = None
     seed: int = 0  # seeds the fresh LoRA adapters (the same on every rank)
 
@@ -157,7 +158,9 @@ class TrainerWorker:
         return getattr(torch, getattr(self.settings.lora, "base_dtype", "float32") or "float32")
 
     def _sharded_model(self, model_dir: str, *, trainable: bool):
-        """float32 weights, ``fully_shard`` per decoder layer then the root; gradients summed across ranks."""
+        """float32 weights (a LoRA base: `base_dtype`), ``fully_shard`` per decoder layer then the root;
+        gradients summed across ranks. A frozen bf16 base and its float32 adapters share FSDP units: FSDP2
+        requires one dtype among the trainable parameters only, and all-gathers mixed dtypes as bytes."""
         from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
         from transformers import AutoModelForCausalLM
 
