@@ -171,3 +171,27 @@ def test_lora_on_a_bf16_base_with_one_and_two_workers(ray_cluster, tmp_path, tin
     loaded = AutoModelForCausalLM.from_pretrained(finals[2]).state_dict()
     final = load_file(str(finals[2] / "model.safetensors"))
     assert all(torch.equal(loaded[k].to(torch.bfloat16), final[k]) for k in final)
+
+
+def test_a_checkpoint_of_the_trainer_before_workers_is_refused_before_anything_starts(tmp_path, tiny_qwen2_dir):
+    """A step-N directory written by the single-process trainer (HF weights + trainer_state.pt, no dcp/) cannot
+    be resumed by the worker group: the stage says so before it starts an engine or a worker."""
+    import shutil
+
+    from rl.grpo.trainer import GRPOTrainer
+
+    out = outputs(tmp_path / "old")
+    old = out.step_checkpoint(3)
+    shutil.copytree(tiny_qwen2_dir, old)
+    torch.save({"step": 3, "cursor": 0}, old / "trainer_state.pt")
+    with pytest.raises(ValueError, match=r"step-3 has no dcp/ \(a checkpoint of the single-process trainer"):
+        GRPOTrainer(model_dir=tiny_qwen2_dir, rows=rows(4), config=GRPOConfig(steps=4, **COMMON), outputs=out,
+                    rollout=FLOAT32_ENGINE)
+
+
+def test_cpu_offload_on_a_cpu_stage_is_refused_with_what_to_write(tmp_path, tiny_qwen2_dir):
+    from rl.grpo.trainer import GRPOTrainer
+
+    with pytest.raises(ValueError, match=r"rl.cpu_offload .* this stage runs on cpu.*set rl.cpu_offload: false"):
+        GRPOTrainer(model_dir=tiny_qwen2_dir, rows=rows(4), config=GRPOConfig(steps=1, cpu_offload=True, **COMMON),
+                    outputs=outputs(tmp_path / "offload"), rollout=FLOAT32_ENGINE)

@@ -136,6 +136,34 @@ def test_two_ranks_update_like_one_for_each_aggregation_with_and_without_kl(ray_
 
 
 @pytest.mark.slow
+def test_activation_checkpointing_at_two_ranks_updates_like_one_rank_without_it(ray_cluster, tiny_qwen2_dir,
+                                                                               reference_dir):
+    """rl.activation_checkpointing recomputes each decoder layer in the backward: the same update (N=2 with it vs
+    N=1 without, KL on) to 1e-5 relative in float32."""
+    common = dict(model_dir=tiny_qwen2_dir, reference_dir=reference_dir, bf16=False, learning_rate=1e-3)
+    one = WorkerGroup(WorkerSettings(**common), 1, num_cpus=0.5, call_timeout_s=300)
+    two = WorkerGroup(WorkerSettings(**common, activation_checkpointing=True), 2, num_cpus=0.5, call_timeout_s=300)
+    try:
+        start = one.full_state_dict()
+        mbs = synthetic_micro_batches(seed=7)
+        mbs = with_logprobs(mbs, one.logprobs(mbs), one.logprobs(mbs, reference=True), seed=107)
+        loss = dict(aggregation="seq-mean-token-mean", beta=0.1, eps_low=0.2, eps_high=0.28)
+        m1, m2 = one.update(mbs, loss), two.update(mbs, loss)
+        after_one, after_two = one.full_state_dict(), two.full_state_dict()
+        params = relative_difference(after_two, after_one)
+        update = relative_difference({k: after_two[k] - start[k] for k in start},
+                                     {k: after_one[k] - start[k] for k in start})
+        print(f"[workers] activation checkpointing, N=2 vs N=1 without: grad_norm {m1['grad_norm']:.6f} / "
+              f"{m2['grad_norm']:.6f}; max relative difference parameters {params:.2e}, update {update:.2e}")
+        assert any(not torch.equal(after_one[k], start[k]) for k in start)  # the update moved the weights
+        assert m2["grad_norm"] == pytest.approx(m1["grad_norm"], rel=1e-5)
+        assert params <= 1e-5 and update <= 1e-5
+    finally:
+        one.shutdown()
+        two.shutdown()
+
+
+@pytest.mark.slow
 def test_sharded_checkpoint_resumes_exactly_and_the_hf_export_loads_identically(ray_cluster, tiny_qwen2_dir,
                                                                                tmp_path):
     """N=2: update, save (torch.distributed.checkpoint), update again; then a fresh start that loads the

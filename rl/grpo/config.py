@@ -82,6 +82,12 @@ class GRPOConfig(BaseModel):
                                 "stage's / workers): the controller and its engine wait while they train")
     worker_timeout_s: float = Field(3600.0, gt=0, description="a call to the Ray trainer workers that takes "
                                                              "longer fails the stage (a dead or hung rank)")
+    activation_checkpointing: bool = Field(
+        False, description="recompute each decoder layer's activations in the backward instead of keeping them: "
+                           "less memory per rank, one more forward of the layers")
+    cpu_offload: bool = Field(
+        False, description="keep the sharded parameters, gradients and AdamW state in CPU memory between uses "
+                           "(FSDP2's CPUOffloadPolicy; for GPUs short of memory)")
 
     # Optimiser
     learning_rate: float = Field(1e-6, gt=0)

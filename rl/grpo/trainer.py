@@ -104,8 +104,14 @@ class GRPOTrainer:
         self.advantage_fn = advantage_fn or functools.partial(group_advantages, normalize_std=config.normalize_std)
 
         resume_dir = self.latest_checkpoint()
+        if resume_dir and not (resume_dir / DCP_DIR).is_dir():  # refused before an engine or a worker starts
+            raise ValueError(f"{resume_dir} has no {DCP_DIR}/ (a checkpoint of the single-process trainer before "
+                             "rl.workers): it cannot be resumed; delete the stage's checkpoints and start it again")
         start_dir = str(resume_dir) if resume_dir else model_dir
         self.device = stage_device()
+        if config.cpu_offload and self.device != "cuda":
+            raise ValueError(f"rl.cpu_offload moves the sharded state between GPU and CPU memory; this stage runs on "
+                             f"{self.device}, where it already lives in CPU memory: set rl.cpu_offload: false")
         self.precision = resolve_bf16(config.bf16, self.device)
         print(f"[rl] trainer compute: {self.precision.describe()}, {config.workers} worker(s)", flush=True)
         if warning := slow_bf16_warning(self.precision, "rl.bf16"):
@@ -340,9 +346,6 @@ class GRPOTrainer:
 
     def _load_state(self, ckpt: Path) -> None:
         state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-        if not (ckpt / DCP_DIR).is_dir():
-            raise ValueError(f"{ckpt} has no {DCP_DIR}/ (a checkpoint of the single-process trainer before "
-                             "rl.workers): it cannot be resumed; start the stage again")
         self.step = state["step"]
         self.stream.cursor = state["cursor"]
         self.workers.load_checkpoint(ckpt / DCP_DIR)

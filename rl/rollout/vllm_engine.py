@@ -46,7 +46,10 @@ def make_llm(model_dir: str, *, dtype: str = "float32", max_model_len: int = 204
 
 
 def _reload_in_worker(worker, weights: Weights) -> None:
-    worker.model_runner.reload_weights(weights_iterator=iter(weight_items(weights)))
+    # In the engine's dtype: vLLM's loader would cast a float32 trainer's tensors too, warning once per tensor.
+    dtype = worker.model_runner.model_config.dtype
+    items = ((name, t.to(dtype) if t.is_floating_point() else t) for name, t in weight_items(weights))
+    worker.model_runner.reload_weights(weights_iterator=items)
 
 
 class VLLMEngine:

@@ -17,6 +17,7 @@ every rank is the mini-batch gradient, whatever the number of ranks.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -72,7 +73,9 @@ class WorkerSettings:
         return cls(model_dir=model_dir, reference_dir=reference_dir, learning_rate=config.learning_rate,
                    weight_decay=config.weight_decay, adam_betas=tuple(config.adam_betas),
                    max_grad_norm=config.max_grad_norm, bf16=config.bf16, temperature=config.temperature,
-                   lora=config.lora if config.lora.enabled else None, seed=config.seed, **overrides)
+                   lora=config.lora if config.lora.enabled else None, seed=config.seed,
+                   activation_checkpointing=config.activation_checkpointing, cpu_offload=config.cpu_offload,
+                   **overrides)
 
 
 def free_port() -> int:
@@ -250,6 +253,7 @@ class TrainerWorker:
                 logp, _, mask = sequence_logprobs(model, mb.prompt_ids, mb.completion_ids, self.settings.temperature,
                                                   with_entropy=False)
                 out.append([row[m].float().cpu().tolist() for row, m in zip(logp, mask)])
+        release_free_memory()
         return out
 
     @contextlib.contextmanager
@@ -319,6 +323,7 @@ class TrainerWorker:
         out.update(grad_norm=grad_norm, num_tokens=num_tokens, num_seqs=num_seqs)
         if micro_batches[0].engine_logprobs is not None:
             out["logprob_gap_engine_trainer"] = gap / max(gap_tokens, 1.0)
+        release_free_memory()
         return out
 
     def _reduce(self, values: list[float], op) -> list[float]:
@@ -348,6 +353,7 @@ class TrainerWorker:
                     name, full = self._merge_adapters(name, full, adapters)
                 yield name, full
             del full
+        release_free_memory()
 
     def _gather(self, tensor) -> torch.Tensor:
         full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
@@ -468,6 +474,16 @@ class TrainerWorker:
     def shutdown(self) -> None:
         if getattr(self, "owns_process_group", False) and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def release_free_memory() -> None:
+    """Give the heap's free pages back to the OS (glibc ``malloc_trim``). A forward/backward frees gigabytes of
+    activations in pieces below glibc's mmap threshold; without this the freed heap stays in the process's RSS
+    between calls, while the rollout engine (and on one machine, other ranks and stages) need that memory."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to do
+        pass
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:
