@@ -242,12 +242,15 @@ def run_ours(args: argparse.Namespace, workers: int = 1) -> dict[str, Any]:
                       + " ".join(f"{k}={v:.1f}s" for k, v in split.items())
                       + f" tokens={n_tokens} others_cpu={load.get('others_cpu_share')}", flush=True)
             memory = worker_memory(trainer.workers)
+            controller_peak_rss = peak_rss_bytes(os.getpid())
             # the profile's replicas train the in-process rank's model: workers 1 only
             profile = profile_update(trainer, captured["groups"], args) if args.profile and workers == 1 else None
         finally:
             trainer.engine.shutdown()
+            trainer.workers.shutdown()
     return summarise("ours" if workers == 1 else f"ours-workers{workers}", steps, args.warmup, {
-        "init_s": init_s, "workers": workers, "worker_memory": memory, "torch_threads": [threads_before, torch.get_num_threads()],
+        "init_s": init_s, "workers": workers, "worker_memory": memory, "controller_peak_rss_bytes": controller_peak_rss,
+        "torch_threads": [threads_before, torch.get_num_threads()],
         "settings": {"engine": "vllm (in-process)", "rollout_dtype": args.rollout_dtype,
                      "trainer_precision": "bf16 autocast" if args.bf16 else "float32",
                      "micro_batch_size": args.micro_batch, "beta_kl": 0.0, "kl_metric": False,
@@ -259,16 +262,18 @@ def run_ours(args: argparse.Namespace, workers: int = 1) -> dict[str, Any]:
 def worker_memory(group) -> list[dict[str, Any]]:
     """Per rank: bytes of parameter / gradient / AdamW shards, and its process's peak RSS (VmHWM)."""
     pids = group.pids if hasattr(group, "pids") else [os.getpid()]  # workers 1: the rank is in this process
-    out = []
-    for rank, (storage, pid) in enumerate(zip(group.local_storage_bytes(), pids)):
-        peak = None
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    peak = int(line.split()[1]) * 1024
-        out.append({"rank": rank, "pid": pid, **storage, "state_bytes": sum(storage.values()),
-                    "peak_rss_bytes": peak, "rss_includes_engine": not hasattr(group, "pids")})
-    return out
+    return [{"rank": rank, "pid": pid, **storage, "state_bytes": sum(storage.values()),
+             "peak_rss_bytes": peak_rss_bytes(pid), "rss_includes_engine": not hasattr(group, "pids")}
+            for rank, (storage, pid) in enumerate(zip(group.local_storage_bytes(), pids))]
+
+
+def peak_rss_bytes(pid: int) -> int | None:
+    """Peak resident memory of process ``pid`` (``VmHWM``), None where /proc cannot tell."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return None
 
 
 # ---------------------------------------------------------------- profile of our update
@@ -745,14 +750,16 @@ def markdown(result: dict[str, Any]) -> str:
     if scaling:
         lines += ["", "Scaling (rl.workers): per rank, MB of parameter + gradient + AdamW shards, and the rank's process "
                       "peak RSS (at 1 worker the rank shares the controller's process and its vLLM engine):", "",
-                  "| system | workers | step s (median) | train s | sync s | state MB per rank | peak RSS MB per rank |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| system | workers | step s (median) | train s | sync s | state MB per rank | peak RSS MB per rank "
+                  "| controller peak RSS MB |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in scaling:
             mem = r["worker_memory"]
             state = ", ".join(_f(m["state_bytes"] / 2**20, 1) for m in mem)
             rss = ", ".join(_f(m["peak_rss_bytes"] / 2**20, 0) if m["peak_rss_bytes"] else "-" for m in mem)
             lines.append(f"| {r['system']} | {r['workers']} | {_f(r['step_time_s'])} | {_f(r['time_split_s']['train'])} | "
-                         f"{_f(r['time_split_s']['sync'])} | {state} | {rss} |")
+                         f"{_f(r['time_split_s']['sync'])} | {state} | {rss} | "
+                         f"{_f((r.get('controller_peak_rss_bytes') or 0) / 2**20, 0)} |")
     engine = _get(rows, "engine")
     if engine:
         lines += ["", f"Rollout throughput (vLLM {engine['rollout_dtype']}, one process, after warm-up, "

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from rl.grpo import GRPOConfig, run_grpo
-from test_grpo import FLOAT32, FLOAT32_ENGINE, outputs, read_metrics, rows
+from test_grpo import FLOAT32, FLOAT32_ENGINE, assert_resumed_like_uninterrupted, outputs, read_metrics, rows
 
 # 8 sequences per step in 2 mini-batches (2 optimizer steps, so the old log-probs come from the workers too) of
 # 2 micro-batches: each of the 2 ranks trains one micro-batch per mini-batch. KL and entropy terms on, so
@@ -14,14 +14,6 @@ from test_grpo import FLOAT32, FLOAT32_ENGINE, outputs, read_metrics, rows
 COMMON = dict(prompts_per_step=2, group_size=4, max_new_tokens=12, learning_rate=1e-3, alpha_entropy=0.01,
               beta_kl=0.01, aggregation="seq-mean-token-mean", mini_batch_size=4, micro_batch_size=2,
               save_every=1, **FLOAT32)
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
 
 
 def relative_difference(a: dict, b: dict) -> float:
@@ -58,14 +50,7 @@ def test_two_workers_step_like_one_and_resume_exactly(ray_cluster, tmp_path, tin
     run_grpo(tiny_qwen2_dir, data, GRPOConfig(steps=1, workers=2, **COMMON), killed, rollout=FLOAT32_ENGINE)
     assert (killed.step_checkpoint(1) / "dcp").is_dir() and (killed.step_checkpoint(1) / "config.json").is_file()
     resumed = run_grpo(tiny_qwen2_dir, data, GRPOConfig(steps=2, workers=2, **COMMON), killed, rollout=FLOAT32_ENGINE)
-    a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "killed")
-    assert [m["step"] for m in b] == [1, 2]
-    for key in ("entropy", "kl", "grad_norm", "pg_loss", "response_length_mean"):
-        assert a[1][key] == pytest.approx(b[1][key], rel=1e-6, abs=1e-9), key
-    assert full_out.rollout_file(2).read_text() == killed.rollout_file(2).read_text()
-    w_full, w_res = load_file(str(full / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
-    for k in w_full:
-        torch.testing.assert_close(w_res[k], w_full[k], rtol=1e-6, atol=1e-8)
+    assert_resumed_like_uninterrupted(full_out, full, killed, resumed)
 
 
 @pytest.mark.slow

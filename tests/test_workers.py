@@ -51,14 +51,6 @@ def with_logprobs(mbs, old, ref, seed):
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def reference_dir(tiny_qwen2_dir, tmp_path_factory):
     """A reference that differs from the policy, so that the k3 term has a gradient from the first step."""
     from transformers import AutoModelForCausalLM
@@ -76,6 +68,13 @@ def reference_dir(tiny_qwen2_dir, tmp_path_factory):
 def relative_difference(a: dict, b: dict) -> float:
     """max over tensors of ||a - b|| / ||b||."""
     return max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-30)) for k in b)
+
+
+def differences(after_two: dict, after_one: dict, start: dict) -> tuple[float, float]:
+    """(parameters, update = after - start): max relative difference of N=2's to N=1's."""
+    update_two = {k: after_two[k] - start[k] for k in start}
+    update_one = {k: after_one[k] - start[k] for k in start}
+    return relative_difference(after_two, after_one), relative_difference(update_two, update_one)
 
 
 def assert_same_tensors(a: dict, b: dict) -> None:
@@ -109,10 +108,7 @@ def test_two_ranks_update_like_one_for_each_aggregation_with_and_without_kl(ray_
             mbs = with_logprobs(mbs, old, ref_one, seed=100 + case)
             loss = dict(aggregation=aggregation, beta=beta, eps_low=0.2, eps_high=0.28, max_response_len=12.0)
             m1, m2 = one.update(mbs, loss), two.update(mbs, loss)
-            after_one, after_two = one.full_state_dict(), two.full_state_dict()
-            params = relative_difference(after_two, after_one)
-            update = relative_difference({k: after_two[k] - start[k] for k in start},
-                                         {k: after_one[k] - start[k] for k in start})
+            params, update = differences(two.full_state_dict(), one.full_state_dict(), start)
             print(f"[workers] {aggregation} beta={beta}: loss {m1['loss']:.6f} / {m2['loss']:.6f}, grad_norm "
                   f"{m1['grad_norm']:.6f} / {m2['grad_norm']:.6f}, clip_fraction {m1['clip_fraction']:.3f}, "
                   f"kl {m1['kl']:.4f}, tokens {m1['num_tokens']:.0f}/{m2['num_tokens']:.0f}, seqs "
@@ -149,10 +145,8 @@ def test_activation_checkpointing_at_two_ranks_updates_like_one_rank_without_it(
         mbs = with_logprobs(mbs, one.logprobs(mbs), one.logprobs(mbs, reference=True), seed=107)
         loss = dict(aggregation="seq-mean-token-mean", beta=0.1, eps_low=0.2, eps_high=0.28)
         m1, m2 = one.update(mbs, loss), two.update(mbs, loss)
-        after_one, after_two = one.full_state_dict(), two.full_state_dict()
-        params = relative_difference(after_two, after_one)
-        update = relative_difference({k: after_two[k] - start[k] for k in start},
-                                     {k: after_one[k] - start[k] for k in start})
+        after_one = one.full_state_dict()
+        params, update = differences(two.full_state_dict(), after_one, start)
         print(f"[workers] activation checkpointing, N=2 vs N=1 without: grad_norm {m1['grad_norm']:.6f} / "
               f"{m2['grad_norm']:.6f}; max relative difference parameters {params:.2e}, update {update:.2e}")
         assert any(not torch.equal(after_one[k], start[k]) for k in start)  # the update moved the weights
