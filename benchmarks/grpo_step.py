@@ -5,7 +5,7 @@ One run, one model, the same prompts x group size x max new tokens x steps for e
 
 * ``ours``   - `rl.grpo.trainer.GRPOTrainer` with the in-process vLLM engine, ``beta_kl=0``,
   ``kl_metric=False`` (no reference model), the trainer's precision from ``--bf16`` / ``--no-bf16``
-  (default auto: bf16 autocast where the CPU computes bf16 natively, float32 elsewhere; TRL runs at
+  (default auto: bf16 compute where the CPU computes bf16 natively, float32 elsewhere; TRL runs at
   the same one); the engine's dtype is ``--rollout-dtype`` (default auto, same rule). The results
   record the CPU capability and the precisions. Step time = wall time of
   ``train_step()``; the split comes from its own metrics (``time/generate``, ``time/reward``,
@@ -252,7 +252,7 @@ def run_ours(args: argparse.Namespace, workers: int = 1) -> dict[str, Any]:
         "init_s": init_s, "workers": workers, "worker_memory": memory, "controller_peak_rss_bytes": controller_peak_rss,
         "torch_threads": [threads_before, torch.get_num_threads()],
         "settings": {"engine": "vllm (in-process)", "rollout_dtype": args.rollout_dtype,
-                     "trainer_precision": "bf16 autocast" if args.bf16 else "float32",
+                     "trainer_precision": "bf16 (FSDP2 mixed precision)" if args.bf16 else "float32",
                      "micro_batch_size": args.micro_batch, "beta_kl": 0.0, "kl_metric": False,
                      "aggregation": cfg.aggregation},
         "profile": profile,
@@ -726,7 +726,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"### grpo_step: {c['model']}, {c['prompts']} prompts x {c['group']} samples x <= {c['max_new_tokens']} new tokens, "
         f"{c['steps']} timed steps after {c['warmup']} warm-up, CPU ({c['cpu_count']} cores), "
-        f"trainer {'bf16 autocast' if c['bf16'] else 'float32'}, vLLM {c['rollout_dtype']}, micro-batch {c['micro_batch']}",
+        f"trainer {'bf16' if c['bf16'] else 'float32'}, vLLM {c['rollout_dtype']}, micro-batch {c['micro_batch']}",
         "",
         _precision.header(result["precision"]),
         "",
@@ -831,7 +831,8 @@ def run_parent(args: argparse.Namespace) -> dict[str, Any]:
         "notes": [
             "Step time of ours = wall time of GRPOTrainer.train_step(); of TRL = on_step_begin -> on_step_end.",
             "TRL: train = step - generate - reward (includes its loss forward/backward and optimizer step).",
-            "Both trainers: float32 weights + AdamW, CPU bf16 autocast when bf16 is on; no reference model (beta 0).",
+            "Both trainers: float32 weights + AdamW, bf16 compute when bf16 is on (ours: FSDP2's mixed-precision "
+            "policy; TRL: autocast); no reference model (beta 0).",
             "The 2 CPU cores are shared: others_cpu_share (CPU time of other processes / wall x cores, from "
             "/proc/stat) is recorded for every timed step; 0 = quiet machine.",
         ],

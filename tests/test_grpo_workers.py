@@ -51,6 +51,49 @@ def test_two_workers_step_like_one_and_resume_exactly(ray_cluster, tmp_path, tin
     assert (killed.step_checkpoint(1) / "dcp").is_dir() and (killed.step_checkpoint(1) / "config.json").is_file()
     resumed = run_grpo(tiny_qwen2_dir, data, GRPOConfig(steps=2, workers=2, **COMMON), killed, rollout=FLOAT32_ENGINE)
     assert_resumed_like_uninterrupted(full_out, full, killed, resumed)
+    # The resumed run's vLLM engine started from the consolidated step-1 directory: step 2 samples from it.
+    gap = read_metrics(tmp_path / "killed")[1]["logprob_gap_engine_trainer"]
+    print(f"[grpo workers] vLLM on the consolidated checkpoint vs the trainer, step 2: log-prob gap {gap:.2e}")
+    assert gap < 1e-3
+
+
+def odd_answers_by_parity(texts, answers):
+    """A reward that varies inside a group (the random tiny model never answers): the parity of the completion's
+    length; prompts with an even answer score 0 throughout, so dynamic sampling drops their groups and refills."""
+    from types import SimpleNamespace
+
+    scores = [0.0 if int(a) % 2 == 0 else float(len(t) % 2) for t, a in zip(texts, answers)]
+    return [SimpleNamespace(score=x, correct=x > 0) for x in scores]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("aggregation, beta", [("token-mean", 0.0), ("seq-mean-token-sum-norm", 0.01)])
+def test_dynamic_sampling_with_two_workers_steps_like_one(ray_cluster, tmp_path, tiny_qwen2_dir, aggregation, beta):
+    """Dynamic sampling on (zero-variance groups dropped, more prompts sampled until the batch is full), through
+    the real trainer: workers 2 vs 1 after one step, parameters to 1e-5 relative in float32."""
+    cfg = dict(COMMON, aggregation=aggregation, beta_kl=beta, dynamic_sampling=True, alpha_entropy=0.0)
+    data = rows(16)
+    runs = {}
+    for workers in (1, 2):
+        out = outputs(tmp_path / f"w{workers}")
+        final = run_grpo(tiny_qwen2_dir, data, GRPOConfig(steps=1, workers=workers, **cfg), out,
+                         rollout=FLOAT32_ENGINE, reward_fn=odd_answers_by_parity)
+        runs[workers] = (load_file(str(final / "model.safetensors")), read_metrics(tmp_path / f"w{workers}")[0])
+    (w1, m1), (w2, m2) = runs[1], runs[2]
+    start = load_file(f"{tiny_qwen2_dir}/model.safetensors")
+    # Relative to all the parameters at once: per tensor, the key projections' biases (whose true gradient is 0:
+    # a bias on every key shifts a query's scores by a constant, which softmax ignores) get AdamW steps of
+    # +-lr driven by float noise, so their own relative difference measures the noise (1.2e-5 seen), not the update.
+    params = (sum(float((w2[k] - w1[k]).norm()) ** 2 for k in w1) / sum(float(w1[k].norm()) ** 2 for k in w1)) ** 0.5
+    largest = max(float((w2[k] - w1[k]).abs().max()) for k in w1)
+    print(f"[grpo workers] dynamic sampling, {aggregation}, beta {beta}: zero-variance share "
+          f"{m1['zero_variance_share']:.2f}, {m1['groups_seen']} groups seen in {m1['sampling_rounds']} rounds; "
+          f"workers 1 vs 2: relative difference of the parameters {params:.2e} (per tensor up to "
+          f"{relative_difference(w2, w1):.2e}), largest element difference {largest:.1e}")
+    assert m1["zero_variance_share"] > 0 and m1["groups_seen"] > COMMON["prompts_per_step"]  # groups were refilled
+    assert (m1["groups_seen"], m1["num_tokens"]) == (m2["groups_seen"], m2["num_tokens"])
+    assert max(float((w1[k] - start[k]).abs().max()) for k in start) > 0
+    assert params <= 1e-5 and largest <= 1e-6  # one step moves an element by up to lr = 1e-3
 
 
 @pytest.mark.slow
