@@ -5,7 +5,7 @@ One run, one model, the same prompts x group size x max new tokens x steps for e
 
 * ``ours``   - `rl.grpo.trainer.GRPOTrainer` with the in-process vLLM engine, ``beta_kl=0``,
   ``kl_metric=False`` (no reference model), the trainer's precision from ``--bf16`` / ``--no-bf16``
-  (default auto: bf16 autocast where the CPU computes bf16 natively, float32 elsewhere; TRL runs at
+  (default auto: bf16 compute where the CPU computes bf16 natively, float32 elsewhere; TRL runs at
   the same one); the engine's dtype is ``--rollout-dtype`` (default auto, same rule). The results
   record the CPU capability and the precisions. Step time = wall time of
   ``train_step()``; the split comes from its own metrics (``time/generate``, ``time/reward``,
@@ -37,11 +37,18 @@ Each system runs in its own subprocess of this script (``--child SYSTEM``; vLLM 
 process would compete for RAM and threads), sequentially, and the parent merges the results
 into ``--out`` (JSON) and a Markdown table beside it. ``--profile`` (on by default) adds, in the
 ``ours`` child, a breakdown of the trainer update on the last step's rollouts: the trainer's own
-``_update``, then a replica with phase timings (forward: model body vs LM head, token statistics,
-loss, backward, clip + AdamW) for micro-batches of whole groups (what ``_update`` does: each prompt is
-computed once per micro-batch, see `rl.grpo.logprobs.completion_logprobs`) vs in random order, other
-micro-batch sizes, float32 vs bf16, and flushed denormals; plus the share of padding and of
-completion tokens among the computed positions for each micro-batch size.
+``_update`` (the trainer worker's FSDP2 update: one full-sequence forward per micro-batch, FSDP mixed
+precision), then replicas of the update before ``rl.workers`` (each prompt computed once per micro-batch, see
+`rl.grpo.logprobs.completion_logprobs`, bf16 by autocast) on the same rank's model and AdamW, with phase
+timings (forward: model body vs LM head, token statistics, loss, backward, clip + AdamW) for micro-batches of
+whole groups vs in random order, other micro-batch sizes, float32 vs bf16, and flushed denormals; plus the
+share of padding and of completion tokens among the computed positions for each micro-batch size.
+
+``ours-workers2`` is ``ours`` with ``rl.workers: 2`` (two FSDP2 ranks as Ray actors inside the same CPU budget,
+one thread each): with ``ours`` it gives the scaling row, step time and per-worker memory: the bytes each rank
+holds for parameter shards, gradient shards and AdamW state (`rl.workers.TrainerWorker.local_storage_bytes`),
+and each rank's process peak RSS (``VmHWM``; at ``rl.workers: 1`` the rank lives in the controller's process,
+so that number includes the in-process vLLM engine).
 
 Examples:
   python benchmarks/grpo_step.py                                   # 8 prompts x 8 x 128 tokens, 1+2 steps
@@ -67,7 +74,7 @@ import _child  # benchmarks/_child.py: run one phase in a fresh subprocess of th
 import _precision  # benchmarks/_precision.py: --bf16 / --rollout-dtype resolved as the trainers do
 import _results  # benchmarks/_results.py: the JSON record and its markdown table
 
-SYSTEMS = ("ours", "trl", "engine")
+SYSTEMS = ("ours", "trl", "engine")  # also: ours-workers2 (the scaling row), plain-default
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,7 +187,7 @@ def summarise(system: str, steps: list[dict], warmup: int, extra: dict | None = 
 # --------------------------------------------------------------------------------------------
 
 
-def run_ours(args: argparse.Namespace) -> dict[str, Any]:
+def run_ours(args: argparse.Namespace, workers: int = 1) -> dict[str, Any]:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     import torch
 
@@ -194,7 +201,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     cfg = GRPOConfig(bf16=args.bf16, group_size=args.group, prompts_per_step=args.prompts,
                      max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0, beta_kl=0.0,
                      learning_rate=args.lr, micro_batch_size=args.micro_batch, steps=total,
-                     save_every=10**6, seed=args.seed)
+                     save_every=10**6, seed=args.seed, workers=workers)
     rollout = RolloutConfig(engine="vllm", dtype=args.rollout_dtype, max_model_len=args.max_model_len,
                             kv_cache_gib=args.kv_cache_gib)
     threads_before = torch.get_num_threads()
@@ -234,17 +241,39 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"[ours] step {i + 1}/{total} wall {wall:.1f}s "
                       + " ".join(f"{k}={v:.1f}s" for k, v in split.items())
                       + f" tokens={n_tokens} others_cpu={load.get('others_cpu_share')}", flush=True)
-            profile = profile_update(trainer, captured["groups"], args) if args.profile else None
+            memory = worker_memory(trainer.workers)
+            controller_peak_rss = peak_rss_bytes(os.getpid())
+            # the profile's replicas train the in-process rank's model: workers 1 only
+            profile = profile_update(trainer, captured["groups"], args) if args.profile and workers == 1 else None
         finally:
             trainer.engine.shutdown()
-    return summarise("ours", steps, args.warmup, {
-        "init_s": init_s, "torch_threads": [threads_before, torch.get_num_threads()],
+            trainer.workers.shutdown()
+    return summarise("ours" if workers == 1 else f"ours-workers{workers}", steps, args.warmup, {
+        "init_s": init_s, "workers": workers, "worker_memory": memory, "controller_peak_rss_bytes": controller_peak_rss,
+        "torch_threads": [threads_before, torch.get_num_threads()],
         "settings": {"engine": "vllm (in-process)", "rollout_dtype": args.rollout_dtype,
-                     "trainer_precision": "bf16 autocast" if args.bf16 else "float32",
+                     "trainer_precision": "bf16 (FSDP2 mixed precision)" if args.bf16 else "float32",
                      "micro_batch_size": args.micro_batch, "beta_kl": 0.0, "kl_metric": False,
                      "aggregation": cfg.aggregation},
         "profile": profile,
     })
+
+
+def worker_memory(group) -> list[dict[str, Any]]:
+    """Per rank: bytes of parameter / gradient / AdamW shards, and its process's peak RSS (VmHWM)."""
+    pids = group.pids if hasattr(group, "pids") else [os.getpid()]  # workers 1: the rank is in this process
+    return [{"rank": rank, "pid": pid, **storage, "state_bytes": sum(storage.values()),
+             "peak_rss_bytes": peak_rss_bytes(pid), "rss_includes_engine": not hasattr(group, "pids")}
+            for rank, (storage, pid) in enumerate(zip(group.local_storage_bytes(), pids))]
+
+
+def peak_rss_bytes(pid: int) -> int | None:
+    """Peak resident memory of process ``pid`` (``VmHWM``), None where /proc cannot tell."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return None
 
 
 # ---------------------------------------------------------------- profile of our update
@@ -289,15 +318,17 @@ class _Timer:
 def timed_update(trainer, samples, advantages, *, micro: int, order: list[int], autocast_dtype) -> dict[str, Any]:
     """One on-policy update (forward + policy loss + backward per micro-batch, clip, AdamW step) with phase timings.
 
-    Mirrors `GRPOTrainer._update` for ``ppo_epochs=1``, one mini-batch, beta 0 (the same building blocks:
-    `completion_logprobs`, `policy_loss` with global token normalisation); ``order`` decides which samples
-    share a micro-batch.
+    The update as it was before ``rl.workers`` (``ppo_epochs=1``, one mini-batch, beta 0: `completion_logprobs`,
+    each prompt once per micro-batch, and `policy_loss` with global token normalisation), on the in-process
+    rank's model; ``order`` decides which samples share a micro-batch. Clipping by `rl.workers`' DTensor-aware
+    `clip_grad_norm_`.
     """
     import torch
 
     from rl.grpo.core import policy_loss
     import rl.grpo.logprobs as logprobs_module
     from rl.grpo.logprobs import completion_logprobs
+    from rl.workers.trainer_worker import clip_grad_norm_
 
     cfg, model = trainer.cfg, trainer.model
     body_timer, head_timer = _Timer(model.model), _Timer(model.lm_head)
@@ -333,7 +364,7 @@ def timed_update(trainer, samples, advantages, *, micro: int, order: list[int], 
             loss.backward()
             t_bwd += time.perf_counter() - t
         t = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         trainer.optimizer.step()
         t_opt = time.perf_counter() - t
         total = time.perf_counter() - t_all
@@ -353,6 +384,11 @@ def profile_update(trainer, groups, args: argparse.Namespace) -> dict[str, Any]:
     from rl.grpo.core import group_advantages, minibatches
     from rl.grpo.trainer import GRPOTrainer
 
+    # rl.workers: 1 keeps its one FSDP2 rank in this process: the replicas below train that rank's (unsharded)
+    # model and AdamW the way the single-process update before rl.workers did (completion_logprobs: each prompt
+    # once per micro-batch; bf16 by autocast). The trainer's own update (timed first) is the worker's: one
+    # full-sequence forward per micro-batch with FSDP mixed precision.
+    trainer.model, trainer.optimizer = trainer.workers.worker.model, trainer.workers.worker.optimizer
     samples = [s for g in groups for s in g.samples]
     rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)
     advantages = group_advantages(rewards, normalize_std=trainer.cfg.normalize_std).flatten()
@@ -401,25 +437,25 @@ def profile_update(trainer, groups, args: argparse.Namespace) -> dict[str, Any]:
     print(f"[ours/profile] GRPOTrainer._update: {out['trainer_update_s']:.2f}s", flush=True)
     micro = args.micro_batch
     prec = "bf16" if bf16 else "fp32"
-    record(f"micro {micro}, whole groups, {prec} (as GRPOTrainer._update)", micro=micro, order=by_group,
+    record(f"pre-worker replica: micro {micro}, whole groups, {prec}", micro=micro, order=by_group,
            autocast_dtype=bf16)
-    record(f"micro {micro}, random order, {prec}", micro=micro, order=shuffled, autocast_dtype=bf16)
+    record(f"pre-worker replica: micro {micro}, random order, {prec}", micro=micro, order=shuffled, autocast_dtype=bf16)
     for m in args.profile_micro:
         if m != micro:
-            record(f"micro {m}, whole groups, {prec}", micro=m, order=by_group, autocast_dtype=bf16)
+            record(f"pre-worker replica: micro {m}, whole groups, {prec}", micro=m, order=by_group, autocast_dtype=bf16)
     other = "fp32" if bf16 else "bf16"
-    record(f"micro {micro}, whole groups, {other}", micro=micro, order=by_group,
+    record(f"pre-worker replica: micro {micro}, whole groups, {other}", micro=micro, order=by_group,
            autocast_dtype=None if bf16 else torch.bfloat16)
     previous = torch.set_flush_denormal(True)
     try:
-        record(f"micro {micro}, whole groups, {prec}, flush denormals", micro=micro, order=by_group,
+        record(f"pre-worker replica: micro {micro}, whole groups, {prec}, flush denormals", micro=micro, order=by_group,
                autocast_dtype=bf16)
     finally:
         torch.set_flush_denormal(False)
     out["flush_denormal_supported"] = previous
     # Weight sync cost alone (the engine re-packs the tied LM head, see rl.rollout.vllm_engine).
     t = time.perf_counter()
-    trainer.engine.update_weights(trainer.model.state_dict())
+    trainer.engine.update_weights(trainer.workers.iter_full_weights())
     out["sync_s"] = time.perf_counter() - t
     return out
 
@@ -630,7 +666,8 @@ def run_plain_default(args: argparse.Namespace) -> dict[str, Any]:
 # Parent: children, merge, tables
 # --------------------------------------------------------------------------------------------
 
-CHILDREN = {"ours": run_ours, "trl": run_trl, "engine": run_engine, "plain-default": run_plain_default}
+CHILDREN = {"ours": run_ours, "ours-workers2": lambda args: run_ours(args, workers=2), "trl": run_trl,
+            "engine": run_engine, "plain-default": run_plain_default}
 
 
 def run_child(args: argparse.Namespace, system: str) -> dict[str, Any]:
@@ -651,6 +688,7 @@ def _get(rows, system):
 
 def compute_ratios(rows: list[dict]) -> dict[str, float | None]:
     ours, trl, engine, plain = _get(rows, "ours"), _get(rows, "trl"), _get(rows, "engine"), _get(rows, "plain-default")
+    ours2 = _get(rows, "ours-workers2")
 
     def ratio(a, b):
         return a / b if a and b else None
@@ -669,6 +707,11 @@ def compute_ratios(rows: list[dict]) -> dict[str, float | None]:
                                                      (engine or {}).get("tokens_per_s_plain")),
         "engine_tokens_per_s_over_plain_vllm_defaults": ratio((engine or {}).get("tokens_per_s_ours"),
                                                               (plain or {}).get("tokens_per_s")),
+        "workers2_over_workers1_step_time": ratio((ours2 or {}).get("step_time_s"), (ours or {}).get("step_time_s")),
+        "workers2_over_workers1_train_time": ratio(split(ours2, "train"), split(ours, "train")),
+        "workers2_over_workers1_state_bytes_per_rank": ratio(
+            max((m["state_bytes"] for m in (ours2 or {}).get("worker_memory", [])), default=None),
+            max((m["state_bytes"] for m in (ours or {}).get("worker_memory", [])), default=None)),
     }
 
 
@@ -683,7 +726,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"### grpo_step: {c['model']}, {c['prompts']} prompts x {c['group']} samples x <= {c['max_new_tokens']} new tokens, "
         f"{c['steps']} timed steps after {c['warmup']} warm-up, CPU ({c['cpu_count']} cores), "
-        f"trainer {'bf16 autocast' if c['bf16'] else 'float32'}, vLLM {c['rollout_dtype']}, micro-batch {c['micro_batch']}",
+        f"trainer {'bf16' if c['bf16'] else 'float32'}, vLLM {c['rollout_dtype']}, micro-batch {c['micro_batch']}",
         "",
         _precision.header(result["precision"]),
         "",
@@ -692,7 +735,7 @@ def markdown(result: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        if r.get("system") not in ("ours", "trl"):
+        if r.get("system") not in ("ours", "ours-workers2", "trl"):
             continue
         if r.get("status") != "ok":
             lines.append(f"| {r['system']} | {r.get('status')} | | | | | | | | | | | |")
@@ -703,6 +746,20 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{_f(s['train'])} | {_f(s['sync'])} | {_f(s['other'])} | {_f(r['completion_tokens_per_step'])} | "
                      f"{_f(r['s_per_1k_completion_tokens'])} | {_f(r['generate_tokens_per_s'], 0)} | "
                      f"{_f(r['reward_mean'], 3)} | {others} |")
+    scaling = [r for r in rows if r.get("status") == "ok" and r.get("worker_memory")]
+    if scaling:
+        lines += ["", "Scaling (rl.workers): per rank, MB of parameter + gradient + AdamW shards, and the rank's process "
+                      "peak RSS (at 1 worker the rank shares the controller's process and its vLLM engine):", "",
+                  "| system | workers | step s (median) | train s | sync s | state MB per rank | peak RSS MB per rank "
+                  "| controller peak RSS MB |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in scaling:
+            mem = r["worker_memory"]
+            state = ", ".join(_f(m["state_bytes"] / 2**20, 1) for m in mem)
+            rss = ", ".join(_f(m["peak_rss_bytes"] / 2**20, 0) if m["peak_rss_bytes"] else "-" for m in mem)
+            lines.append(f"| {r['system']} | {r['workers']} | {_f(r['step_time_s'])} | {_f(r['time_split_s']['train'])} | "
+                         f"{_f(r['time_split_s']['sync'])} | {state} | {rss} | "
+                         f"{_f((r.get('controller_peak_rss_bytes') or 0) / 2**20, 0)} |")
     engine = _get(rows, "engine")
     if engine:
         lines += ["", f"Rollout throughput (vLLM {engine['rollout_dtype']}, one process, after warm-up, "
@@ -774,7 +831,8 @@ def run_parent(args: argparse.Namespace) -> dict[str, Any]:
         "notes": [
             "Step time of ours = wall time of GRPOTrainer.train_step(); of TRL = on_step_begin -> on_step_end.",
             "TRL: train = step - generate - reward (includes its loss forward/backward and optimizer step).",
-            "Both trainers: float32 weights + AdamW, CPU bf16 autocast when bf16 is on; no reference model (beta 0).",
+            "Both trainers: float32 weights + AdamW, bf16 compute when bf16 is on (ours: FSDP2's mixed-precision "
+            "policy; TRL: autocast); no reference model (beta 0).",
             "The 2 CPU cores are shared: others_cpu_share (CPU time of other processes / wall x cores, from "
             "/proc/stat) is recorded for every timed step; 0 = quiet machine.",
         ],
@@ -796,7 +854,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     _precision.add_precision_args(p)  # --bf16 / --no-bf16 (both trainers), --rollout-dtype; default auto
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--kv-cache-gib", type=float, default=1.0)
-    p.add_argument("--systems", default=",".join(SYSTEMS), help="comma list of ours, trl, engine, plain-default")
+    p.add_argument("--systems", default=",".join(SYSTEMS),
+                   help="comma list of ours, ours-workers2 (rl.workers: 2, the scaling row), trl, engine, plain-default")
     p.add_argument("--plain-default", action="store_true", help="also time a fresh vllm.LLM with vLLM's defaults")
     p.add_argument("--engine-reps", type=int, default=2)
     p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,

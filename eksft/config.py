@@ -115,6 +115,13 @@ class ArmConfig(Strict):
 class StageResources(Strict):
     num_cpus: float = Field(1, gt=0)
     num_gpus: float = Field(0, ge=0)
+    memory_gib: float | None = Field(
+        None, gt=0, description="host memory the stage's process needs (GiB): `eksft run` starts a stage only when "
+                                "the running stages' memory plus its own fits Ray's `memory` capacity; None: not counted")
+    worker_memory_gib: float | None = Field(
+        None, gt=0, description="host memory of each Ray trainer worker of the stage (rl.workers > 1), added to "
+                                "memory_gib: the stage and its workers are admitted together (no stage holds its "
+                                "share while waiting for its workers')")
 
 
 class ResourcesConfig(Strict):

@@ -28,3 +28,12 @@ def embedded_dir():
     from eksft.models import resolve_model_dir
 
     return resolve_model_dir("embedded:smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray of 2 CPUs for one test module (the trainer worker tests), shut down after it."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -149,6 +149,19 @@ def read_metrics(out: Path):
     return [json.loads(line) for line in RLStageDir(out).metrics.read_text().splitlines()]
 
 
+def assert_resumed_like_uninterrupted(full_out, full, killed_out, resumed) -> None:
+    """A 2-step run resumed after step 1 (``killed_out``, final ``resumed``) equals the uninterrupted run
+    (``full_out``, final ``full``): steps 1 and 2 logged once each, step 2's metrics and rollouts, final weights."""
+    a, b = read_metrics(full_out.metrics.parent), read_metrics(killed_out.metrics.parent)
+    assert [m["step"] for m in b] == [1, 2]
+    for key in ("entropy", "kl", "grad_norm", "pg_loss", "response_length_mean"):
+        assert a[1][key] == pytest.approx(b[1][key], rel=1e-6, abs=1e-9), key
+    assert full_out.rollout_file(2).read_text() == killed_out.rollout_file(2).read_text()
+    w_full, w_res = load_file(str(full / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    for k in w_full:
+        torch.testing.assert_close(w_res[k], w_full[k], rtol=1e-6, atol=1e-8)
+
+
 def outputs(out: Path):
     """The trainer's outputs laid out as in a run directory's <arm>/rl."""
     return RLStageDir(out).trainer_outputs()
@@ -197,14 +210,7 @@ def test_killed_run_resumes_exactly(tmp_path, tiny_qwen2_dir):
     with killed.metrics.open("a") as f:  # and a kill inside a metrics write
         f.write('{"phase": "rl", "step": 2, "rew')
     resumed = run_grpo(tiny_qwen2_dir, data, GRPOConfig(steps=2, **common), killed)
-    a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "killed")
-    assert [m["step"] for m in b] == [1, 2]
-    for key in ("entropy", "kl", "grad_norm", "pg_loss", "response_length_mean"):
-        assert a[1][key] == pytest.approx(b[1][key], rel=1e-6, abs=1e-9), key
-    assert full_out.rollout_file(2).read_text() == killed.rollout_file(2).read_text()
-    w_full, w_res = load_file(str(full / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
-    for k in w_full:
-        torch.testing.assert_close(w_res[k], w_full[k], rtol=1e-6, atol=1e-8)
+    assert_resumed_like_uninterrupted(full_out, full, killed, resumed)
 
 
 def test_dynamic_sampling_with_only_zero_variance_groups_skips_the_update(tmp_path, tiny_qwen2_dir):

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from rl.grpo import GRPOConfig, GRPOLoraConfig, run_grpo
-from rl.common.lora import merged_state_dict, wrap_with_lora
+from rl.common.lora import wrap_with_lora
 from test_grpo import FLOAT32, FLOAT32_ENGINE, outputs, read_metrics, rows  # the full-weight tests' prompts and pins
 
 LORA = {"enabled": True, "r": 4, "alpha": 8}
@@ -18,24 +18,35 @@ COMMON = dict(prompts_per_step=2, group_size=4, max_new_tokens=12, learning_rate
               save_every=1, micro_batch_size=4)
 
 
-def test_merged_weights_equal_peft_merge_and_leave_the_model_alone(tiny_qwen2_dir):
+def test_the_workers_merged_weights_equal_peft_merge(tiny_qwen2_dir):
+    """What the engine and the checkpoints get from a LoRA trainer worker (FSDP2-sharded, one rank here): base +
+    scaled B @ A under plain HF names, as PEFT's own merge computes it; the adapters themselves unchanged."""
+    from rl.workers import InProcessWorkerGroup, WorkerSettings
+
+    group = InProcessWorkerGroup(WorkerSettings(model_dir=tiny_qwen2_dir, bf16=False, lora=GRPOLoraConfig(**LORA)))
+    try:
+        worker = group.worker
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for name, p in worker.model.named_parameters():
+                if "lora_B" in name:  # B starts at 0 (a zero delta); give the adapters something to add
+                    p.to_local().normal_(std=0.05)  # one rank: its shard is the whole tensor
+        peft_state = {k: worker._gather(v) for k, v in worker.model.state_dict().items()}
+        merged = group.full_state_dict()
+        after = {k: worker._gather(v) for k, v in worker.model.state_dict().items()}
+    finally:
+        group.shutdown()
     model = wrap_with_lora(AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir, dtype=torch.float32),
                            GRPOLoraConfig(**LORA))
-    torch.manual_seed(0)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:  # B starts at 0 (a zero delta); give the adapters something to add
-            torch.nn.init.normal_(p, std=0.05)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    merged = merged_state_dict(model)
+    model.load_state_dict(peft_state)
+    base = {k.replace(".base_layer.", "."): v for k, v in model.get_base_model().state_dict().items() if "lora_" not in k}
     expected = copy.deepcopy(model).merge_and_unload().state_dict()
     assert merged.keys() == expected.keys()
-    changed = [k for k in expected if not torch.equal(expected[k], model.get_base_model().state_dict().get(
-        k.replace(".weight", ".base_layer.weight"), expected[k]))]
+    changed = [k for k in expected if not torch.equal(expected[k], base[k])]
     assert any("q_proj" in k for k in changed) and any("down_proj" in k for k in changed)  # "all-linear"
     for k in expected:
         torch.testing.assert_close(merged[k], expected[k], rtol=1e-6, atol=1e-7)
-    after = model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(peft_state[k], after[k]) for k in peft_state)
 
 
 @pytest.mark.slow

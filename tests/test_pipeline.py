@@ -123,6 +123,22 @@ def test_launch_order_puts_the_longest_chains_first():
     assert set(order[5:]) == {s.name for s in stages if s.kind == "eval" and s.arm != "_base"}
 
 
+def test_a_stage_is_admitted_with_its_trainer_workers_memory_and_cpus():
+    """An RL stage with Ray trainer workers holds its own memory plus each worker's (the arm's rl.workers), so the
+    driver never starts two stages that would each wait for their workers' share; rl.worker_cpus counts too."""
+    from eksft.pipeline.driver import stage_needs
+
+    recipe = load_recipe(MINI, ["resources.rl.memory_gib=5", "resources.rl.worker_memory_gib=4.5",
+                                "arms=[{name: sft, objective: {name: sft}}, "
+                                "{name: eksft, objective: {name: eksft}, rl: {workers: 2, worker_cpus: 0.5}}]"])
+    stages = {s.name: s for s in plan(recipe, Path("/tmp/x"))}
+    assert stage_needs(recipe, stages["sft/rl"]) == (1, 0, 5 * 2**30)  # rl.workers 1: in the stage's process
+    assert stage_needs(recipe, stages["eksft/rl"]) == (1 + 2 * 0.5, 0, (5 + 2 * 4.5) * 2**30)
+    assert stage_needs(recipe, stages["eksft/sft"]) == (1, 0, 0)  # memory not set: not counted
+    with pytest.raises(RecipeError, match=r"resources.rl.memory_gib"):
+        load_recipe(MINI, ["resources.rl.memory_gib=-1"])
+
+
 @pytest.mark.slow
 def test_mini_recipe_through_the_ray_pipeline(tmp_path, capsys):
     import ray

@@ -182,7 +182,7 @@ def test_the_grpo_trainer_and_engine_compute_in_the_resolved_precision(tmp_path,
     assert cfg.bf16 == "auto" and RolloutConfig().dtype == "auto"
     trainer = GRPOTrainer(model_dir=tiny_qwen2_dir, rows=rows(4), config=cfg, outputs=outputs(tmp_path),
                           rollout=RolloutConfig(engine=engine, max_model_len=256, kv_cache_gib=0.1))
-    seen = activation_dtypes(trainer.model)
+    seen = activation_dtypes(trainer.workers.worker.model)  # rl.workers: 1 runs its rank in this process
     if engine == "vllm":
         engine_dtype = trainer.engine.llm.llm_engine.model_config.dtype
     else:

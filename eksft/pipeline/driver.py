@@ -140,9 +140,9 @@ def _run_ray(todo: list[Stage], recipe, recipe_json: dict, run_dir: Path) -> lis
     failed: list[str] = []
     capacity = ray.cluster_resources()
     started = time.time()
-    def needs(stage: Stage) -> tuple[float, float]:
-        res = getattr(recipe.resources, stage.kind)
-        return res.num_cpus, res.num_gpus
+
+    def needs(stage: Stage) -> tuple[float, float, float]:
+        return stage_needs(recipe, stage)
 
     while waiting or running:
         for stage in [s for s in order if s.name in waiting]:  # upstream failures first: nothing to wait for
@@ -153,10 +153,10 @@ def _run_ray(todo: list[Stage], recipe, recipe_json: dict, run_dir: Path) -> lis
         for stage in [s for s in order if s.name in waiting]:
             if any(d in waiting or d in {r.name for r in running.values()} for d in stage.deps):
                 continue
-            cpus, gpus = needs(stage)
-            used_cpus = sum(needs(r)[0] for r in running.values())
-            used_gpus = sum(needs(r)[1] for r in running.values())
-            fits = (used_cpus + cpus <= capacity.get("CPU", 0) + 1e-9 and used_gpus + gpus <= capacity.get("GPU", 0) + 1e-9)
+            cpus, gpus, memory = needs(stage)
+            used = [sum(needs(r)[i] for r in running.values()) for i in range(3)]
+            fits = all(u + n <= capacity.get(resource, 0) + 1e-9
+                       for u, n, resource in zip(used, (cpus, gpus, memory), ("CPU", "GPU", "memory")) if n)
             if not fits and running:
                 continue  # when nothing runs, start it anyway: Ray reports what it is waiting for
             ref = remote_stage.options(num_cpus=cpus, num_gpus=gpus, name=stage.name,
@@ -179,6 +179,24 @@ def _run_ray(todo: list[Stage], recipe, recipe_json: dict, run_dir: Path) -> lis
             cause = getattr(e, "cause", None) or e
             _status(stage, f"FAILED: {type(cause).__name__}: {str(cause).splitlines()[-1] if str(cause) else ''}")
     return failed
+
+
+def stage_needs(recipe, stage: Stage) -> tuple[float, float, float]:
+    """(CPUs, GPUs, bytes of host memory) that ``stage`` holds while it runs, from the recipe's ``resources``.
+
+    The memory is the stage's ``memory_gib`` plus, for an RL stage with ``rl.workers`` > 1 (the arm's value),
+    ``worker_memory_gib`` per Ray trainer worker: a stage and its workers are admitted as one, so two stages can
+    never each hold their own share while waiting for their workers' (that would wait forever). The same for
+    CPUs: the workers run inside the stage's CPUs (`rl.grpo.trainer`: a token share each) unless
+    ``rl.worker_cpus`` is set, which is then counted per worker."""
+    res = getattr(recipe.resources, stage.kind)
+    ray_workers, worker_cpus = 0, 0.0  # rl.workers: 1 runs in the stage's own process
+    if stage.kind == "rl":
+        rl = recipe.arm_rl(next(a for a in recipe.arms if a.name == stage.arm))
+        ray_workers = rl.workers if rl.workers > 1 else 0
+        worker_cpus = rl.worker_cpus or 0.0
+    gib = (res.memory_gib or 0) + ray_workers * (res.worker_memory_gib or 0)
+    return res.num_cpus + ray_workers * worker_cpus, res.num_gpus, gib * 2**30
 
 
 def launch_order(stages: list[Stage]) -> list[Stage]:

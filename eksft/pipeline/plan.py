@@ -48,7 +48,8 @@ def stable_hash(obj: Any) -> str:
 # Recipe keys added after runs existed, at the value that behaves as before: left out of the hashed settings, so
 # that stages finished before the key existed keep their keys (and a value that changes behaviour changes them).
 ADDED_KEY_DEFAULTS = {"revision": None, "revisions": {}, "selection": "first", "tags": None, "chat_template_kwargs": {},
-                      "global_batch": None}
+                      "global_batch": None, "workers": 1, "worker_cpus": None, "worker_timeout_s": 3600.0,
+                      "activation_checkpointing": False, "cpu_offload": False}
 
 
 def _dump(section) -> dict:

@@ -3,8 +3,8 @@
   * ``LoraSettings``: the fields both stages' ``lora`` sections have (each stage subclasses it for its defaults);
   * ``wrap_with_lora``: the trainable PEFT model (fresh adapters, or saved ones to resume);
   * ``adapters_disabled``: the base alone, i.e. the reference, with no second copy in memory;
-  * ``merged_state_dict`` (GRPO): plain HF weights, base + scaled B @ A, computed out of place for the
-    rollout engine and the checkpoints (merging in place and unmerging would round a bf16 base each step).
+  (GRPO merges base + scaled B @ A out of place, tensor by tensor, in its trainer workers:
+  `rl.workers.trainer_worker.TrainerWorker.iter_full_weights`.)
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 ADAPTER_DIR = "adapter"  # GRPO: inside checkpoints/step-N/, beside the merged HF weights
@@ -64,26 +63,3 @@ def adapters_disabled(peft_model):
     """The reference policy: the base model alone (dropout off while it runs)."""
     with eval_mode(peft_model), peft_model.disable_adapter():
         yield peft_model
-
-
-@torch.no_grad()
-def merged_state_dict(peft_model) -> dict[str, torch.Tensor]:
-    """HF-named weights of the base with every LoRA delta added, in the base weights' dtype.
-
-    The model is not modified. Non-LoRA tensors are returned as they are (no copy).
-    """
-    from peft.tuners.lora import LoraLayer
-
-    inner = peft_model.get_base_model()
-    state = {}
-    for name, tensor in inner.state_dict().items():
-        if "lora_" in name:
-            continue
-        state[name.replace(".base_layer.", ".")] = tensor
-    for name, module in inner.named_modules():
-        if not isinstance(module, LoraLayer):
-            continue
-        weight = module.get_base_layer().weight
-        delta = sum(module.get_delta_weight(a).float() for a in module.active_adapters if a in module.lora_A)
-        state[f"{name}.weight"] = (weight.float() + delta).to(weight.dtype)
-    return state

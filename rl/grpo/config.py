@@ -73,6 +73,22 @@ class GRPOConfig(BaseModel):
 
     lora: GRPOLoraConfig = Field(default_factory=GRPOLoraConfig)
 
+    # Trainer workers (rl.workers): the policy, reference and optimizer sharded (FSDP2) over this many ranks
+    workers: int = Field(1, ge=1, description="trainer ranks (FSDP2); 1 = one rank in the stage's process, "
+                                              "N > 1 = N Ray actors (one GPU each on GPU machines)")
+    worker_cpus: float | None = Field(
+        None, gt=0, description="CPUs each Ray trainer worker reserves (rl.workers > 1); None: the workers run inside "
+                                "the stage's own CPUs (resources.rl.num_cpus), which they share (threads = the "
+                                "stage's / workers): the controller and its engine wait while they train")
+    worker_timeout_s: float = Field(3600.0, gt=0, description="a call to the Ray trainer workers that takes "
+                                                             "longer fails the stage (a dead or hung rank)")
+    activation_checkpointing: bool = Field(
+        False, description="recompute each decoder layer's activations in the backward instead of keeping them: "
+                           "less memory per rank, one more forward of the layers")
+    cpu_offload: bool = Field(
+        False, description="keep the sharded parameters, gradients and AdamW state in CPU memory between uses "
+                           "(FSDP2's CPUOffloadPolicy; for GPUs short of memory)")
+
     # Optimiser
     learning_rate: float = Field(1e-6, gt=0)
     weight_decay: float = Field(0.0, ge=0)

@@ -1,44 +1,53 @@
-"""The GRPO loop. It reads like the algorithm; engines, rewards and the maths live elsewhere.
+"""The GRPO loop. It reads like the algorithm; engines, rewards, the maths and the sharded training live elsewhere.
 
     for step in steps:
         groups  = generate G completions per prompt           (rollout engine, vLLM by default)
-        rewards = math_reward(completions, answers)           (math-verify in a deadline-bounded pool)
-        adv     = group_advantages(rewards)                    (dynamic sampling refills zero-variance groups)
-        for epoch, mini-batch: policy_loss(...).backward(); optimizer.step()
-        engine.update_weights(policy)                          (the engine serves the new weights)
-        checkpoint every N steps: weights, optimizer, data position, RNG -> exact resume
+        rewards = reward_fn(completions, answers)              (default: math_reward, math-verify in a bounded pool)
+        adv     = advantage_fn(rewards)                        (default: group_advantages; dynamic sampling
+                                                                refills zero-variance groups)
+        old / ref log-probs                                    (workers.logprobs; on policy no old pass)
+        for epoch, mini-batch: workers.update(micro-batches)   (FSDP2 ranks, rl.workers)
+        engine.update_weights(workers.iter_full_weights())     (the engine serves the new weights)
+        checkpoint every N steps: workers' sharded weights + optimizer, data position, RNG -> exact resume
+
+This process is the single controller: rollouts, rewards, advantages, dynamic sampling, metrics, the prompt
+stream and the RNG live here; the policy, the reference and the optimizer live in the trainer worker group
+(`rl.workers`): ``rl.workers: N`` Ray actors, or ``rl.workers: 1`` the same worker code in this process.
 
 Outputs (``rl.grpo.outputs.GRPOOutputs``, placed by the caller)::
 
     metrics                    one line per step
     rollouts/<step N>.jsonl    prompts, completions, rewards
-    checkpoints/<step N>/      HF model dir + trainer_state.pt (optimizer, cursor, RNG) [+ adapter/ with LoRA]
-    final                      the final model (HF dir)
+    checkpoints/<step N>/      consolidated HF model dir (what evaluations and the next stage read)
+                               + dcp/ (sharded weights and AdamW, torch.distributed.checkpoint)
+                               + trainer_state.pt (step, data position, RNG) [+ adapter/ with LoRA]
+    final                      the final model (consolidated HF dir)
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import itertools
 import json
 import math
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from rl.grpo.config import GRPOConfig
-from rl.grpo.core import fill_groups, group_advantages, mask_truncated, minibatches, policy_loss, zero_variance_groups
-from rl.grpo.logprobs import completion_logprobs
+from rl.grpo.core import fill_groups, group_advantages, minibatches, zero_variance_groups
 from rl.grpo.outputs import GRPOOutputs
-from rl.common.lora import ADAPTER_DIR, adapters_disabled, merged_state_dict, wrap_with_lora
 from rl.metrics import pass_at_k_groups, power_of_two_ks
 from rl.common.precision import resolve_bf16, slow_bf16_warning, stage_device
 from rl.common.resume import latest_complete_checkpoint, truncate_metrics
 from rl.rollout import RolloutConfig, Sample, SamplingConfig, engine_from_config, prompt_token_ids
+
+DCP_DIR = "dcp"  # inside checkpoints/step-N/: the worker group's sharded state
 
 
 @dataclass
@@ -68,11 +77,19 @@ class PromptStream:
 
 
 class GRPOTrainer:
+    """``reward_fn(texts, answers) -> [result with .score and .correct]`` scores completions (default
+    `rl.reward.math_reward` with the config's timeout, format weight and fallback); ``advantage_fn(rewards)``
+    maps [prompts, G] rewards to advantages of the same shape (default `group_advantages` with
+    ``normalize_std``)."""
+
     def __init__(self, *, model_dir: str, rows: list[dict], config: GRPOConfig, outputs: GRPOOutputs,
                  rollout: RolloutConfig | None = None, reference_dir: str | None = None,
                  trust_remote_code: bool = False, kl_metric: bool = True,
-                 trackers: list | None = None, chat_template_kwargs: dict | None = None):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+                 trackers: list | None = None, chat_template_kwargs: dict | None = None,
+                 reward_fn: Callable | None = None, advantage_fn: Callable | None = None):
+        from transformers import AutoTokenizer
+
+        from rl.workers import WorkerSettings, make_worker_group
 
         if not rows:
             raise ValueError("GRPO needs at least one {prompt, answer} row")
@@ -83,44 +100,53 @@ class GRPOTrainer:
         self.trust_remote_code = trust_remote_code
         self.trackers = trackers or []
         self.step, self.stream = 0, PromptStream(len(rows), config.seed)
+        self.reward_fn = reward_fn or _default_reward(config)
+        self.advantage_fn = advantage_fn or functools.partial(group_advantages, normalize_std=config.normalize_std)
 
         resume_dir = self.latest_checkpoint()
+        if resume_dir and not (resume_dir / DCP_DIR).is_dir():  # refused before an engine or a worker starts
+            raise ValueError(f"{resume_dir} has no {DCP_DIR}/ (a checkpoint of the single-process trainer before "
+                             "rl.workers): it cannot be resumed; delete the stage's checkpoints and start it again")
         start_dir = str(resume_dir) if resume_dir else model_dir
         self.device = stage_device()
+        if config.cpu_offload and self.device != "cuda":
+            raise ValueError(f"rl.cpu_offload moves the sharded state between GPU and CPU memory; this stage runs on "
+                             f"{self.device}, where it already lives in CPU memory: set rl.cpu_offload: false")
         self.precision = resolve_bf16(config.bf16, self.device)
-        self.autocast_dtype = torch.bfloat16 if self.precision.bf16 else None
-        print(f"[rl] trainer compute: {self.precision.describe()}", flush=True)
+        print(f"[rl] trainer compute: {self.precision.describe()}, {config.workers} worker(s)", flush=True)
         if warning := slow_bf16_warning(self.precision, "rl.bf16"):
             print(f"[rl] WARNING: {warning}", flush=True)
         self.tokenizer = AutoTokenizer.from_pretrained(start_dir, trust_remote_code=trust_remote_code)
-        self.lora = config.lora.enabled
-        if self.lora:
-            # The base is always the starting model; a resumed run reloads its adapters.
-            base = AutoModelForCausalLM.from_pretrained(
-                model_dir, dtype=getattr(torch, config.lora.base_dtype), trust_remote_code=trust_remote_code)
-            self.model = wrap_with_lora(base, config.lora, resume_dir / ADAPTER_DIR if resume_dir else None)
-        else:
-            self.model = AutoModelForCausalLM.from_pretrained(
-                start_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
-        self.model.to(self.device).train()
-        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
-                                           lr=config.learning_rate, betas=tuple(config.adam_betas),
-                                           weight_decay=config.weight_decay)
-        self.needs_ref = config.beta_kl > 0 or kl_metric
-        other_reference = reference_dir is not None and Path(reference_dir).resolve() != Path(model_dir).resolve()
-        self.reference = None  # None with LoRA on the reference itself: adapters_disabled(self.model) is it
-        if self.needs_ref and (not self.lora or other_reference):
-            dtype = getattr(torch, config.lora.base_dtype) if self.lora else torch.float32
-            self.reference = AutoModelForCausalLM.from_pretrained(
-                reference_dir or model_dir, dtype=dtype, trust_remote_code=trust_remote_code
-            ).to(self.device).eval().requires_grad_(False)
-        if resume_dir:
-            self._load_state(resume_dir)
-            print(f"[rl] resumed from {resume_dir} (step {self.step})", flush=True)
-        truncate_metrics(self.out.metrics, self.step)  # steps after the checkpoint are logged again
         self.prompt_ids = prompt_token_ids(self.tokenizer, [r["prompt"] for r in rows], chat_template_kwargs)
+        # The engine first: an in-process vLLM makes this process's (one-rank) process group, which a
+        # worker in this process then joins.
         self.engine = engine_from_config(self.rollout_cfg, start_dir, seed=config.seed,
                                          trust_remote_code=trust_remote_code)
+        self.needs_ref = config.beta_kl > 0 or kl_metric
+        # The reference: another model when given, else the starting model (with LoRA: the base, adapters off).
+        other_reference = reference_dir is not None and Path(reference_dir).resolve() != Path(model_dir).resolve()
+        if not self.needs_ref or (config.lora.enabled and not other_reference):
+            reference = None
+        else:
+            reference = reference_dir or model_dir
+        # The workers always load the starting model (with LoRA: the base) and a resumed run then reads the
+        # sharded checkpoint over it.
+        settings = WorkerSettings.from_grpo(config, model_dir=model_dir, reference_dir=reference,
+                                            trust_remote_code=trust_remote_code)
+        try:
+            self.workers = make_worker_group(settings, config.workers, **_ray_options(config, self.device))
+        except BaseException:
+            self.engine.shutdown()
+            raise
+        if resume_dir:
+            try:
+                self._load_state(resume_dir)
+            except BaseException:  # a worker died while loading: tear the group and the engine down too
+                self.workers.shutdown()
+                self.engine.shutdown()
+                raise
+            print(f"[rl] resumed from {resume_dir} (step {self.step})", flush=True)
+        truncate_metrics(self.out.metrics, self.step)  # steps after the checkpoint are logged again
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> Path:
@@ -128,18 +154,29 @@ class GRPOTrainer:
 
         cfg = self.cfg
         try:
-            with tqdm(total=cfg.steps, initial=self.step, desc="grpo", unit="step", dynamic_ncols=True) as bar:
-                while self.step < cfg.steps:
-                    metrics = self.train_step()
-                    self.step += 1
-                    metrics["step"] = self.step
-                    self._log(metrics)
-                    if self.step % cfg.save_every == 0 or self.step == cfg.steps:
-                        self.save_checkpoint()
-                    bar.update(1)
+            try:
+                with tqdm(total=cfg.steps, initial=self.step, desc="grpo", unit="step", dynamic_ncols=True) as bar:
+                    while self.step < cfg.steps:
+                        metrics = self.train_step()
+                        self.step += 1
+                        metrics["step"] = self.step
+                        self._log(metrics)
+                        if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                            self.save_checkpoint()
+                        bar.update(1)
+            finally:
+                self.engine.shutdown()
+            self.workers.save_hf(self.out.final)
+        except Exception as err:
+            from rl.workers import WorkerFailure
+
+            if isinstance(err, WorkerFailure):  # the group is torn down below; a rerun resumes
+                last = self.latest_checkpoint()
+                print(f"[rl] FAILED at step {self.step + 1}: {err}; a rerun resumes from "
+                      f"{last or 'the start'}", flush=True)
+            raise
         finally:
-            self.engine.shutdown()
-        self._save_model(self.out.final)
+            self.workers.shutdown()  # a broken group: its actors are killed, not asked
         return self.out.final
 
     def train_step(self) -> dict:
@@ -161,7 +198,7 @@ class GRPOTrainer:
             metrics.update(self._update(groups))
             timings["train"] = time.perf_counter() - t
             t = time.perf_counter()
-            self.engine.update_weights(self._hf_weights())
+            self.engine.update_weights(self.workers.iter_full_weights())
             timings["sync"] = time.perf_counter() - t
         n_tokens = sum(len(s.completion_ids) for g in groups for s in g.samples)
         metrics.update({f"time/{k}": v for k, v in timings.items()})
@@ -169,8 +206,6 @@ class GRPOTrainer:
         return metrics
 
     def _rollout(self, picks: list[tuple[int, int]], timings: dict) -> list[Group]:
-        from rl.reward import math_reward
-
         cfg = self.cfg
         sampling = SamplingConfig(n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
                                   max_new_tokens=cfg.max_new_tokens)
@@ -181,8 +216,7 @@ class GRPOTrainer:
         t = time.perf_counter()
         texts = [s.text for samples in outputs for s in samples]
         answers = [self.rows[r]["answer"] for _, r in picks for _ in range(cfg.group_size)]
-        results = math_reward(texts, answers, timeout_s=cfg.reward_timeout_s, format_weight=cfg.format_weight,
-                              fallback=cfg.answer_fallback)
+        results = self.reward_fn(texts, answers)
         timings["reward"] += time.perf_counter() - t
         groups = []
         for j, ((_, r), samples) in enumerate(zip(picks, outputs)):
@@ -191,76 +225,60 @@ class GRPOTrainer:
         return groups
 
     def _update(self, groups: list[Group]) -> dict:
-        """Several mini-batch updates on one rollout batch; returns averaged loss metrics."""
+        """Several mini-batch updates of the worker group on one rollout batch; returns averaged loss metrics."""
+        from rl.workers import MicroBatch
+
         cfg = self.cfg
         rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)
-        advantages = group_advantages(rewards, normalize_std=cfg.normalize_std).flatten()
+        advantages = self.advantage_fn(rewards).flatten().tolist()
         samples = [s for g in groups for s in g.samples]
         G = cfg.group_size
         group_length = [len(g.prompt_ids) + max(len(s.completion_ids) for s in g.samples) for g in groups]
-        truncated = torch.tensor([s.truncated for s in samples])
-        n = len(samples)
+        # Overlong masking and empty completions: out of the loss and of every count.
+        trained = [bool(s.completion_ids) and not (cfg.mask_truncated and s.truncated) for s in samples]
+        n, micro = len(samples), cfg.micro_batch_size
         on_policy = cfg.ppo_epochs == 1 and (cfg.mini_batch_size is None or cfg.mini_batch_size >= n)
+
+        def micro_batches(indices: list[int], old=None, ref=None, engine: bool = False) -> list[MicroBatch]:
+            chunks = [indices[k : k + micro] for k in range(0, len(indices), micro)]
+            return [MicroBatch([samples[i].prompt_ids for i in idx], [samples[i].completion_ids for i in idx],
+                               [advantages[i] for i in idx],
+                               None if old is None else [old[i] for i in idx],
+                               None if ref is None else [ref[i] for i in idx],
+                               [trained[i] for i in idx],
+                               [samples[i].logprobs for i in idx] if engine else None)
+                    for idx in chunks]
 
         # old log-probs: the same weights that generated (sync after every update). With one update per
         # batch they equal the detached log-probs of the training forward (rho = 1), so no extra forward.
-        old_logp, ref_logp, gap = [None] * n, [None] * n, []
-        micro = cfg.micro_batch_size
-        with torch.no_grad():
-            for start in range(0, n, micro):
-                chunk = samples[start : start + micro]
-                if not on_policy:
-                    lp, _, m = completion_logprobs(self.model, chunk, cfg.temperature, with_entropy=False,
-                                                   autocast_dtype=self.autocast_dtype)
-                    gap.append(_engine_gap(lp, m, chunk))
-                    for i in range(len(chunk)):
-                        old_logp[start + i] = lp[i][m[i]]
-                if self.needs_ref:
-                    with self._reference() as reference:
-                        lp, _, m = completion_logprobs(reference, chunk, cfg.temperature, with_entropy=False,
-                                                       autocast_dtype=self.autocast_dtype)
-                    for i in range(len(chunk)):
-                        ref_logp[start + i] = lp[i][m[i]]
+        everything = list(range(n))
+        old = ref = None
+        gap = None
+        if not on_policy:
+            old = self.workers.logprobs(micro_batches(everything))
+            gap = _engine_gap(old, samples)
+        if self.needs_ref:
+            ref = self.workers.logprobs(micro_batches(everything), reference=True)
 
         sums: dict[str, float] = {}
-        count = 0
+        weights: dict[str, float] = {}
         grad_norms = []
         generator = torch.Generator().manual_seed(cfg.seed * 7919 + self.step)
         for _epoch in range(cfg.ppo_epochs):
             for mb in minibatches(n, cfg.mini_batch_size or n, generator):
-                # Micro-batches of whole groups (completion_logprobs computes a prompt once per micro-batch,
-                # not once per sample), groups of similar length together to cut padding (the loss uses
-                # global counts, so the order does not change it).
+                # Micro-batches of whole groups, groups of similar length together to cut padding (the loss
+                # uses global counts, so the order does not change it).
                 mb = sorted(mb.tolist(), key=lambda i: (group_length[i // G], i // G, i))
-                trained = [i for i in mb if samples[i].completion_ids and not (cfg.mask_truncated and samples[i].truncated)]
-                n_tokens = sum(len(samples[i].completion_ids) for i in trained)
-                self.optimizer.zero_grad(set_to_none=True)
-                for start in range(0, len(mb), micro):
-                    idx = mb[start : start + micro]
-                    chunk = [samples[i] for i in idx]
-                    logp, entropy, mask = completion_logprobs(self.model, chunk, cfg.temperature,
-                                                              with_entropy=True, autocast_dtype=self.autocast_dtype)
-                    if cfg.mask_truncated:
-                        mask = mask_truncated(mask, truncated[idx].to(mask.device))
-                    if on_policy:
-                        gap.append(_engine_gap(logp.detach(), mask, chunk))
-                    old = logp.detach() if on_policy else _dense([old_logp[i] for i in idx], logp)
-                    ref = None if ref_logp[idx[0]] is None else _dense([ref_logp[i] for i in idx], logp)
-                    loss, m = policy_loss(
-                        logp, old, advantages[idx].to(logp.device), mask,
-                        ref_logp=ref, entropy=entropy,  # with beta_kl 0 the reference only feeds the "kl" metric
-                        num_tokens=max(n_tokens, 1), num_seqs=max(len(trained), 1), **cfg.policy_loss_kwargs(),
-                    )
-                    loss.backward()
-                    for k, v in m.items():
-                        sums[k] = sums.get(k, 0.0) + float(v) * len(chunk)
-                    count += len(chunk)
-                grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)))
-                self.optimizer.step()
-        out = {k: v / max(count, 1) for k, v in sums.items()}
+                m = self.workers.update(micro_batches(mb, old, ref, engine=on_policy), cfg.policy_loss_kwargs())
+                grad_norms.append(m.pop("grad_norm"))
+                for k, v in m.items():
+                    sums[k] = sums.get(k, 0.0) + v * len(mb)
+                    weights[k] = weights.get(k, 0.0) + len(mb)
+        out = {k: v / weights[k] for k, v in sums.items()}
         out["grad_norm"] = sum(grad_norms) / len(grad_norms)
-        # Mean |trainer - engine| log-prob over the sampled tokens, before any update of this step.
-        out["logprob_gap_engine_trainer"] = sum(t for t, _ in gap) / max(sum(c for _, c in gap), 1)
+        if gap is not None:
+            # Mean |trainer - engine| log-prob over the sampled tokens, before any update of this step.
+            out["logprob_gap_engine_trainer"] = gap
         return out
 
     # ------------------------------------------------------------------ metrics and logs
@@ -309,14 +327,17 @@ class GRPOTrainer:
         return latest_complete_checkpoint(self.out.checkpoints, self.out.step_prefix, last_file="trainer_state.pt")
 
     def save_checkpoint(self) -> Path:
+        """A consolidated HF directory (what evaluations and the next stage read), the worker group's sharded
+        weights and optimizer beside it, and the controller's state (step, data position, RNG) last."""
         target = self.out.step_checkpoint(self.step)
         tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        self._save_model(tmp)
+        self.workers.save_hf(tmp)
+        self.workers.save_checkpoint(tmp / DCP_DIR)
         torch.save({
             "step": self.step,
             "cursor": self.stream.cursor,
-            "optimizer": self.optimizer.state_dict(),
+            "workers": self.cfg.workers,
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
         }, tmp / "trainer_state.pt")
         shutil.rmtree(target, ignore_errors=True)
@@ -327,41 +348,45 @@ class GRPOTrainer:
         state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
         self.step = state["step"]
         self.stream.cursor = state["cursor"]
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.workers.load_checkpoint(ckpt / DCP_DIR)
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
 
-    def _save_model(self, path: Path) -> None:
-        """An HF model directory (LoRA: the merged weights, plus the adapters for resuming)."""
-        if self.lora:
-            self.model.get_base_model().save_pretrained(path, state_dict=self._hf_weights(), safe_serialization=True)
-            self.model.save_pretrained(path / ADAPTER_DIR)
-        else:
-            self.model.save_pretrained(path, safe_serialization=True)
-        self.tokenizer.save_pretrained(path)
 
-    def _hf_weights(self) -> dict[str, torch.Tensor]:
-        """What the engine serves and checkpoints hold: plain HF parameter names and values."""
-        return merged_state_dict(self.model) if self.lora else self.model.state_dict()
+def _default_reward(cfg: GRPOConfig) -> Callable:
+    from rl.reward import math_reward
 
-    @contextlib.contextmanager
-    def _reference(self):
-        if self.reference is None:  # LoRA whose base is the reference
-            with adapters_disabled(self.model) as base:
-                yield base
-        else:
-            yield self.reference
+    return functools.partial(math_reward, timeout_s=cfg.reward_timeout_s, format_weight=cfg.format_weight,
+                             fallback=cfg.answer_fallback)
 
 
-def _engine_gap(logp: torch.Tensor, mask: torch.Tensor, chunk: list[Sample]) -> tuple[float, int]:
-    """(sum of |trainer - engine| log-prob over valid tokens, number of tokens) for one micro-batch."""
-    engine = _dense([torch.tensor(s.logprobs) for s in chunk], logp)
-    return float(((logp - engine).abs() * mask).sum()), int(mask.sum())
+# What a worker inside the stage's own CPUs asks Ray for: a placement-group bundle cannot be empty.
+TOKEN_CPU = 0.01
 
 
-def _dense(rows: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    """Right-pad 1-D tensors into the [b, T] layout of ``like``."""
-    out = torch.zeros_like(like)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = r.to(out.dtype).to(out.device)
-    return out
+def _ray_options(cfg: GRPOConfig, device: str) -> dict:
+    """Resources of each Ray worker (``rl.workers`` > 1): a GPU each on GPU machines.
+
+    CPUs: with ``rl.worker_cpus`` None (the default) the workers live inside the stage's own CPU budget (the
+    stage task holds ``resources.rl.num_cpus``, its torch thread count here): they reserve a token share in
+    Ray and split the stage's threads. The controller and its in-process engine wait while the workers train
+    and the workers wait while the engine generates, so the stage never needs both at once; two arms of two
+    workers each then run on 2 cores. With ``rl.worker_cpus`` set, each worker reserves that many CPUs
+    (and as many threads) on top of the stage's."""
+    import torch
+
+    if cfg.worker_cpus is None:
+        cpus, threads = TOKEN_CPU, max(1, torch.get_num_threads() // cfg.workers)
+    else:
+        cpus, threads = cfg.worker_cpus, max(1, math.floor(cfg.worker_cpus))
+    return dict(num_cpus=cpus, num_gpus=1 if device == "cuda" else 0, omp_threads=threads,
+                call_timeout_s=cfg.worker_timeout_s)
+
+
+def _engine_gap(trainer_logprobs: list[list[float]], samples: list[Sample]) -> float:
+    """Mean |trainer - engine| log-prob over every sampled token."""
+    total = count = 0
+    for lp, s in zip(trainer_logprobs, samples):
+        total += sum(abs(a - b) for a, b in zip(lp, s.logprobs))
+        count += len(lp)
+    return total / max(count, 1)

@@ -12,9 +12,9 @@ that gap is logged every step and is a correctness test.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -60,7 +60,17 @@ class RolloutEngine(Protocol):
     def generate(self, prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig,
                  seeds: Sequence[int]) -> list[list[Sample]]: ...
 
-    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None: ...
+    def update_weights(self, weights: Weights) -> None:
+        """Serve new weights: a state dict, or (HF name, tensor) pairs read once, in order (a trainer worker
+        group streams its full weights one tensor at a time)."""
+
+
+Weights = Union[Mapping[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]]]
+
+
+def weight_items(weights: Weights) -> Iterable[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs of a state dict or of a stream of pairs."""
+    return weights.items() if isinstance(weights, Mapping) else weights
 
     def shutdown(self) -> None: ...
 

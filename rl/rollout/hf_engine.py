@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from rl.rollout.base import Sample, SamplingConfig
+from rl.rollout.base import Sample, SamplingConfig, Weights, weight_items
 
 
 class HFEngine:
@@ -52,8 +52,13 @@ class HFEngine:
             results.append(samples)
         return results
 
-    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        self.model.load_state_dict(state_dict, strict=False)
+    @torch.no_grad()
+    def update_weights(self, weights: Weights) -> None:
+        """Copy each tensor in as it arrives (names the model does not have are skipped)."""
+        params = self.model.state_dict()
+        for name, tensor in weight_items(weights):
+            if name in params:
+                params[name].copy_(tensor)
 
     def shutdown(self) -> None:
         del self.model

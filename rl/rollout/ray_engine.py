@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
-import torch
-
-from rl.rollout.base import Sample, SamplingConfig
+from rl.rollout.base import Sample, SamplingConfig, Weights, weight_items
 
 
 class _EngineActor:
@@ -41,9 +39,9 @@ class RayEngine:
                  seeds: Sequence[int]) -> list[list[Sample]]:
         return self._ray.get(self.actor.generate.remote([list(p) for p in prompt_ids], sampling, list(seeds)))
 
-    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+    def update_weights(self, weights: Weights) -> None:
         # One object-store copy shared by every reader; tensors travel as numpy-backed buffers.
-        ref = self._ray.put({k: v.detach().cpu() for k, v in state_dict.items()})
+        ref = self._ray.put({k: v.detach().cpu() for k, v in weight_items(weights)})
         self._ray.get(self.actor.update_weights.remote(ref))
 
     def shutdown(self) -> None:

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
-import torch
-
-from rl.rollout.base import Sample, SamplingConfig
+from rl.rollout.base import Sample, SamplingConfig, Weights, weight_items
 
 
 def make_llm(model_dir: str, *, dtype: str = "float32", max_model_len: int = 2048, seed: int = 0,
@@ -47,8 +45,11 @@ def make_llm(model_dir: str, *, dtype: str = "float32", max_model_len: int = 204
     )
 
 
-def _reload_in_worker(worker, state_dict: Mapping[str, torch.Tensor]) -> None:
-    worker.model_runner.reload_weights(weights_iterator=iter(state_dict.items()))
+def _reload_in_worker(worker, weights: Weights) -> None:
+    # In the engine's dtype: vLLM's loader would cast a float32 trainer's tensors too, warning once per tensor.
+    dtype = worker.model_runner.model_config.dtype
+    items = ((name, t.to(dtype) if t.is_floating_point() else t) for name, t in weight_items(weights))
+    worker.model_runner.reload_weights(weights_iterator=items)
 
 
 class VLLMEngine:
@@ -86,9 +87,10 @@ class VLLMEngine:
             for ids, out in zip(prompt_ids, outputs)
         ]
 
-    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Reload the trainer's weights in place (HF parameter names; vLLM maps and re-packs them)."""
-        self.llm.collective_rpc(_reload_in_worker, args=(state_dict,))
+    def update_weights(self, weights: Weights) -> None:
+        """Reload the trainer's weights in place (HF parameter names; vLLM maps and re-packs them). The engine
+        core runs in this process, so a stream of (name, tensor) pairs reaches vLLM's loader as it is read."""
+        self.llm.collective_rpc(_reload_in_worker, args=(weights,))
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
     def shutdown(self) -> None:

@@ -1,0 +1,139 @@
+"""What the controller sends to the trainer workers, how it is split across ranks, and the one-forward log-probs.
+
+Pure torch (no Ray, no torch.distributed): testable alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from rl.common.token_stats import IGNORE_INDEX, takes_logits_to_keep, token_statistics
+
+__all__ = ["MicroBatch", "dense_rows", "sequence_logprobs", "split_across_ranks", "unsplit"]
+
+
+@dataclass
+class MicroBatch:
+    """One forward/backward worth of completions, in plain lists so that it travels through Ray as it is.
+
+    ``old_logprobs`` None means on policy: the detached log-probs of the training forward are the old ones
+    (rho = 1). ``ref_logprobs`` is needed when the KL term is on (and feeds the ``kl`` metric when given).
+    ``trained`` False excludes a sequence from the loss and from every count (overlong masking); None: all.
+    ``engine_logprobs`` (the rollout engine's log-probs of the sampled tokens), when given, make `update` report
+    ``logprob_gap_engine_trainer``: the mean |trainer - engine| over the trained tokens, before the step.
+    """
+
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    advantages: list[float] | None = None
+    old_logprobs: list[list[float]] | None = None
+    ref_logprobs: list[list[float]] | None = None
+    trained: list[bool] | None = None
+    engine_logprobs: list[list[float]] | None = None  # the sampler's: `update` reports the trainer-engine gap
+
+    def __len__(self) -> int:
+        return len(self.completion_ids)
+
+    @classmethod
+    def padding(cls, like: MicroBatch) -> MicroBatch:
+        """A micro-batch that contributes nothing (loss mask all 0) but still runs one forward and backward.
+
+        FSDP's collectives need the same number of forwards and backwards on every rank, so a rank with fewer
+        micro-batches than another runs these. It has the optional fields ``like`` has, so that every rank
+        reports the same metrics (they are all-reduced as one vector)."""
+        def zeros(field):
+            return None if field is None else [[0.0]]
+
+        return cls([[0]], [[0]], [0.0], zeros(like.old_logprobs), zeros(like.ref_logprobs), [False],
+                   zeros(like.engine_logprobs))
+
+    def trained_mask(self) -> list[bool]:
+        return list(self.trained) if self.trained is not None else [True] * len(self)
+
+    def counts(self) -> tuple[int, int]:
+        """(valid tokens, non-empty sequences) of the trained sequences: this micro-batch's share of the
+        global denominators of `rl.grpo.loss.policy_loss`."""
+        lengths = [len(c) for c, keep in zip(self.completion_ids, self.trained_mask()) if keep]
+        return sum(lengths), sum(n > 0 for n in lengths)
+
+
+def split_across_ranks(micro_batches: Sequence[MicroBatch], world_size: int) -> list[list[MicroBatch]]:
+    """Rank r gets micro-batches r, r + N, r + 2N, ...; ranks left short are padded (`MicroBatch.padding`) so that
+    every rank runs the same number of forwards. N ranks with k each then compute what one rank computes with
+    all N * k: the loss uses global counts, so the gradients of all micro-batches simply add up."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if not micro_batches:
+        raise ValueError("no micro-batches to split")
+    shares = [list(micro_batches[r::world_size]) for r in range(world_size)]
+    longest = max(len(s) for s in shares)
+    return [s + [MicroBatch.padding(micro_batches[0]) for _ in range(longest - len(s))] for s in shares]
+
+
+def unsplit(per_rank: Sequence[Sequence[list]], n_micro_batches: int) -> list:
+    """Inverse of `split_across_ranks` for per-micro-batch results (padding results dropped), in the original
+    order, flattened: ``per_rank[r][j]`` is the list of per-sample results of micro-batch ``r + j * N``."""
+    world_size = len(per_rank)
+    out = []
+    for i in range(n_micro_batches):
+        out.extend(per_rank[i % world_size][i // world_size])
+    return out
+
+
+def sequence_logprobs(model, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
+                      temperature: float, *, with_entropy: bool):
+    """Log-probs (and entropies) of each completion under ``softmax(logits / T)``, in ONE forward of the model.
+
+    Returns ``(logp, entropy, mask)``, [b, n_max] tensors with completion token t of row i at column t.
+
+    Why not `rl.grpo.logprobs.completion_logprobs` (prompts once, then completions in length buckets): the number
+    of forwards there depends on the data, and under FSDP every forward all-gathers parameters, so ranks holding
+    different data would run different collectives and hang. Here each call is exactly one forward: rows are
+    prompt + completion, left-padded so that every completion ends at the last column, and the LM head runs on
+    the last ``n_max + 1`` positions only.
+    """
+    if any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("every prompt needs at least one token (it predicts the first completion token)")
+    device = next(model.parameters()).device
+    lengths = [len(c) for c in completion_ids]
+    width = max(max(lengths), 1)
+    total = max(len(p) + n for p, n in zip(prompt_ids, lengths))
+    ids = torch.zeros((len(lengths), total), dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    labels = torch.full((len(lengths), width), IGNORE_INDEX, dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+        row = list(p) + list(c)
+        ids[i, total - len(row):] = torch.tensor(row)
+        attention[i, total - len(row):] = 1
+        if c:
+            labels[i, width - len(c):] = torch.tensor(c)
+    ids, attention, labels = ids.to(device), attention.to(device), labels.to(device)
+    keep = {"logits_to_keep": width + 1} if takes_logits_to_keep(model) else {}
+    logits = model(input_ids=ids, attention_mask=attention, position_ids=(attention.cumsum(-1) - 1).clamp(min=0),
+                   use_cache=False, **keep).logits
+    logits = logits[:, -(width + 1):-1]  # column j predicts the token at column j of `labels`
+    if temperature != 1.0:
+        logits = logits / temperature
+    right_valid = labels != IGNORE_INDEX
+    stats = token_statistics(logits, right_valid, labels=torch.where(right_valid, labels, 0))
+    # Right-aligned -> left-aligned: completion token t of row i sits at column width - n_i + t.
+    n = torch.tensor(lengths, device=device)[:, None]
+    columns = torch.arange(width, device=device)
+    source = (columns + width - n).clamp(max=width - 1)
+    mask = columns < n
+    logp = torch.where(mask, stats.label_logprob.gather(1, source), 0.0)
+    entropy = torch.where(mask, stats.entropy.gather(1, source), 0.0) if with_entropy else None
+    return logp, entropy, mask
+
+
+def dense_rows(rows: Sequence[Sequence[float]], like: Tensor) -> Tensor:
+    """Right-pad per-sample lists into the [b, n_max] layout (dtype, device) of ``like``."""
+    out = torch.zeros_like(like)
+    for i, r in enumerate(rows):
+        if len(r):
+            out[i, : len(r)] = torch.tensor(r, dtype=out.dtype, device=out.device)
+    return out
