@@ -26,7 +26,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import platform
 import statistics
@@ -38,23 +37,10 @@ from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from _gpu_common import QWEN25_05B, REPO_ROOT, TINY, load_module_file  # benchmarks/_gpu_common.py (stdlib only)
+
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
-
-QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                  num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
-                  rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
-TINY = dict(vocab_size=2048, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=1, max_position_embeddings=4096, tie_word_embeddings=True)
-
-
-def _load_file(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def import_worker(module_files: bool = False):
@@ -78,7 +64,7 @@ def import_worker(module_files: bool = False):
     mods = {}
     for name in ("rl.common.labels", "rl.common.token_stats", "rl.common.precision", "rl.grpo.loss",
                  "rl.workers.batch", "rl.workers.trainer_worker"):  # each after what it imports
-        mods[name] = _load_file(name, REPO_ROOT / (name.replace(".", "/") + ".py"))
+        mods[name] = load_module_file(name, REPO_ROOT / (name.replace(".", "/") + ".py"))
     worker, batch = mods["rl.workers.trainer_worker"], mods["rl.workers.batch"]
     return worker.TrainerWorker, worker.WorkerSettings, batch.MicroBatch, mods["rl.common.precision"].resolve_bf16, why
 

@@ -34,7 +34,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import platform
 import statistics
@@ -49,29 +48,15 @@ from typing import Any
 import torch
 
 import _results  # benchmarks/_results.py (stdlib only): the JSON record and its markdown table
+from _gpu_common import QWEN25_05B, REPO_ROOT, TINY, load_module_file  # benchmarks/_gpu_common.py (stdlib only)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
-
-QWEN2_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                 num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
-                 rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
-TINY = dict(vocab_size=2048, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=1, head_dim=64, max_position_embeddings=4096, tie_word_embeddings=True)
 
 
 # --------------------------------------------------------------------------------------------
 # Imports of the rl pieces (with or without pydantic)
 # --------------------------------------------------------------------------------------------
-
-
-def _load_file(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def import_rl() -> dict[str, Any]:
@@ -89,10 +74,10 @@ def import_rl() -> dict[str, Any]:
             stub.__path__ = [str(REPO_ROOT / pkg.replace(".", "/"))]
             sys.modules[pkg] = stub
         for name in ("labels", "token_stats"):  # rl.grpo.logprobs imports token_stats, which imports labels
-            _load_file(f"rl.common.{name}", REPO_ROOT / "rl" / "common" / f"{name}.py")
-        logprobs = _load_file("rl.grpo.logprobs", REPO_ROOT / "rl" / "grpo" / "logprobs.py")
-        loss = _load_file("rl.grpo.loss", REPO_ROOT / "rl" / "grpo" / "loss.py")
-        advantages = _load_file("rl.grpo.advantages", REPO_ROOT / "rl" / "grpo" / "advantages.py")
+            load_module_file(f"rl.common.{name}", REPO_ROOT / "rl" / "common" / f"{name}.py")
+        logprobs = load_module_file("rl.grpo.logprobs", REPO_ROOT / "rl" / "grpo" / "logprobs.py")
+        loss = load_module_file("rl.grpo.loss", REPO_ROOT / "rl" / "grpo" / "loss.py")
+        advantages = load_module_file("rl.grpo.advantages", REPO_ROOT / "rl" / "grpo" / "advantages.py")
         policy_loss, group_advantages = loss.policy_loss, advantages.group_advantages
         completion_logprobs = logprobs.completion_logprobs
         how = f"module files without package __init__ ({e})"
@@ -121,7 +106,7 @@ def sync(device: torch.device) -> None:
 def build_model(args, device: torch.device, dtype: torch.dtype):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    shape = dict(TINY if args.tiny else QWEN2_05B)
+    shape = dict(TINY if args.tiny else QWEN25_05B)
     if args.num_layers:
         shape["num_hidden_layers"] = args.num_layers
     config = Qwen2Config(**shape, eos_token_id=0, pad_token_id=0, bos_token_id=None)
