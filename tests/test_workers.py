@@ -301,7 +301,11 @@ def test_lora_on_a_bf16_base_trains_float32_adapters_alike_on_one_and_two_ranks(
                                      {k: after_one[k] - start[k] for k in adapters})
         print(f"[workers lora bf16 base] adapters after 2 updates, max relative difference N=2 vs N=1: parameters "
               f"{params:.2e}, update {update:.2e}")
-        assert params <= 1e-4 and update <= 1e-4
+        # The frozen base is bf16, so activations are rounded to bf16 (2^-8 relative) whatever the compute dtype, and
+        # a CPU that emulates bf16 rounds differently for different batch shapes (N=1 runs all four micro-batches,
+        # each of N=2 two): measured 8.9e-5 / 5.1e-4 (parameters / update) with ONEDNN_MAX_CPU_ISA=AVX2
+        # ATEN_CPU_CAPABILITY=avx2, 1.3e-6 / 9.3e-6 with native bf16. A wrong reduction across ranks is O(1).
+        assert params <= 1e-3 and update <= 1e-2
 
         merged = two.full_state_dict()
         assert all(v.dtype == torch.bfloat16 for v in merged.values())
