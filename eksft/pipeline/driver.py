@@ -140,10 +140,7 @@ def _run_ray(todo: list[Stage], recipe, recipe_json: dict, run_dir: Path) -> lis
     failed: list[str] = []
     capacity = ray.cluster_resources()
     started = time.time()
-
-    def needs(stage: Stage) -> tuple[float, float, float]:
-        return stage_needs(recipe, stage)
-
+    needs = {s.name: stage_needs(recipe, s) for s in todo}  # once each: an RL stage's validates its arm's settings
     while waiting or running:
         for stage in [s for s in order if s.name in waiting]:  # upstream failures first: nothing to wait for
             if any(d in failed for d in stage.deps):
@@ -153,8 +150,8 @@ def _run_ray(todo: list[Stage], recipe, recipe_json: dict, run_dir: Path) -> lis
         for stage in [s for s in order if s.name in waiting]:
             if any(d in waiting or d in {r.name for r in running.values()} for d in stage.deps):
                 continue
-            cpus, gpus, memory = needs(stage)
-            used = [sum(needs(r)[i] for r in running.values()) for i in range(3)]
+            cpus, gpus, memory = needs[stage.name]
+            used = [sum(needs[r.name][i] for r in running.values()) for i in range(3)]
             fits = all(u + n <= capacity.get(resource, 0) + 1e-9
                        for u, n, resource in zip(used, (cpus, gpus, memory), ("CPU", "GPU", "memory")) if n)
             if not fits and running:
