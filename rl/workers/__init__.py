@@ -38,9 +38,9 @@ nothing here has run on a GPU or with NCCL. The tests: tests/test_workers.py, te
 `rl.workers` imports neither Ray nor transformers at import time.
 """
 
-from rl.workers.batch import MicroBatch, split_across_ranks
-from rl.workers.group import InProcessWorkerGroup, WorkerFailure, WorkerGroup, make_worker_group
+from rl.workers.batch import MicroBatch, StepLoss, split_across_ranks
+from rl.workers.group import InProcessWorkerGroup, WorkerFailure, WorkerGroup, make_worker_group, worker_resources, workers_device
 from rl.workers.trainer_worker import TrainerWorker, WorkerSettings
 
-__all__ = ["InProcessWorkerGroup", "MicroBatch", "TrainerWorker", "WorkerFailure", "WorkerGroup", "WorkerSettings",
-           "make_worker_group", "split_across_ranks"]
+__all__ = ["InProcessWorkerGroup", "MicroBatch", "StepLoss", "TrainerWorker", "WorkerFailure", "WorkerGroup",
+           "WorkerSettings", "make_worker_group", "split_across_ranks", "worker_resources", "workers_device"]

@@ -66,6 +66,10 @@ class WorkerSettings:
     # off unless ``reference_dir`` names another model.
     lora: Any = None
     seed: int = 0  # seeds the fresh LoRA adapters (the same on every rank)
+    # The stored dtype of the policy's weights without LoRA (float32: float32 master weights, the default; the
+    # cold start follows model.dtype). With LoRA the frozen base takes ``lora.base_dtype`` when the settings have
+    # one, else this.
+    dtype: str = "float32"
 
     @classmethod
     def from_grpo(cls, config, model_dir: str, reference_dir: str | None = None, **overrides) -> WorkerSettings:
@@ -156,9 +160,10 @@ class TrainerWorker:
             self.reference = self._sharded_model(s.reference_dir, trainable=False).eval()
 
     def base_dtype(self) -> torch.dtype:
-        """The dtype the models are loaded in: float32, or with LoRA ``lora.base_dtype`` (the frozen base, and a
-        separate reference, in bf16 to halve their memory; the adapters stay float32)."""
-        return getattr(torch, getattr(self.settings.lora, "base_dtype", "float32") or "float32")
+        """The dtype the models are loaded in: ``settings.dtype`` (float32 by default), or with LoRA
+        ``lora.base_dtype`` where the settings have it (the frozen base, and a separate reference, in bf16 to halve
+        their memory; the adapters stay float32)."""
+        return getattr(torch, getattr(self.settings.lora, "base_dtype", None) or self.settings.dtype)
 
     def _sharded_model(self, model_dir: str, *, trainable: bool):
         """float32 weights (a LoRA base: `base_dtype`), ``fully_shard`` per decoder layer then the root;
@@ -269,6 +274,49 @@ class TrainerWorker:
                 yield base
         else:
             raise RuntimeError("no reference model: WorkerSettings.reference_dir is None")
+
+    def train_step(self, micro_batches: list, step_loss, learning_rate: float | None = None) -> dict[str, float]:
+        """One optimizer step on this rank's share of a global batch, with a loss the caller defines.
+
+        ``step_loss`` (see `StepLoss`) owns what a micro-batch means: ``step_loss.weights(micro_batches)`` gives
+        this rank's normaliser contributions (e.g. sequences), summed over all ranks before any forward;
+        ``step_loss(self, micro_batch, totals)`` runs the forward(s) and returns this micro-batch's share of the
+        global loss (its gradients simply add up over micro-batches and ranks) and its metrics as sums with a
+        weight. Metrics come back as weighted means over the global batch, plus ``loss`` (the global loss),
+        ``grad_norm`` (before clipping) and ``learning_rate``. ``learning_rate``, when given, is set on the
+        optimizer before the step: the controller owns the schedule.
+        """
+        s = self.settings
+        if learning_rate is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = learning_rate
+        totals = self._sum_across_ranks(step_loss.weights(micro_batches))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum, sums, weight = 0.0, {}, 0.0
+        for mb in micro_batches:
+            loss, metric_sums, mb_weight = step_loss(self, mb, totals)
+            loss.backward()
+            loss_sum += float(loss.detach())
+            for k, v in metric_sums.items():
+                sums[k] = sums.get(k, 0.0) + v
+            weight += mb_weight
+        grad_norm = clip_grad_norm_(self.model.parameters(), s.max_grad_norm)
+        self.optimizer.step()
+        # Every rank must all-reduce the same keys in the same order: the union of names is fixed by the loss.
+        keys = list(step_loss.metric_names)
+        reduced = self._sum_across_ranks([loss_sum, weight] + [sums.get(k, 0.0) for k in keys])
+        loss_sum, weight = reduced[0], max(reduced[1], 1e-30)
+        out = {k: v / weight for k, v in zip(keys, reduced[2:])}
+        out.update(loss=loss_sum, grad_norm=grad_norm, learning_rate=self.optimizer.param_groups[0]["lr"])
+        release_free_memory()
+        return out
+
+    @contextlib.contextmanager
+    def reference_model(self):
+        """The frozen reference to run forwards on: the sharded reference, or with LoRA the policy's modules with
+        the adapters off (in eval mode: no dropout noise)."""
+        with torch.no_grad(), self._policy_or_reference(True) as model:
+            yield model
 
     def update(self, micro_batches: list[MicroBatch], loss_settings: dict[str, Any]) -> dict[str, float]:
         """One optimizer step on this rank's share of a mini-batch; metrics are over the whole mini-batch.
@@ -398,6 +446,28 @@ class TrainerWorker:
         yield from self.iter_full_weights()
 
     # ------------------------------------------------------------------ checkpoints
+    def seed(self, seed: int) -> None:
+        """Seed this rank's torch RNG with ``seed + rank`` (dropout draws differ across ranks, as data-parallel
+        ranks' do)."""
+        torch.manual_seed(seed + self.rank)
+
+    def save_rng_state(self, directory: str) -> None:
+        """This rank's torch RNG state (CPU, and CUDA when used) as ``directory/rng-rank{r}.pt``: with the
+        checkpoint, an exact resume of anything random (dropout). Every rank writes its own."""
+        from pathlib import Path
+
+        state = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state()
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        torch.save(state, f"{directory}/rng-rank{self.rank}.pt")
+
+    def load_rng_state(self, directory: str) -> None:
+        state = torch.load(f"{directory}/rng-rank{self.rank}.pt", weights_only=True)
+        torch.set_rng_state(state["cpu"])
+        if "cuda" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"])
+
     def save_checkpoint(self, path: str) -> None:
         """The sharded policy and AdamW state with torch.distributed.checkpoint: each rank writes its own shards
         (``path`` on a file system every rank sees). Every rank must call it."""

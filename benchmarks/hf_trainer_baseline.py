@@ -1,18 +1,10 @@
-"""The cold-start trainer: transformers' Trainer with a token-level objective and a frozen reference.
+"""The previous cold-start trainer, kept as the baseline the new loop is checked and measured against.
 
-What the Trainer already gives (and we keep): gradient accumulation, bf16 autocast, gradient
-checkpointing, data parallel under torchrun (tested: 2 processes = 2 accumulation steps), FSDP/DeepSpeed
-through accelerate (untested here), checkpoint + resume, TensorBoard/W&B.
-What this adds:
-  * ``compute_loss`` runs the policy forward once, the reference forward (no grad) when the
-    objective needs it, and the registered objective on the shifted logits. Both forwards
-    (``causal_lm_logits``) run the LM head only from the micro-batch's first labelled position on:
-    the prompt positions before it predict nothing that is trained, and with a 49k-150k vocabulary
-    the head is a large share of a short sequence's compute (SmolLM2-135M: 21% of the weights; the
-    quickstart's examples are ~70 tokens of which ~20 are trained); and they compute the prefix that
-    every sequence of the micro-batch shares (the system prompt) once;
-  * per-step objective metrics, averaged over the step's micro-batches, merged into the
-    Trainer's logs and appended to ``metrics.jsonl``.
+This is the HF-Trainer path that `eksft.sft.run` replaced (transformers' Trainer with a token-level objective and a
+frozen reference, the shared-prefix forward through a KV cache): `hf_train` runs it on a recipe's data, writing
+metrics.jsonl as it did. tests/test_sft_loop.py compares the new loop's first steps (losses, learning rates, data
+order) with it, and benchmarks/sft_step.py (``--loops``) times the two. Not part of the product: nothing in
+eksft/ or rl/ imports it.
 """
 
 from __future__ import annotations
@@ -185,3 +177,48 @@ def pad_collate(pad_token_id: int):
         return {"input_ids": ids, "attention_mask": attention, "labels": labels}
 
     return collate
+
+
+def hf_train(recipe, objective, output_dir: str | Path, *, callbacks=()) -> Trainer:
+    """Train ``objective`` with the recipe's ``sft`` settings through the HF Trainer, in this process (one device),
+    as the previous ``run_sft`` did: metrics.jsonl and Trainer checkpoints under ``output_dir``. Returns the
+    trainer (its model is the trained one)."""
+    from transformers import TrainingArguments
+
+    from eksft.data import build_sft_dataset
+    from eksft.models import load_model
+    from rl.common.lora import wrap_with_lora
+    from rl.common.precision import resolve_bf16, stage_device
+
+    cfg, out = recipe.sft, Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(recipe.seed)
+    model, tokenizer = load_model(recipe.model.name, recipe.model.dtype, recipe.model.trust_remote_code, recipe.model.revision)
+    examples, _ = build_sft_dataset(recipe, tokenizer)
+    needs_reference = get_objective(objective.name).needs_reference or cfg.kl_metric_every > 0
+    if cfg.lora.enabled:
+        model = wrap_with_lora(model, cfg.lora)
+    reference = None
+    if needs_reference:
+        if cfg.reference == "adapter":
+            reference = ReferenceModel("adapter")
+        else:
+            frozen, _ = load_model(recipe.model.name, recipe.model.dtype, recipe.model.trust_remote_code, recipe.model.revision)
+            reference = ReferenceModel("copy", frozen)
+    args = TrainingArguments(
+        output_dir=str(out / "checkpoints"), per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
+        adam_beta1=cfg.adam_betas[0], adam_beta2=cfg.adam_betas[1], weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm, bf16=resolve_bf16(cfg.bf16, stage_device()).bf16,
+        use_cpu=not torch.cuda.is_available(), gradient_checkpointing=cfg.gradient_checkpointing,
+        logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit, report_to="none", seed=recipe.seed, data_seed=recipe.seed,
+        remove_unused_columns=False, dataloader_num_workers=0, dataloader_pin_memory=False, disable_tqdm=True)
+    trainer = SelectiveSFTTrainer(
+        model=model, args=args, train_dataset=examples, data_collator=pad_collate(tokenizer.pad_token_id),
+        objective=objective, reference=reference,
+        kl_metric_every=0 if get_objective(objective.name).needs_reference else cfg.kl_metric_every,
+        callbacks=[MetricsJsonlCallback(out / "metrics.jsonl"), *callbacks])
+    trainer.train()
+    return trainer
