@@ -144,8 +144,8 @@ def test_mini_recipe_through_the_ray_pipeline(tmp_path, capsys):
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False)
-    try:  # the SFT stages run as 2 data-parallel torchrun processes inside their Ray tasks
-        run_pipeline(load_recipe(MINI, ["sft.num_processes=2"]), tmp_path)
+    try:  # the SFT stages run on 2 FSDP2 trainer workers each (Ray actors inside the stages' CPUs)
+        run_pipeline(load_recipe(MINI, ["sft.workers=2"]), tmp_path)
     finally:
         ray.shutdown()
     expected_outputs(tmp_path)
@@ -221,7 +221,7 @@ def test_recipe_errors_name_the_key(tmp_path, capsys):
     assert "armz: unknown key" in capsys.readouterr().err
     with pytest.raises(RecipeError, match=r"arms\.0\.rl \(eksft\): lr: Extra inputs are not permitted.*allowed keys: .*learning_rate"):
         load_recipe(None, ["arms=[{name: eksft, objective: {name: eksft}, rl: {lr: 0.1}}]"])
-    with pytest.raises(RecipeError, match=r"sft.num_processes \(4\) must equal resources.sft.num_gpus \(2\)"):
-        load_recipe(MINI, ["sft.num_processes=4", "resources.sft.num_gpus=2"])
+    with pytest.raises(RecipeError, match=r"sft: num_processes was replaced by workers: write `workers: 4`"):
+        load_recipe(MINI, ["sft.num_processes=4"])  # torchrun's processes are gone: what to write instead
     with pytest.raises(RecipeError, match=r"must be a multiple of rl.save_every"):
         load_recipe(MINI, ["eval.every_rl_steps=3", "rl.save_every=2"])

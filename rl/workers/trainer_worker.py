@@ -154,8 +154,8 @@ class TrainerWorker:
         self.model = self.reference = self.optimizer = None  # free the old shards first
         self.model = self._sharded_model(model_dir or s.model_dir, trainable=True)
         self.model.train()
-        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
-                                           lr=s.learning_rate, betas=tuple(s.adam_betas), weight_decay=s.weight_decay)
+        self.optimizer = torch.optim.AdamW(weight_decay_groups(self.model, s.weight_decay), lr=s.learning_rate,
+                                           betas=tuple(s.adam_betas), fused=True)
         if s.reference_dir is not None:
             self.reference = self._sharded_model(s.reference_dir, trainable=False).eval()
 
@@ -554,6 +554,19 @@ def release_free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to do
         pass
+
+
+def weight_decay_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: weight decay on the trainable weights, none on biases and normalisation scales (the
+    HF Trainer's grouping, so that a recipe's weight_decay means what it meant there)."""
+    no_decay = set()
+    for module_name, module in model.named_modules():
+        for name, _ in module.named_parameters(recurse=False):
+            if name == "bias" or "bias" in name or type(module).__name__.lower().endswith("norm"):
+                no_decay.add(f"{module_name}.{name}" if module_name else name)
+    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for name, p in params if name not in no_decay], "weight_decay": weight_decay},
+            {"params": [p for name, p in params if name in no_decay], "weight_decay": 0.0}]
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:
