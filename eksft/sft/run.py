@@ -52,7 +52,7 @@ def run_sft(recipe, objective, out: SFTStageDir, *, on_step: Callable[[int, dict
     from eksft.tracking import make_trackers
     from rl.common.precision import resolve_bf16, slow_bf16_warning
     from rl.common.resume import latest_complete_checkpoint, truncate_metrics
-    from rl.workers import WorkerSettings, make_worker_group, worker_resources, workers_device
+    from rl.workers import make_worker_group, worker_resources, workers_device
 
     cfg = recipe.sft
     out.root.mkdir(parents=True, exist_ok=True)
@@ -79,14 +79,7 @@ def run_sft(recipe, objective, out: SFTStageDir, *, on_step: Callable[[int, dict
 
     needs_reference = get_objective(objective.name).needs_reference
     wants_reference = needs_reference or cfg.kl_metric_every > 0
-    settings = WorkerSettings(
-        model_dir=model_dir,
-        # copy: a sharded frozen copy of the starting model; adapter: the LoRA base with adapters off (no copy)
-        reference_dir=model_dir if wants_reference and cfg.reference == "copy" else None,
-        learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, adam_betas=tuple(cfg.adam_betas),
-        max_grad_norm=cfg.max_grad_norm, bf16=cfg.bf16, activation_checkpointing=cfg.gradient_checkpointing,
-        trust_remote_code=recipe.model.trust_remote_code, lora=cfg.lora if cfg.lora.enabled else None,
-        seed=recipe.seed, dtype=recipe.model.dtype)
+    settings = worker_settings(recipe, model_dir, wants_reference)
     # Two losses, built once: the reference forward runs on every step, or (sft, dft) on KL-metric steps only.
     losses = {with_ref: ObjectiveStepLoss(objective, tokenizer.pad_token_id, with_ref)
               for with_ref in {needs_reference, wants_reference}}
@@ -133,6 +126,21 @@ def run_sft(recipe, objective, out: SFTStageDir, *, on_step: Callable[[int, dict
     tokenizer.save_pretrained(out.checkpoint)  # the tokenizer the data was built with (a pad token set)
     write_masks(recipe, objective, out, examples, tokenizer)
     return out.checkpoint
+
+
+def worker_settings(recipe, model_dir: str, with_reference: bool):
+    """What every trainer worker of the cold start builds: the policy from ``model_dir`` (float32 masters unless
+    model.dtype says otherwise; LoRA adapters when sft.lora is on), the sft optimizer settings, and the reference:
+    a sharded frozen copy (reference: copy) or the LoRA base with adapters off (reference: adapter, no copy)."""
+    from rl.workers import WorkerSettings
+
+    cfg = recipe.sft
+    return WorkerSettings(
+        model_dir=model_dir, reference_dir=model_dir if with_reference and cfg.reference == "copy" else None,
+        learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, adam_betas=tuple(cfg.adam_betas),
+        max_grad_norm=cfg.max_grad_norm, bf16=cfg.bf16, activation_checkpointing=cfg.gradient_checkpointing,
+        trust_remote_code=recipe.model.trust_remote_code, lora=cfg.lora if cfg.lora.enabled else None,
+        seed=recipe.seed, dtype=recipe.model.dtype)
 
 
 class MetricsLog:
