@@ -164,17 +164,7 @@ def main(argv=None) -> dict:
     loss = dict(aggregation="token-mean", eps_low=0.2, eps_high=0.28, beta=0.0)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     try:
-        for _ in range(args.warmup):
-            worker.update(mbs, loss)
-        sync()
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        times, metrics = [], {}
-        for _ in range(args.steps):
-            t = time.perf_counter()
-            metrics = worker.update(mbs, loss)
-            sync()
-            times.append(time.perf_counter() - t)
+        times, metrics = timed(lambda: worker.update(mbs, loss), args.warmup, args.steps, device, sync)
     finally:
         worker.shutdown()
     tokens = args.sequences * args.completion_len
@@ -211,6 +201,23 @@ def main(argv=None) -> dict:
     return result
 
 
+def timed(step, warmup: int, steps: int, device: str, sync) -> tuple[list[float], dict]:
+    """``warmup`` untimed calls of ``step``, then ``steps`` timed ones (peak GPU memory reset in between): the
+    times and the last call's metrics."""
+    for _ in range(warmup):
+        step()
+    sync()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, metrics = [], {}
+    for _ in range(steps):
+        t = time.perf_counter()
+        metrics = step()
+        sync()
+        times.append(time.perf_counter() - t)
+    return times, metrics
+
+
 def cold_start_step(args, TrainerWorker, WorkerSettings, model_dir: str, shape: dict, device: str, sync):
     """One cold-start optimizer step (eksft, the reference a sharded frozen copy) on a fresh worker: the timings and
     peak memory, or why it was skipped."""
@@ -234,17 +241,8 @@ def cold_start_step(args, TrainerWorker, WorkerSettings, model_dir: str, shape: 
     mbs = [SFTMicroBatch.of(rows[k:k + args.sft_micro_batch]) for k in range(0, len(rows), args.sft_micro_batch)]
     loss = ObjectiveStepLoss(EKSFTSettings(), pad_token_id=0, with_reference=True)
     try:
-        for _ in range(args.warmup):
-            worker.train_step(mbs, loss, learning_rate=1e-5)
-        sync()
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        times, metrics = [], {}
-        for _ in range(args.steps):
-            t = time.perf_counter()
-            metrics = worker.train_step(mbs, loss, learning_rate=1e-5)
-            sync()
-            times.append(time.perf_counter() - t)
+        times, metrics = timed(lambda: worker.train_step(mbs, loss, learning_rate=1e-5), args.warmup, args.steps,
+                               device, sync)
     finally:
         worker.shutdown()
     tokens = args.sft_sequences * args.sft_response_len

@@ -1,7 +1,8 @@
 """The previous cold-start trainer, kept as the baseline the new loop is checked and measured against.
 
 This is the HF-Trainer path that `eksft.sft.run` replaced (transformers' Trainer with a token-level objective and a
-frozen reference, the shared-prefix forward through a KV cache): `hf_train` runs it on a recipe's data, writing
+frozen reference, the policy's shared-prefix forward through a KV cache; the reference, the collator and the
+prefix length are today's, from `eksft.sft.forward`): `hf_train` runs it on a recipe's data, writing
 metrics.jsonl as it did. tests/test_sft_loop.py compares the new loop's first steps (losses, learning rates, data
 order) with it, and benchmarks/sft_step.py (``--loops``) times the two. Not part of the product: nothing in
 eksft/ or rl/ imports it.
@@ -17,33 +18,8 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from eksft.objectives import IGNORE_INDEX, ObjectiveConfig, get_objective
-from rl.common.lora import adapters_disabled
+from eksft.sft.forward import ReferenceModel, common_prefix_length, pad_collate
 from rl.common.token_stats import takes_logits_to_keep
-
-
-class ReferenceModel:
-    """The frozen model the SFT started from: a separate copy, or the LoRA base with adapters disabled."""
-
-    def __init__(self, mode: str, copy: torch.nn.Module | None = None):
-        if mode == "copy" and copy is None:
-            raise ValueError("reference mode 'copy' needs the frozen model")
-        self.mode, self.copy = mode, copy
-        if copy is not None:
-            copy.eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def logits(self, policy: torch.nn.Module, input_ids, attention_mask, first: int) -> torch.Tensor:
-        if self.mode == "copy":
-            return causal_lm_logits(self.copy, input_ids, attention_mask, first)
-        unwrapped = policy.module if hasattr(policy, "module") else policy
-        with adapters_disabled(unwrapped) as base:  # eval mode inside: no LoRA dropout noise in the reference
-            return causal_lm_logits(base, input_ids, attention_mask, first)
-
-
-def common_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
-    """How many leading positions every row of the batch has in common (real tokens, same ids)."""
-    same = (input_ids == input_ids[:1]).all(0) & attention_mask.bool().all(0)
-    return int(same.long().cumprod(0).sum())
 
 
 def causal_lm_logits(model, input_ids, attention_mask, first: int, *, share_prefix: bool = True) -> torch.Tensor:
@@ -159,24 +135,6 @@ class MetricsJsonlCallback(TrainerCallback):
         record.update({k: v for k, v in logs.items() if isinstance(v, (int, float)) and math.isfinite(v)})
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-
-
-def pad_collate(pad_token_id: int):
-    """Right-pad input_ids (pad id), labels (-100) and build the attention mask."""
-
-    def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
-        length = max(len(e["input_ids"]) for e in examples)
-        ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
-        labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
-        attention = torch.zeros((len(examples), length), dtype=torch.long)
-        for i, e in enumerate(examples):
-            n = len(e["input_ids"])
-            ids[i, :n] = torch.tensor(e["input_ids"])
-            labels[i, :n] = torch.tensor(e["labels"])
-            attention[i, :n] = 1
-        return {"input_ids": ids, "attention_mask": attention, "labels": labels}
-
-    return collate
 
 
 def hf_train(recipe, objective, output_dir: str | Path, *, callbacks=()) -> Trainer:

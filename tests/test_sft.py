@@ -285,3 +285,16 @@ def test_the_stage_page_is_the_page_of_its_checkpoint(tmp_path, arm, extra):
     assert stage_page.count("<h2>Example") == 4 and removed(stage_page) == removed(reloaded.read_text())
     if not extra:  # the same float32 weights, computed alike: the very same page (values on hover included)
         assert stage_page == reloaded.read_text()
+
+
+def test_gradient_checkpointing_trains_like_without(tmp_path):
+    """sft.gradient_checkpointing recomputes each decoder layer in the backward, also through the packed
+    shared-prompt forward (micro-batches of 2): the same update."""
+    common = [*BASE, "sft.max_steps=2", "sft.batch_size=2", "sft.learning_rate=1e-3", "sft.kl_metric_every=1"]
+    plain = train(common, tmp_path / "plain")
+    recomputed = train([*common, "sft.gradient_checkpointing=true"], tmp_path / "ckpt")
+    w_plain, w_ckpt = weights(plain), weights(recomputed)
+    for k in w_plain:
+        torch.testing.assert_close(w_ckpt[k], w_plain[k], rtol=1e-5, atol=1e-6)
+    for a, b in zip(read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "ckpt")):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
