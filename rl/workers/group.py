@@ -237,8 +237,10 @@ class WorkerGroup:
 class InProcessWorkerGroup:
     """The same interface and the same `TrainerWorker` code with ONE rank in the controller's process (no Ray):
     what ``rl.workers: 1`` runs. The rank joins the process's default process group when one exists (an
-    in-process vLLM engine makes a one-rank group) or makes its own; FSDP2 over one rank shards nothing but
-    computes exactly as in a larger group (mixed precision, float32 gradient reduction, DTensor clipping)."""
+    in-process vLLM engine makes a one-rank group) or makes its own. With bf16 compute (or a bf16 LoRA base)
+    FSDP2 over one rank shards nothing but computes exactly as in a larger group (mixed precision, float32
+    gradient reduction, DTensor clipping); computing in float32 the rank uses the module as it is (FSDP would
+    only copy weights and gradients through its one-rank gather and reduce: the same numbers)."""
 
     num_workers = 1
     broken = False
