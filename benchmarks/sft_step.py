@@ -842,7 +842,8 @@ def run_loops_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     load_start = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     result = _sft_loops.run_loops(args)
     config = {k: v for k, v in vars(args).items() if k not in ("child", "child_args", "json_out")}
-    config["precision"] = precision(args, device)[2]
+    config["precision"] = ("bf16 compute on float32 weights and AdamW (loop: FSDP2 mixed precision; hf: autocast)"
+                           if args.bf16 else "float32")
     info = _device_info(device)
     if load_start:
         info["loadavg_1_5_15_at_start"] = load_start
