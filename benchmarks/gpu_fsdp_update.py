@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""One FSDP2 GRPO update of the trainer worker (`rl.workers.TrainerWorker`, world size 1) on a random-initialised
-Qwen2 of Qwen2.5-0.5B's shape: per-update wall time and peak GPU memory (GPU; runs on CPU with --tiny).
+"""One FSDP2 GRPO update, then one cold-start (EKSFT) step, of the trainer worker (`rl.workers.TrainerWorker`, world
+size 1) on a random-initialised Qwen2 of Qwen2.5-0.5B's shape: per-step wall time and peak GPU memory (GPU; runs on
+CPU with --tiny).
 
 Why: the lent GPU machines have torch + transformers but no vLLM, Ray or pydantic, and the worker is the code
 that trains on GPU (FSDP2 units per decoder layer, float32 master weights, bf16 compute where the precision
@@ -13,6 +14,12 @@ timed ones. Peak memory: ``torch.cuda.max_memory_allocated`` over the timed upda
 The model: a transformers ``Qwen2Config`` with 0.5B's published shape (hidden 896, 24 layers, 14 heads, 2 KV
 heads, intermediate 4864, vocab 151936, tied embeddings), random weights written to a temporary directory
 (no download). ``--tiny``: a 2-layer small shape, for a CPU smoke test.
+
+The cold-start step (``--no-sft`` skips it): a new worker with the frozen reference (a sharded copy), the
+``eksft`` objective through `eksft.sft.step.ObjectiveStepLoss` and `TrainerWorker.train_step`, ``--sft-sequences``
+sequences of ``--sft-prompt-len`` prompt + ``--sft-response-len`` trained tokens in micro-batches of
+``--sft-micro-batch`` (the paper's per-GPU batch 1 x accumulation 8 by default). It needs pydantic (the objectives'
+settings): without it, it is recorded as skipped.
 
 Imports: the script checks that neither ray nor vllm is imported. ``rl.grpo`` (imported by the worker for its
 loss) imports pydantic through its package ``__init__``; where pydantic is missing (the GPU image), the pure
@@ -111,6 +118,11 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--sft", action=argparse.BooleanOptionalAction, default=True, help="the cold-start step too")
+    p.add_argument("--sft-sequences", type=int, default=8)
+    p.add_argument("--sft-micro-batch", type=int, default=1)
+    p.add_argument("--sft-prompt-len", type=int, default=256)
+    p.add_argument("--sft-response-len", type=int, default=2048)
     p.add_argument("--module-files", action="store_true", help="load rl's pure modules from their files (as "
                                                                "where pydantic is missing)")
     p.add_argument("--out", required=True)
@@ -121,6 +133,8 @@ def main(argv=None) -> dict:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # stage_device() then says cpu
     if args.tiny and args.prompt_len == 256 and args.completion_len == 1024:
         args.prompt_len, args.completion_len = 16, 32
+    if args.tiny and args.sft_prompt_len == 256 and args.sft_response_len == 2048:
+        args.sft_prompt_len, args.sft_response_len = 16, 32
 
     TrainerWorker, WorkerSettings, MicroBatch, resolve_bf16, how = import_worker(args.module_files)
     from rl.workers.trainer_worker import free_port
@@ -136,30 +150,21 @@ def main(argv=None) -> dict:
     import transformers
 
     result["transformers"] = transformers.__version__
-    with tempfile.TemporaryDirectory() as tmp:
-        result["parameters"] = write_model(shape, Path(tmp), seed=0)
-        settings = WorkerSettings(model_dir=tmp, bf16=args.bf16, learning_rate=1e-6,
-                                  activation_checkpointing=args.activation_checkpointing)
-        worker = TrainerWorker(settings, 0, 1)
-        t = time.perf_counter()
-        worker.setup("127.0.0.1", free_port())
-        result["setup_s"] = time.perf_counter() - t
+    tmp_dir = tempfile.TemporaryDirectory()
+    tmp = tmp_dir.name
+    result["parameters"] = write_model(shape, Path(tmp), seed=0)
+    settings = WorkerSettings(model_dir=tmp, bf16=args.bf16, learning_rate=1e-6,
+                              activation_checkpointing=args.activation_checkpointing)
+    worker = TrainerWorker(settings, 0, 1)
+    t = time.perf_counter()
+    worker.setup("127.0.0.1", free_port())
+    result["setup_s"] = time.perf_counter() - t
     result["precision"] = worker.precision.describe()
     mbs = micro_batches(MicroBatch, args, shape["vocab_size"], seed=1)
     loss = dict(aggregation="token-mean", eps_low=0.2, eps_high=0.28, beta=0.0)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     try:
-        for _ in range(args.warmup):
-            worker.update(mbs, loss)
-        sync()
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        times, metrics = [], {}
-        for _ in range(args.steps):
-            t = time.perf_counter()
-            metrics = worker.update(mbs, loss)
-            sync()
-            times.append(time.perf_counter() - t)
+        times, metrics = timed(lambda: worker.update(mbs, loss), args.warmup, args.steps, device, sync)
     finally:
         worker.shutdown()
     tokens = args.sequences * args.completion_len
@@ -169,6 +174,9 @@ def main(argv=None) -> dict:
                   peak_memory_gib=(torch.cuda.max_memory_allocated() / 2**30) if device == "cuda" else None,
                   ray_imported="ray" in sys.modules, vllm_imported="vllm" in sys.modules,
                   pydantic_imported="pydantic" in sys.modules)
+    result["sft"] = cold_start_step(args, TrainerWorker, WorkerSettings, tmp, shape, device, sync) if args.sft else "skipped (--no-sft)"
+    tmp_dir.cleanup()
+    result.update(ray_imported="ray" in sys.modules, vllm_imported="vllm" in sys.modules)
     if result["ray_imported"] or result["vllm_imported"]:
         raise SystemExit(f"the worker imported ray or vllm: {result['ray_imported']=}, {result['vllm_imported']=}")
     out = Path(args.out)
@@ -180,8 +188,69 @@ def main(argv=None) -> dict:
                f"micro-batch {args.micro_batch}: update {result['update_s_median']:.3f} s (median of "
                f"{args.steps}), {result['tokens_per_s']:.0f} completion tokens/s, peak memory {peak}")
     out.with_suffix(".txt").write_text(summary + "\n")
+    if isinstance(result["sft"], dict):
+        sft = result["sft"]
+        sft_peak = "n/a (CPU)" if sft["peak_memory_gib"] is None else f"{sft['peak_memory_gib']:.2f} GiB"
+        summary += (f"\ncold start (eksft, reference copy): {args.sft_sequences} x ({args.sft_prompt_len}+"
+                    f"{args.sft_response_len}) tokens, micro-batch {args.sft_micro_batch}: step {sft['step_s_median']:.3f} s "
+                    f"(median of {args.steps}), {sft['tokens_per_s']:.0f} trained tokens/s, peak memory {sft_peak}")
+    else:
+        summary += f"\ncold start: {result['sft']}"
+    out.with_suffix(".txt").write_text(summary + "\n")
     print(summary, flush=True)
     return result
+
+
+def timed(step, warmup: int, steps: int, device: str, sync) -> tuple[list[float], dict]:
+    """``warmup`` untimed calls of ``step``, then ``steps`` timed ones (peak GPU memory reset in between): the
+    times and the last call's metrics."""
+    for _ in range(warmup):
+        step()
+    sync()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, metrics = [], {}
+    for _ in range(steps):
+        t = time.perf_counter()
+        metrics = step()
+        sync()
+        times.append(time.perf_counter() - t)
+    return times, metrics
+
+
+def cold_start_step(args, TrainerWorker, WorkerSettings, model_dir: str, shape: dict, device: str, sync):
+    """One cold-start optimizer step (eksft, the reference a sharded frozen copy) on a fresh worker: the timings and
+    peak memory, or why it was skipped."""
+    try:
+        from eksft.objectives import EKSFTSettings
+        from eksft.sft.step import ObjectiveStepLoss, SFTMicroBatch
+    except ImportError as e:
+        return f"skipped: {e} (the objectives' settings need pydantic)"
+    from rl.workers.trainer_worker import free_port
+
+    settings = WorkerSettings(model_dir=model_dir, reference_dir=model_dir, bf16=args.bf16, learning_rate=1e-5,
+                              weight_decay=0.1, adam_betas=(0.9, 0.95),
+                              activation_checkpointing=args.activation_checkpointing)
+    worker = TrainerWorker(settings, 0, 1)
+    worker.setup("127.0.0.1", free_port())
+    gen = torch.Generator().manual_seed(2)
+    rows = []
+    for _ in range(args.sft_sequences):
+        ids = torch.randint(0, shape["vocab_size"], (args.sft_prompt_len + args.sft_response_len,), generator=gen).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * args.sft_prompt_len + ids[args.sft_prompt_len:]})
+    mbs = [SFTMicroBatch.of(rows[k:k + args.sft_micro_batch]) for k in range(0, len(rows), args.sft_micro_batch)]
+    loss = ObjectiveStepLoss(EKSFTSettings(), pad_token_id=0, with_reference=True)
+    try:
+        times, metrics = timed(lambda: worker.train_step(mbs, loss, learning_rate=1e-5), args.warmup, args.steps,
+                               device, sync)
+    finally:
+        worker.shutdown()
+    tokens = args.sft_sequences * args.sft_response_len
+    return dict(objective="eksft (defaults), reference: sharded frozen copy", sequences=args.sft_sequences,
+                micro_batch=args.sft_micro_batch, prompt_len=args.sft_prompt_len, response_len=args.sft_response_len,
+                step_s=times, step_s_median=statistics.median(times), tokens_per_s=tokens / statistics.median(times),
+                last_metrics={k: float(v) for k, v in metrics.items()},
+                peak_memory_gib=(torch.cuda.max_memory_allocated() / 2**30) if device == "cuda" else None)
 
 
 if __name__ == "__main__":

@@ -803,6 +803,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--in-process", action="store_true",
                    help="no subprocesses (debugging); CPU peak memory is then cumulative and not comparable")
     p.add_argument("--child-timeout", type=float, default=0, help="seconds per subprocess (0: none)")
+    p.add_argument("--loops", action="store_true",
+                   help="whole optimizer steps of the cold start's trainer loop (sft.workers: 1) against the HF Trainer "
+                   "it replaced (benchmarks/hf_trainer_baseline.py), sft and eksft, on the embedded arithmetic data "
+                   "(benchmarks/_sft_loops.py); writes sft_step_loops_<model>_<capability>.json")
+    p.add_argument("--rounds", type=int, default=2, help="--loops: round-robin rounds over the 4 runs")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/sft_step_<model>_<capability tag>.json)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-args", default=None, help=argparse.SUPPRESS)
@@ -829,6 +834,29 @@ def child_main(args: argparse.Namespace) -> None:
     _results.write_json(out, result)
 
 
+def run_loops_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """``--loops``: the trainer loop against the HF Trainer (benchmarks/_sft_loops.py)."""
+    import _sft_loops
+
+    device = resolve_device(args.device)
+    load_start = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    result = _sft_loops.run_loops(args)
+    config = {k: v for k, v in vars(args).items() if k not in ("child", "child_args", "json_out")}
+    config["precision"] = ("bf16 compute on float32 weights and AdamW (loop: FSDP2 mixed precision; hf: autocast)"
+                           if args.bf16 else "float32")
+    info = _device_info(device)
+    if load_start:
+        info["loadavg_1_5_15_at_start"] = load_start
+        info["loadavg_1_5_15_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    result = {"benchmark": "sft_step --loops", "config": config, "precision_record": _precision.record(args, device.type),
+              "device": info, "torch_version": torch.__version__, **result,
+              "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    json_path, md_path = _results.write_results(args.out, result, _sft_loops.markdown_table(result))
+    print(_sft_loops.markdown_table(result))
+    print(f"[sft_step] wrote {json_path} and {md_path}")
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     args = parse_args(argv)
     if args.child:
@@ -837,10 +865,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if args.out is None:
         tag = args.model.replace(":", "-").replace("/", "_")
         machine = detect_hardware(resolve_device(args.device).type).tag
-        args.out = _results.default_path("sft_step", tag, machine)
+        args.out = _results.default_path("sft_step_loops" if args.loops else "sft_step", tag, machine)
     if args.threads:
         torch.set_num_threads(args.threads)
     _precision.resolve(args, resolve_device(args.device).type)  # the children get the resolved value
+    if args.loops:
+        return run_loops_benchmark(args)
     result = run_benchmark(args)
     json_path, md_path = write_results(args.out, result)
     print(markdown_table(result))

@@ -120,17 +120,14 @@ def _only(arms: list, which: str):
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
-    from eksft.sft import is_main_process
     from eksft.stages import sft_stage
 
     recipe = load_recipe(args.recipe, args.overrides)
     arm = sft_arm(recipe, args.arm, args.objective)
     out = SFTStageDir(Path(args.output)) if args.output else _run_layout(recipe).arm(arm.name).sft
-    if is_main_process():
-        print(f"[sft] arm {arm.name}: objective {arm.objective.model_dump(mode='json')}", flush=True)
+    print(f"[sft] arm {arm.name}: objective {arm.objective.model_dump(mode='json')}", flush=True)
     final = sft_stage(recipe, arm, out)
-    if is_main_process():  # once, also under a torchrun the user launched
-        print(f"[sft] checkpoint: {final}\n[sft] metrics: {out.metrics}")
+    print(f"[sft] checkpoint: {final}\n[sft] metrics: {out.metrics}")
     return 0
 
 

@@ -69,17 +69,33 @@ class SFTConfig(Strict):
     # bf16 autocast (weights and AdamW stay in model.dtype); auto: bf16 where the device computes it natively
     # (rl.common.precision), float32 elsewhere.
     bf16: Literal["auto"] | bool = "auto"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(False, description="recompute each decoder layer's activations in the "
+                                                            "backward (less memory, ~1/3 more compute)")
     # Objectives that need no reference (sft, dft) still log KL to the starting model every N steps (0: never).
     kl_metric_every: int = Field(10, ge=0)
     logging_steps: int = Field(1, gt=0)
     save_steps: int = Field(500, gt=0)
     save_total_limit: int | None = Field(2, gt=0)
-    # > 1: data parallel under torchrun, one process per GPU (gloo processes on CPU); batch_size is per process.
-    num_processes: int = Field(1, ge=1)
+    workers: int = Field(1, ge=1, description="trainer ranks (FSDP2: policy, reference and AdamW sharded; one GPU "
+                                              "each): 1 = one rank in the stage's process, N > 1 = N Ray actors on "
+                                              "one node or several; batch_size is per worker")
+    worker_cpus: float | None = Field(
+        None, gt=0, description="CPUs each Ray trainer worker reserves (sft.workers > 1); None: the workers run "
+                                "inside the stage's own CPUs (a token Ray share each, threads = the stage's / workers)")
+    worker_timeout_s: float = Field(3600.0, gt=0, description="a call to the Ray trainer workers that takes longer "
+                                                              "fails the stage (a hung rank)")
     # The recipe's statement of its global batch (sequences per optimizer step), checked against
-    # num_processes x batch_size x grad_accum here and against the processes that actually run at the start.
+    # workers x batch_size x grad_accum.
     global_batch: int | None = Field(None, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _num_processes_is_gone(cls, data):
+        if isinstance(data, dict) and "num_processes" in data:
+            n = data["num_processes"]
+            raise ValueError(f"num_processes was replaced by workers: write `workers: {n}` (the cold start runs on "
+                             f"{n} FSDP2 trainer workers, Ray actors, one GPU each; no torchrun)")
+        return data
 
     @model_validator(mode="after")
     def _adapter_needs_lora(self):
@@ -93,14 +109,14 @@ class SFTConfig(Strict):
             raise ValueError(f"global_batch is {self.global_batch}, but {self.describe_global_batch()}")
         return self
 
-    def sequences_per_step(self, devices: int | None = None) -> int:
-        """The global batch: ``devices`` (default ``num_processes``) x ``batch_size`` x ``grad_accum``."""
-        return (devices or self.num_processes) * self.batch_size * self.grad_accum
+    def sequences_per_step(self) -> int:
+        """The global batch: ``workers`` x ``batch_size`` x ``grad_accum``."""
+        return self.workers * self.batch_size * self.grad_accum
 
-    def describe_global_batch(self, devices: int | None = None) -> str:
-        devices = devices or self.num_processes
-        return (f"global batch = {devices} process{'es' if devices > 1 else ''} x batch_size {self.batch_size} "
-                f"x grad_accum {self.grad_accum} = {self.sequences_per_step(devices)} sequences per optimizer step")
+    def describe_global_batch(self) -> str:
+        return (f"global batch = {self.workers} worker{'s' if self.workers > 1 else ''} x batch_size "
+                f"{self.batch_size} x grad_accum {self.grad_accum} = {self.sequences_per_step()} sequences per "
+                "optimizer step")
 
 
 class ArmConfig(Strict):
@@ -163,9 +179,6 @@ class Recipe(Strict):
             except ValidationError as e:
                 bad = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
                 raise ValueError(f"arms.{i}.rl ({arm.name}): {bad} (allowed keys: {', '.join(sorted(GRPOConfig.model_fields))})") from None
-        gpus, procs = self.resources.sft.num_gpus, self.sft.num_processes
-        if gpus and procs > 1 and procs != gpus:
-            raise ValueError(f"sft.num_processes ({procs}) must equal resources.sft.num_gpus ({gpus:g}): one process per GPU")
         every = self.eval.every_rl_steps
         # Each arm saves RL checkpoints at its own rl.save_every (an arm may override it).
         for where, rl in [("", self.rl), *((f" of arm {a.name}", self.arm_rl(a)) for a in self.arms if a.rl)]:

@@ -1,7 +1,7 @@
 """Token-mask inspection: which tokens the objective removes from the imitation loss, and why.
 
 For each example the policy and the reference are run once, the reference as the SFT stage runs it
-(`eksft.sft.trainer.ReferenceModel`: a frozen model, or the LoRA base with adapters disabled), and the
+(`eksft.sft.forward.ReferenceModel`: a frozen model, or the LoRA base with adapters disabled), and the
 objective's own selection, the function its loss calls (`get_objective(name).select`: for EKSFT
 `select_eksft_tokens`), gives the statistics and the sets. The result is an HTML page (values on hover)
 and coloured terminal output. `write_masks_page` works on models already in memory (the SFT stage after
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from eksft.objectives import ObjectiveSettings, TokenSelection, get_objective
-from eksft.sft.trainer import ReferenceModel, causal_lm_logits
+from eksft.sft.forward import ReferenceModel, causal_lm_logits
 from rl.common.lora import eval_mode
 
 # token class -> (css colour, rich style, legend text)

@@ -170,6 +170,10 @@ class StageDir:
     def metrics(self) -> Path:
         return self.root / METRICS_FILE
 
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tb"
+
     def logged_steps(self) -> int:
         """The highest ``step`` in the stage's metrics (0 when none)."""
         if not self.metrics.is_file():
@@ -187,7 +191,7 @@ class SFTStageDir(StageDir):
 
     @property
     def checkpoints(self) -> Path:
-        """The HF Trainer's output_dir: its checkpoint-N directories for resuming."""
+        """The checkpoint-N directories (sharded state, RNG, step) for resuming."""
         return self.root / CHECKPOINTS_DIR
 
     @property
@@ -196,13 +200,8 @@ class SFTStageDir(StageDir):
 
     @property
     def batch(self) -> Path:
-        """The global batch the stage trained with: processes, per-process batch, accumulation, their product."""
+        """The global batch the stage trained with: workers, per-worker batch, accumulation, their product."""
         return self.root / "batch.json"
-
-    @property
-    def recipe_file(self) -> Path:
-        """The recipe the torchrun processes of a data-parallel cold start read."""
-        return self.root / "sft_recipe.yaml"
 
     @property
     def masks(self) -> Path:
@@ -217,10 +216,6 @@ class RLStageDir(StageDir):
 
     def step_checkpoint(self, step: int) -> Path:
         return self.trainer_outputs().step_checkpoint(step)
-
-    @property
-    def tensorboard(self) -> Path:
-        return self.root / "tb"
 
     def trainer_outputs(self) -> GRPOOutputs:
         return GRPOOutputs(metrics=self.metrics, rollouts=self.root / "rollouts", checkpoints=self.root / CHECKPOINTS_DIR,

@@ -19,11 +19,11 @@ from eksft.layout import AFTER_RL, AFTER_SFT, BEFORE_SFT, ArmDir, EvalPoint, RLS
 def sft_stage(recipe, arm, out: SFTStageDir) -> Path:
     """Train ``arm.objective`` with the recipe's ``sft`` settings (resuming from ``out``); returns the checkpoint."""
     from eksft.config import RecipeError
-    from eksft.sft import launch_sft
+    from eksft.sft import run_sft
 
     if arm.objective is None:
         raise RecipeError(f"arm {arm.name} has no cold-start objective (it starts RL from the base model)")
-    return launch_sft(recipe, arm, out)  # writes out.masks too, from the models it trained with
+    return run_sft(recipe, arm.objective, out)  # writes out.masks too
 
 
 def rl_stage(recipe, arm, start_model: str, out: RLStageDir, *, step_offset: int = 0) -> Path:

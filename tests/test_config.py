@@ -174,11 +174,11 @@ def test_every_arm_must_save_the_checkpoints_its_evaluations_read():
 
 
 def test_a_stated_global_batch_must_be_the_product():
-    recipe = load_recipe(None, ["sft.num_processes=2", "sft.batch_size=1", "sft.grad_accum=4", "sft.global_batch=8"])
-    assert recipe.sft.sequences_per_step() == 8 and recipe.sft.sequences_per_step(devices=8) == 32
-    assert recipe.sft.describe_global_batch() == ("global batch = 2 processes x batch_size 1 x grad_accum 4 = 8 "
+    recipe = load_recipe(None, ["sft.workers=2", "sft.batch_size=1", "sft.grad_accum=4", "sft.global_batch=8"])
+    assert recipe.sft.sequences_per_step() == 8
+    assert recipe.sft.describe_global_batch() == ("global batch = 2 workers x batch_size 1 x grad_accum 4 = 8 "
                                                   "sequences per optimizer step")
-    with pytest.raises(RecipeError, match=r"sft: global_batch is 64, but global batch = 1 process x batch_size 1 x "
+    with pytest.raises(RecipeError, match=r"sft: global_batch is 64, but global batch = 1 worker x batch_size 1 x "
                                           r"grad_accum 8 = 8 sequences per optimizer step"):
         load_recipe(None, ["sft.grad_accum=8", "sft.global_batch=64"])
 
@@ -186,7 +186,7 @@ def test_a_stated_global_batch_must_be_the_product():
 def test_the_rehearsal_has_the_paper_recipes_shape():
     """What the one-GPU rehearsal must share with the paper recipe to rehearse it; only sizes may differ."""
     paper, rehearsal = (load_recipe(ROOT / "recipes" / f"{name}.yaml") for name in ("paper_qwen3_8b", "paper_rehearsal_1gpu"))
-    sizes = {"num_examples", "max_length", "epochs", "num_processes", "grad_accum", "global_batch", "save_steps",
+    sizes = {"num_examples", "max_length", "epochs", "workers", "grad_accum", "global_batch", "save_steps",
              "save_total_limit", "steps", "prompts_per_step", "max_new_tokens", "mini_batch_size", "save_every",
              "max_model_len", "kv_cache_gib", "num_problems", "n", "every_rl_steps", "num_cpus", "num_gpus", "name"}
 
@@ -199,6 +199,7 @@ def test_the_rehearsal_has_the_paper_recipes_shape():
     for section in ("data", "sft", "rl", "rollout", "eval", "arms", "report_to", "seed"):
         assert shape(getattr(rehearsal, section)) == shape(getattr(paper, section)), section
     assert [a.name for a in rehearsal.arms] == [a.name for a in paper.arms] == ["base", "sft", "eksft"]
-    assert paper.sft.sequences_per_step() == 64 and paper.sft.num_processes == paper.resources.sft.num_gpus == 8
+    # The authors' global batch on 8 GPUs: 8 workers (a GPU each) x 1 x 8; the stage's own process needs no GPU.
+    assert paper.sft.sequences_per_step() == 64 and paper.sft.workers == 8 and paper.resources.sft.num_gpus == 0
     # The rl section's updates per step: prompts x group / mini-batch, alike in both.
     assert {r.rl.prompts_per_step * r.rl.group_size // r.rl.mini_batch_size for r in (paper, rehearsal)} == {4}

@@ -1,19 +1,19 @@
 """`eksft inspect-masks` shows the selection that training makes: the same tokens, at the same positions."""
 
-import os
+import contextlib
 import re
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import TrainingArguments
 
 from eksft.config import LoraSettings, load_recipe
 from eksft.inspect_masks import inspect_examples, run_inspect, write_masks_page
 from eksft.models import load_model
 from eksft.objectives import EKSFTSettings, SFTSettings
 from eksft.data import build_sft_dataset
-from eksft.sft.trainer import ReferenceModel, SelectiveSFTTrainer, pad_collate
+from eksft.sft.forward import ReferenceModel
+from eksft.sft.step import ObjectiveStepLoss, SFTMicroBatch
 from rl.common.lora import wrap_with_lora
 
 RECIPE = ["model.name=tiny:qwen2", "data.sft.num_examples=4", "data.max_length=128"]
@@ -40,28 +40,51 @@ def policy_and_reference(mode: str):
     return policy, policy, ReferenceModel("adapter"), tokenizer
 
 
-def trained_positions(trainer: SelectiveSFTTrainer, policy, example: dict, pad_id: int) -> set[int]:
+class Models:
+    """What the cold start's loss reads of a trainer worker (its policy, device and reference), here unsharded."""
+
+    def __init__(self, policy, reference: ReferenceModel):
+        self.model, self.device, self._reference = policy, torch.device("cpu"), reference
+
+    @contextlib.contextmanager
+    def reference_model(self):
+        if self._reference.mode == "copy":
+            yield self._reference.copy
+        else:
+            from rl.common.lora import adapters_disabled
+
+            with torch.no_grad(), adapters_disabled(self.model) as base:
+                yield base
+
+
+def trained_positions(loss_fn: ObjectiveStepLoss, models: Models, example: dict) -> set[int]:
     """Shifted positions whose cross-entropy the training step backpropagates (the loss path, not the page's)."""
-    batch = pad_collate(pad_id)([example])
-    loss, outputs = trainer.compute_loss(policy, batch, return_outputs=True)
-    logits = outputs["logits"]  # positions first .. T-2 of the shifted sequence
-    logits.retain_grad()
+    head = models.model.get_output_embeddings()
+    captured = []
+
+    def keep(module, inputs, output):
+        if output.requires_grad:  # the policy's forward (the reference's runs without grad)
+            output.retain_grad()
+            captured.append(output)
+
+    hook = head.register_forward_hook(keep)
+    loss, _, _ = loss_fn(models, SFTMicroBatch.of([example]), [1.0])
+    hook.remove()
     loss.backward()
-    first = batch["input_ids"].shape[1] - 1 - logits.shape[1]
+    logits = captured[-1]  # the policy's logits of positions first .. T-1 (the last predicts nothing)
+    first = len(example["input_ids"]) - logits.shape[1]
     return {first + j for j in (logits.grad[0].abs().sum(-1) > 0).nonzero()[:, 0].tolist()}
 
 
 @pytest.mark.parametrize("mode", ["copy", "adapter"])
-def test_page_removes_exactly_the_tokens_training_leaves_out(mode):
+def test_page_removes_exactly_the_tokens_training_leaves_out(mode, tmp_path):
     recipe = load_recipe(None, RECIPE)
     policy, reference, trainer_reference, tokenizer = policy_and_reference(mode)
     examples, _ = build_sft_dataset(recipe, tokenizer)
     # Without regularisers the loss is the CE of the kept tokens: its gradient marks exactly what training keeps.
     settings = EKSFTSettings(ratio=0.3, lambda_entropy=0.0, lambda_kl=0.0)
-    args = TrainingArguments(output_dir=str(Path(os.environ.get("TMPDIR", "/tmp")) / "unused"), use_cpu=True,
-                             report_to="none")
-    trainer = SelectiveSFTTrainer(model=policy, args=args, train_dataset=examples, objective=settings,
-                                  reference=trainer_reference)
+    loss_fn = ObjectiveStepLoss(settings, tokenizer.pad_token_id, with_reference=True)
+    models = Models(policy, trainer_reference)
     with torch.no_grad():
         results = inspect_examples(policy, trainer_reference, examples[:3], tokenizer, settings)
     removed_somewhere = False
@@ -73,12 +96,12 @@ def test_page_removes_exactly_the_tokens_training_leaves_out(mode):
         kept = {t for t, kind in kinds.items() if kind == "kept"}
         removed = {t for t, kind in kinds.items() if kind in REMOVED}
         assert kept | removed == labelled and len(removed) >= int(0.3 * len(labelled))
-        assert trained_positions(trainer, policy, example, tokenizer.pad_token_id) == kept
+        assert trained_positions(loss_fn, models, example) == kept
         assert not ties  # the reference differs: the KL set is decided by values
         removed_somewhere |= bool(removed)
     assert removed_somewhere
     # The page's writer takes the LoRA policy itself as its reference (adapters disabled), or the frozen copy.
-    page = write_masks_page(policy, reference, tokenizer, examples, settings, Path(trainer.args.output_dir) / "m.html",
+    page = write_masks_page(policy, reference, tokenizer, examples, settings, tmp_path / "m.html",
                             n=3).read_text()
     assert page.count("<h2>Example") == 3 and "KL set decided by position ties" not in page
 

@@ -125,7 +125,8 @@ def test_launch_order_puts_the_longest_chains_first():
 
 def test_a_stage_is_admitted_with_its_trainer_workers_memory_and_cpus():
     """An RL stage with Ray trainer workers holds its own memory plus each worker's (the arm's rl.workers), so the
-    driver never starts two stages that would each wait for their workers' share; rl.worker_cpus counts too."""
+    driver never starts two stages that would each wait for their workers' share; rl.worker_cpus counts too, and
+    so do the cold start's workers (sft.workers)."""
     from eksft.pipeline.driver import stage_needs
 
     recipe = load_recipe(MINI, ["resources.rl.memory_gib=5", "resources.rl.worker_memory_gib=4.5",
@@ -135,6 +136,14 @@ def test_a_stage_is_admitted_with_its_trainer_workers_memory_and_cpus():
     assert stage_needs(recipe, stages["sft/rl"]) == (1, 0, 5 * 2**30)  # rl.workers 1: in the stage's process
     assert stage_needs(recipe, stages["eksft/rl"]) == (1 + 2 * 0.5, 0, (5 + 2 * 4.5) * 2**30)
     assert stage_needs(recipe, stages["eksft/sft"]) == (1, 0, 0)  # memory not set: not counted
+    # On a cluster with GPUs each Ray worker takes one GPU besides the stage's own.
+    assert stage_needs(recipe, stages["eksft/rl"], gpu_cluster=True) == (2, 2, (5 + 2 * 4.5) * 2**30)
+    # The cold start's workers: the same accounting under resources.sft and sft.workers.
+    recipe = load_recipe(MINI, ["sft.workers=2", "resources.sft.memory_gib=1", "resources.sft.worker_memory_gib=3",
+                                "resources.sft.num_gpus=0"])
+    stages = {s.name: s for s in plan(recipe, Path("/tmp/x"))}
+    assert stage_needs(recipe, stages["eksft/sft"]) == (1, 0, (1 + 2 * 3) * 2**30)
+    assert stage_needs(recipe, stages["eksft/sft"], gpu_cluster=True) == (1, 2, (1 + 2 * 3) * 2**30)
     with pytest.raises(RecipeError, match=r"resources.rl.memory_gib"):
         load_recipe(MINI, ["resources.rl.memory_gib=-1"])
 
@@ -144,24 +153,24 @@ def test_mini_recipe_through_the_ray_pipeline(tmp_path, capsys):
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False)
-    try:  # the SFT stages run as 2 data-parallel torchrun processes inside their Ray tasks
-        run_pipeline(load_recipe(MINI, ["sft.num_processes=2"]), tmp_path)
+    try:  # the SFT stages run on 2 FSDP2 trainer workers each (Ray actors inside the stages' CPUs)
+        run_pipeline(load_recipe(MINI, ["sft.workers=2"]), tmp_path)
     finally:
         ray.shutdown()
     expected_outputs(tmp_path)
     for arm in ("sft", "eksft"):
-        assert (tmp_path / arm / "sft" / "sft_recipe.yaml").is_file()  # what the torchrun processes read
+        assert (tmp_path / arm / "sft" / "checkpoints" / "checkpoint-2" / "dcp").is_dir()  # the workers' sharded state
         assert [json.loads(ln)["step"] for ln in (tmp_path / arm / "sft" / "metrics.jsonl").open()] == [1, 2]
     out = capsys.readouterr().out
     assert "| sft" in out and "| eksft" in out  # the table is printed at the end
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["sft_steps"] == {"sft": 2, "eksft": 2}
-    # The global batch, in run.json and as each SFT stage's 2 torchrun processes realised it.
+    # The global batch, in run.json and as each SFT stage's 2 workers realised it.
     sft = load_recipe(MINI).sft
     batch = {"batch_size": sft.batch_size, "grad_accum": sft.grad_accum, "global_batch": 2 * sft.batch_size * sft.grad_accum}
-    assert run["sft_global_batch"] == {"processes": 2, **batch}
+    assert run["sft_global_batch"] == {"workers": 2, **batch}
     for arm in ("sft", "eksft"):
-        assert json.loads((tmp_path / arm / "sft" / "batch.json").read_text()) == {"devices": 2, **batch}
+        assert json.loads((tmp_path / arm / "sft" / "batch.json").read_text()) == {"workers": 2, **batch}
     # The precision the Ray workers resolved (a probe task per stage kind), in run.json and in each stage's DONE.
     want = resolve_bf16("auto", hardware=detect_hardware()).dtype
     assert run["precision"]["sft"]["sft.bf16"]["dtype"] == run["precision"]["rl"]["rl.bf16"]["dtype"] == want
@@ -221,7 +230,7 @@ def test_recipe_errors_name_the_key(tmp_path, capsys):
     assert "armz: unknown key" in capsys.readouterr().err
     with pytest.raises(RecipeError, match=r"arms\.0\.rl \(eksft\): lr: Extra inputs are not permitted.*allowed keys: .*learning_rate"):
         load_recipe(None, ["arms=[{name: eksft, objective: {name: eksft}, rl: {lr: 0.1}}]"])
-    with pytest.raises(RecipeError, match=r"sft.num_processes \(4\) must equal resources.sft.num_gpus \(2\)"):
-        load_recipe(MINI, ["sft.num_processes=4", "resources.sft.num_gpus=2"])
+    with pytest.raises(RecipeError, match=r"sft: num_processes was replaced by workers: write `workers: 4`"):
+        load_recipe(MINI, ["sft.num_processes=4"])  # torchrun's processes are gone: what to write instead
     with pytest.raises(RecipeError, match=r"must be a multiple of rl.save_every"):
         load_recipe(MINI, ["eval.every_rl_steps=3", "rl.save_every=2"])

@@ -138,8 +138,7 @@ def activation_dtypes(model) -> list:
 @pytest.mark.parametrize("forced", [False, True], ids=["this-machine", "other-answer"])
 def test_the_sft_trainer_computes_in_the_resolved_precision(tmp_path, monkeypatch, forced):
     """A real SFT step on the tiny model: the activations are bf16 exactly when auto resolves to bf16."""
-    from transformers import TrainerCallback
-
+    import rl.workers as workers
     from eksft.config import load_recipe
     from eksft.sft import run_sft
 
@@ -148,17 +147,21 @@ def test_the_sft_trainer_computes_in_the_resolved_precision(tmp_path, monkeypatc
         hw = EMULATED if hw.native_bf16 else NATIVE
         monkeypatch.setattr(precision_module, "detect_hardware", lambda device=None: hw)
     seen: list = []
+    make_group = workers.make_worker_group
 
-    class Hook(TrainerCallback):
-        def on_train_begin(self, args, state, control, model=None, **kwargs):
-            seen.extend([activation_dtypes(model)])
+    def watched_group(settings, n, **kw):  # one worker: in this process, where a hook can watch its forwards
+        group = make_group(settings, n, **kw)
+        seen.append(activation_dtypes(group.worker.model))
+        return group
+
+    monkeypatch.setattr(workers, "make_worker_group", watched_group)
 
     from eksft.layout import SFTStageDir
 
     recipe = load_recipe(None, ["model.name=tiny:qwen2", "data.sft.num_examples=4", "data.max_length=96",
                                 "sft.max_steps=1", "sft.batch_size=2", "sft.save_steps=1000", "sft.kl_metric_every=0"])
     assert recipe.sft.bf16 == "auto"
-    run_sft(recipe, recipe.arm("eksft").objective, SFTStageDir(tmp_path / "s"), callbacks=[Hook()])
+    run_sft(recipe, recipe.arm("eksft").objective, SFTStageDir(tmp_path / "s"))
     dtypes = seen[0]
     assert dtypes and set(dtypes) == {torch.bfloat16 if hw.native_bf16 else torch.float32}
 

@@ -22,17 +22,25 @@ class Stop(Exception):
 @pytest.fixture
 def spies(monkeypatch):
     import eksft.eval.runner as runner
-    from eksft.sft.trainer import SelectiveSFTTrainer
+    import eksft.sft.step as sft_step
+    import rl.common.resume as resume
+    import rl.workers as workers
     from rl.grpo.trainer import GRPOTrainer
 
     seen: list[dict] = []
+    sft_seen: dict = {}  # what the cold start built before it started its workers
 
     def record(**what):
         seen.append(what)
         raise Stop
 
-    monkeypatch.setattr(SelectiveSFTTrainer, "__init__", lambda self, *a, **kw: record(
-        objective=kw["objective"], learning_rate=kw["args"].learning_rate, checkpoints=kw["args"].output_dir))
+    loss_cls, latest = sft_step.ObjectiveStepLoss, resume.latest_complete_checkpoint
+    monkeypatch.setattr(sft_step, "ObjectiveStepLoss", lambda objective, *a, **kw: (
+        sft_seen.update(objective=objective), loss_cls(objective, *a, **kw))[1])
+    monkeypatch.setattr(resume, "latest_complete_checkpoint", lambda directory, *a, **kw: (
+        sft_seen.update(checkpoints=str(directory)), latest(directory, *a, **kw))[1])
+    monkeypatch.setattr(workers, "make_worker_group", lambda settings, n, **kw: record(
+        **sft_seen, learning_rate=settings.learning_rate, workers=n))
     monkeypatch.setattr(GRPOTrainer, "__init__", lambda self, **kw: record(
         config=kw["config"], start=kw["model_dir"], reference=kw["reference_dir"], outputs=kw["outputs"]))
     monkeypatch.setattr(runner, "evaluate", lambda model_dir, benchmarks, cfg, **kw: record(

@@ -140,7 +140,8 @@ def _run_ray(todo: list[Stage], recipe, recipe_json: dict, run_dir: Path) -> lis
     failed: list[str] = []
     capacity = ray.cluster_resources()
     started = time.time()
-    needs = {s.name: stage_needs(recipe, s) for s in todo}  # once each: an RL stage's validates its arm's settings
+    gpu_cluster = capacity.get("GPU", 0) > 0
+    needs = {s.name: stage_needs(recipe, s, gpu_cluster) for s in todo}  # once each: an RL stage's validates its arm's settings
     while waiting or running:
         for stage in [s for s in order if s.name in waiting]:  # upstream failures first: nothing to wait for
             if any(d in failed for d in stage.deps):
@@ -178,22 +179,26 @@ def _run_ray(todo: list[Stage], recipe, recipe_json: dict, run_dir: Path) -> lis
     return failed
 
 
-def stage_needs(recipe, stage: Stage) -> tuple[float, float, float]:
+def stage_needs(recipe, stage: Stage, gpu_cluster: bool = False) -> tuple[float, float, float]:
     """(CPUs, GPUs, bytes of host memory) that ``stage`` holds while it runs, from the recipe's ``resources``.
 
-    The memory is the stage's ``memory_gib`` plus, for an RL stage with ``rl.workers`` > 1 (the arm's value),
+    The memory is the stage's ``memory_gib`` plus, for an SFT stage with ``sft.workers`` > 1 or an RL stage with
+    ``rl.workers`` > 1 (the arm's value),
     ``worker_memory_gib`` per Ray trainer worker: a stage and its workers are admitted as one, so two stages can
     never each hold their own share while waiting for their workers' (that would wait forever). The same for
     CPUs: the workers run inside the stage's CPUs (`rl.grpo.trainer`: a token share each) unless
-    ``rl.worker_cpus`` is set, which is then counted per worker."""
+    ``<kind>.worker_cpus`` is set, which is then counted per worker; and for GPUs on a ``gpu_cluster``, one per
+    worker."""
     res = getattr(recipe.resources, stage.kind)
-    ray_workers, worker_cpus = 0, 0.0  # rl.workers: 1 runs in the stage's own process
-    if stage.kind == "rl":
-        rl = recipe.arm_rl(next(a for a in recipe.arms if a.name == stage.arm))
-        ray_workers = rl.workers if rl.workers > 1 else 0
-        worker_cpus = rl.worker_cpus or 0.0
+    ray_workers, worker_cpus = 0, 0.0  # workers: 1 runs in the stage's own process
+    if stage.kind in ("sft", "rl"):
+        settings = recipe.sft if stage.kind == "sft" else recipe.arm_rl(next(a for a in recipe.arms if a.name == stage.arm))
+        ray_workers = settings.workers if settings.workers > 1 else 0
+        worker_cpus = settings.worker_cpus or 0.0
     gib = (res.memory_gib or 0) + ray_workers * (res.worker_memory_gib or 0)
-    return res.num_cpus + ray_workers * worker_cpus, res.num_gpus, gib * 2**30
+    # On a cluster with GPUs each Ray worker takes one (rl.workers.workers_device).
+    gpus = res.num_gpus + (ray_workers if gpu_cluster else 0)
+    return res.num_cpus + ray_workers * worker_cpus, gpus, gib * 2**30
 
 
 def launch_order(stages: list[Stage]) -> list[Stage]:
@@ -250,7 +255,7 @@ def _write_run_json(recipe, run_dir: Path, precision: dict, provenance: dict) ->
         "arms": [a.name for a in recipe.arms],
         "benchmarks": list(recipe.eval.benchmarks),
         "eval_n": recipe.eval.n,
-        "sft_global_batch": {"processes": recipe.sft.num_processes, "batch_size": recipe.sft.batch_size,
+        "sft_global_batch": {"workers": recipe.sft.workers, "batch_size": recipe.sft.batch_size,
                              "grad_accum": recipe.sft.grad_accum, "global_batch": recipe.sft.sequences_per_step()},
         "sft_steps": {a.name: layout.arm(a.name).sft.logged_steps() for a in recipe.arms},
         "rl_steps": {a.name: recipe.arm_rl(a).steps for a in recipe.arms},

@@ -62,6 +62,15 @@ def _dump(section) -> dict:
     return strip(section if isinstance(section, dict) else section.model_dump(mode="json"))
 
 
+def _sft_section(sft) -> dict:
+    """The ``sft`` section as hashed. ``sft.workers`` replaced ``sft.num_processes`` (the same count of devices, the
+    same global batch): it is hashed under the old name, so that cold starts finished before keep their keys."""
+    section = _dump(sft)
+    section.pop("workers", None)
+    section["num_processes"] = sft.workers
+    return section
+
+
 KINDS = ("sft", "rl", "eval")
 
 
@@ -126,7 +135,7 @@ def plan(recipe, run_dir: Path, hardware: dict | None = None) -> list[Stage]:
         start_dep = stages[0].name
         if arm.objective is not None:
             sft_settings = {**base, "data": _dump(recipe.data),
-                            "sft": {**_dump(recipe.sft), "objective": arm.objective.model_dump(mode="json")},
+                            "sft": {**_sft_section(recipe.sft), "objective": arm.objective.model_dump(mode="json")},
                             "precision": precision(arm, "sft")}
             stages.append(Stage(f"{arm.name}/sft", arm.name, "sft", arm_dir.sft, sft_settings))
             stages.append(eval_stage(arm.name, AFTER_SFT, [f"{arm.name}/sft"], arm))

@@ -1,6 +1,5 @@
-"""Stage 1: the cold start (``eksft.sft.run``: one process; ``eksft.sft.launch``: torchrun processes)."""
+"""Stage 1: the cold start (``eksft.sft.run``), on the trainer worker group of ``sft.workers`` FSDP2 ranks."""
 
-from eksft.sft.launch import launch_sft
-from eksft.sft.run import is_main_process, run_sft
+from eksft.sft.run import run_sft
 
-__all__ = ["is_main_process", "launch_sft", "run_sft"]
+__all__ = ["run_sft"]

@@ -360,27 +360,13 @@ def _default_reward(cfg: GRPOConfig) -> Callable:
                              fallback=cfg.answer_fallback)
 
 
-# What a worker inside the stage's own CPUs asks Ray for: a placement-group bundle cannot be empty.
-TOKEN_CPU = 0.01
-
-
 def _ray_options(cfg: GRPOConfig, device: str) -> dict:
-    """Resources of each Ray worker (``rl.workers`` > 1): a GPU each on GPU machines.
+    """Resources of each Ray worker (``rl.workers`` > 1): `rl.workers.worker_resources`. The controller and its
+    in-process engine wait while the workers train and the workers wait while the engine generates, so by
+    default the workers share the stage's own CPUs."""
+    from rl.workers import worker_resources
 
-    CPUs: with ``rl.worker_cpus`` None (the default) the workers live inside the stage's own CPU budget (the
-    stage task holds ``resources.rl.num_cpus``, its torch thread count here): they reserve a token share in
-    Ray and split the stage's threads. The controller and its in-process engine wait while the workers train
-    and the workers wait while the engine generates, so the stage never needs both at once; two arms of two
-    workers each then run on 2 cores. With ``rl.worker_cpus`` set, each worker reserves that many CPUs
-    (and as many threads) on top of the stage's."""
-    import torch
-
-    if cfg.worker_cpus is None:
-        cpus, threads = TOKEN_CPU, max(1, torch.get_num_threads() // cfg.workers)
-    else:
-        cpus, threads = cfg.worker_cpus, max(1, math.floor(cfg.worker_cpus))
-    return dict(num_cpus=cpus, num_gpus=1 if device == "cuda" else 0, omp_threads=threads,
-                call_timeout_s=cfg.worker_timeout_s)
+    return worker_resources(cfg.workers, cfg.worker_cpus, cfg.worker_timeout_s, device)
 
 
 def _engine_gap(trainer_logprobs: list[list[float]], samples: list[Sample]) -> float:

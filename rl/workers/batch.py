@@ -5,15 +5,37 @@ Pure torch (no Ray, no torch.distributed): testable alone.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 from rl.common.token_stats import IGNORE_INDEX, takes_logits_to_keep, token_statistics
 
-__all__ = ["MicroBatch", "dense_rows", "sequence_logprobs", "split_across_ranks", "unsplit"]
+__all__ = ["MicroBatch", "StepLoss", "dense_rows", "sequence_logprobs", "split_across_ranks", "unsplit"]
+
+
+class StepLoss(Protocol):
+    """A loss that `TrainerWorker.train_step` runs on a rank's micro-batches (the cold start's objectives are one;
+    GRPO has its own `TrainerWorker.update`). It travels to the ranks with each call, so it must pickle.
+
+    ``weights(micro_batches)``: this rank's contributions to the global normalisers (e.g. [sequences]), summed over
+    the ranks before the first forward. ``__call__(worker, micro_batch, totals)``: the forward(s) on
+    ``worker.model`` (and ``worker.reference_model()``), returning (this micro-batch's share of the global loss,
+    {metric: weighted sum}, weight). ``metric_names``: every metric any rank may report (all-reduced in this
+    order). ``padding(like)``: a micro-batch that contributes nothing but runs the same forwards, for ranks left
+    short (FSDP needs the same collectives on every rank).
+    """
+
+    metric_names: tuple[str, ...]
+
+    def weights(self, micro_batches: Sequence[Any]) -> list[float]: ...
+
+    def __call__(self, worker: Any, micro_batch: Any, totals: list[float]) -> tuple[Tensor, dict[str, float], float]: ...
+
+    def padding(self, like: Any) -> Any: ...
 
 
 @dataclass
@@ -61,17 +83,19 @@ class MicroBatch:
         return sum(lengths), sum(n > 0 for n in lengths)
 
 
-def split_across_ranks(micro_batches: Sequence[MicroBatch], world_size: int) -> list[list[MicroBatch]]:
-    """Rank r gets micro-batches r, r + N, r + 2N, ...; ranks left short are padded (`MicroBatch.padding`) so that
-    every rank runs the same number of forwards. N ranks with k each then compute what one rank computes with
-    all N * k: the loss uses global counts, so the gradients of all micro-batches simply add up."""
+def split_across_ranks(micro_batches: Sequence, world_size: int,
+                       padding: Callable[[Any], Any] = MicroBatch.padding) -> list[list]:
+    """Rank r gets micro-batches r, r + N, r + 2N, ...; ranks left short are padded (``padding(first)``, by default
+    `MicroBatch.padding`) so that every rank runs the same number of forwards. N ranks with k each then compute
+    what one rank computes with all N * k: the loss uses global counts, so the gradients of all micro-batches
+    simply add up."""
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     if not micro_batches:
         raise ValueError("no micro-batches to split")
     shares = [list(micro_batches[r::world_size]) for r in range(world_size)]
     longest = max(len(s) for s in shares)
-    return [s + [MicroBatch.padding(micro_batches[0]) for _ in range(longest - len(s))] for s in shares]
+    return [s + [padding(micro_batches[0]) for _ in range(longest - len(s))] for s in shares]
 
 
 def unsplit(per_rank: Sequence[Sequence[list]], n_micro_batches: int) -> list:

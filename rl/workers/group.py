@@ -15,7 +15,10 @@ from typing import Any
 from rl.workers.batch import MicroBatch, split_across_ranks, unsplit
 from rl.workers.trainer_worker import TrainerWorker, WorkerSettings
 
-__all__ = ["InProcessWorkerGroup", "WorkerFailure", "WorkerGroup", "make_worker_group"]
+__all__ = ["InProcessWorkerGroup", "WorkerFailure", "WorkerGroup", "make_worker_group", "worker_resources"]
+
+# What a worker inside its stage's own CPUs asks Ray for: a placement-group bundle cannot be empty.
+TOKEN_CPU = 0.01
 
 
 class WorkerFailure(RuntimeError):
@@ -139,6 +142,23 @@ class WorkerGroup:
         shares = split_across_ranks(micro_batches, self.num_workers)
         return self._get([a.update.remote(share, loss_settings) for a, share in zip(self.actors, shares)], "update")[0]
 
+    def train_step(self, micro_batches: Sequence, step_loss, learning_rate: float | None = None) -> dict[str, float]:
+        """One optimizer step on a global batch with a caller-defined loss (`rl.workers.batch.StepLoss`): rank r
+        trains micro-batches r, r + N, ...; returns the metrics of the whole batch."""
+        shares = split_across_ranks(micro_batches, self.num_workers, step_loss.padding)
+        refs = [a.train_step.remote(share, step_loss, learning_rate) for a, share in zip(self.actors, shares)]
+        return self._get(refs, "train_step")[0]
+
+    def seed(self, seed: int) -> None:
+        """Each rank seeds its torch RNG with ``seed + rank``."""
+        self._all("seed", seed)
+
+    def save_rng_state(self, directory: str) -> None:
+        self._all("save_rng_state", str(directory))
+
+    def load_rng_state(self, directory: str) -> None:
+        self._all("load_rng_state", str(directory))
+
     def logprobs(self, micro_batches: Sequence[MicroBatch], reference: bool = False) -> list[list[float]]:
         """Per sample, in the order of ``micro_batches``: the completion log-probs (old policy or reference)."""
         shares = split_across_ranks(micro_batches, self.num_workers)
@@ -217,8 +237,10 @@ class WorkerGroup:
 class InProcessWorkerGroup:
     """The same interface and the same `TrainerWorker` code with ONE rank in the controller's process (no Ray):
     what ``rl.workers: 1`` runs. The rank joins the process's default process group when one exists (an
-    in-process vLLM engine makes a one-rank group) or makes its own; FSDP2 over one rank shards nothing but
-    computes exactly as in a larger group (mixed precision, float32 gradient reduction, DTensor clipping)."""
+    in-process vLLM engine makes a one-rank group) or makes its own. With bf16 compute (or a bf16 LoRA base)
+    FSDP2 over one rank shards nothing but computes exactly as in a larger group (mixed precision, float32
+    gradient reduction, DTensor clipping); computing in float32 the rank uses the module as it is (FSDP would
+    only copy weights and gradients through its one-rank gather and reduce: the same numbers)."""
 
     num_workers = 1
     broken = False
@@ -234,6 +256,18 @@ class InProcessWorkerGroup:
 
     def update(self, micro_batches: Sequence[MicroBatch], loss_settings: dict[str, Any]) -> dict[str, float]:
         return self.worker.update(list(micro_batches), loss_settings)
+
+    def train_step(self, micro_batches: Sequence, step_loss, learning_rate: float | None = None) -> dict[str, float]:
+        return self.worker.train_step(list(micro_batches), step_loss, learning_rate)
+
+    def seed(self, seed: int) -> None:
+        self.worker.seed(seed)
+
+    def save_rng_state(self, directory: str) -> None:
+        self.worker.save_rng_state(str(directory))
+
+    def load_rng_state(self, directory: str) -> None:
+        self.worker.load_rng_state(str(directory))
 
     def logprobs(self, micro_batches: Sequence[MicroBatch], reference: bool = False) -> list[list[float]]:
         return unsplit([self.worker.logprobs(list(micro_batches), reference)], len(micro_batches))
@@ -269,3 +303,39 @@ def make_worker_group(settings: WorkerSettings, num_workers: int, **ray_options)
     if num_workers == 1:
         return InProcessWorkerGroup(settings)
     return WorkerGroup(settings, num_workers, **ray_options)
+
+
+def workers_device(num_workers: int) -> str:
+    """Where a stage's trainer ranks compute: ``cuda`` when this process sees a GPU, or (Ray workers) when the Ray
+    cluster has GPUs, so that a stage whose own process needs no GPU (the cold start's controller only batches
+    data) can place N workers on the N GPUs of a node; ``cpu`` otherwise."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if num_workers > 1:
+        import ray
+
+        if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0:
+            return "cuda"
+    return "cpu"
+
+
+def worker_resources(num_workers: int, worker_cpus: float | None, call_timeout_s: float | None, device: str) -> dict:
+    """The `WorkerGroup` options of a stage's Ray workers (``workers`` > 1): a GPU each on GPU machines.
+
+    CPUs: with ``worker_cpus`` None the workers live inside the stage's own CPU budget (the stage task holds its
+    ``resources.<kind>.num_cpus``, its torch thread count here): they reserve a token share in Ray and split the
+    stage's threads. The stage's own process waits while they train (the RL controller's engine generates while
+    they wait), so it never needs both at once; two stages of two workers each then run on 2 cores. With
+    ``worker_cpus`` set, each worker reserves that many CPUs (and as many threads) on top of the stage's."""
+    import math
+
+    import torch
+
+    if worker_cpus is None:
+        cpus, threads = TOKEN_CPU, max(1, torch.get_num_threads() // num_workers)
+    else:
+        cpus, threads = worker_cpus, max(1, math.floor(worker_cpus))
+    return dict(num_cpus=cpus, num_gpus=1 if device == "cuda" else 0, omp_threads=threads,
+                call_timeout_s=call_timeout_s)

@@ -66,6 +66,10 @@ class WorkerSettings:
     # off unless ``reference_dir`` names another model.
     lora: Any = None
     seed: int = 0  # seeds the fresh LoRA adapters (the same on every rank)
+    # The stored dtype of the policy's weights without LoRA (float32: float32 master weights, the default; the
+    # cold start follows model.dtype). With LoRA the frozen base takes ``lora.base_dtype`` when the settings have
+    # one, else this.
+    dtype: str = "float32"
 
     @classmethod
     def from_grpo(cls, config, model_dir: str, reference_dir: str | None = None, **overrides) -> WorkerSettings:
@@ -150,24 +154,31 @@ class TrainerWorker:
         self.model = self.reference = self.optimizer = None  # free the old shards first
         self.model = self._sharded_model(model_dir or s.model_dir, trainable=True)
         self.model.train()
-        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
-                                           lr=s.learning_rate, betas=tuple(s.adam_betas), weight_decay=s.weight_decay)
+        self.optimizer = torch.optim.AdamW(weight_decay_groups(self.model, s.weight_decay), lr=s.learning_rate,
+                                           betas=tuple(s.adam_betas), fused=True)
         if s.reference_dir is not None:
             self.reference = self._sharded_model(s.reference_dir, trainable=False).eval()
 
     def base_dtype(self) -> torch.dtype:
-        """The dtype the models are loaded in: float32, or with LoRA ``lora.base_dtype`` (the frozen base, and a
-        separate reference, in bf16 to halve their memory; the adapters stay float32)."""
-        return getattr(torch, getattr(self.settings.lora, "base_dtype", "float32") or "float32")
+        """The dtype the models are loaded in: ``settings.dtype`` (float32 by default), or with LoRA
+        ``lora.base_dtype`` where the settings have it (the frozen base, and a separate reference, in bf16 to halve
+        their memory; the adapters stay float32)."""
+        return getattr(torch, getattr(self.settings.lora, "base_dtype", None) or self.settings.dtype)
 
     def _sharded_model(self, model_dir: str, *, trainable: bool):
-        """float32 weights (a LoRA base: `base_dtype`), ``fully_shard`` per decoder layer then the root;
+        """float32 weights (a LoRA base: `base_dtype`), ``fully_shard`` per decoder layer then the root (not for one
+        rank computing in float32, where FSDP has nothing to do);
         gradients summed across ranks. A frozen bf16 base and its float32 adapters share FSDP units: FSDP2
-        requires one dtype among the trainable parameters only, and all-gathers mixed dtypes as bytes."""
+        requires one dtype among the trainable parameters only, and all-gathers mixed dtypes as bytes.
+
+        A frozen model (the reference) is stored in bf16 when the compute is bf16: the mixed-precision policy would
+        round its float32 weights to bf16 before every forward anyway (the same values), so this halves its memory
+        and skips that cast and half the all-gather bytes."""
         from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
         from transformers import AutoModelForCausalLM
 
         s = self.settings
+        dtype = torch.bfloat16 if not trainable and self.precision.bf16 else self.base_dtype()
         # Only rank 0 reads the weights (the full model on its CPU); the other ranks build the same modules on the
         # meta device (no memory) and receive their shards from rank 0 after sharding (`_load_from_rank0`).
         on_meta = self.world_size > 1 and self.rank != 0
@@ -176,10 +187,10 @@ class TrainerWorker:
 
             config = AutoConfig.from_pretrained(model_dir, trust_remote_code=s.trust_remote_code)
             with torch.device("meta"):  # `dtype` as from_pretrained applies it (float32 rotary buffers stay so)
-                model = AutoModelForCausalLM.from_config(config, dtype=self.base_dtype(),
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype,
                                                          trust_remote_code=s.trust_remote_code)
         else:
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.base_dtype(),
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype,
                                                          trust_remote_code=s.trust_remote_code)
         if not trainable:
             model.requires_grad_(False)
@@ -194,6 +205,11 @@ class TrainerWorker:
             for p in model.parameters():  # float32 adapters (and AdamW state) on a frozen base of any dtype
                 if p.requires_grad and p.dtype != torch.float32:
                     p.data = p.data.float()
+        if self.world_size == 1 and dtype == torch.float32 and not self.precision.bf16 and not s.cpu_offload:
+            # One rank computing in float32: FSDP would shard nothing and cast nothing, only copy every weight into
+            # its gather buffer and every gradient through its reduce-scatter (a fifth of a 135M model's step on
+            # a CPU). The module as it is computes the same numbers.
+            return model.to(self.device)
         # Rank 0's full weights kept past the sharding to broadcast from: detached aliases (no copy) of the CPU
         # storage, which stay on the CPU when fully_shard moves the parameters to the GPU.
         full = {k: v.detach() for k, v in model.state_dict().items()} if self.world_size > 1 and not on_meta else None
@@ -269,6 +285,49 @@ class TrainerWorker:
                 yield base
         else:
             raise RuntimeError("no reference model: WorkerSettings.reference_dir is None")
+
+    def train_step(self, micro_batches: list, step_loss, learning_rate: float | None = None) -> dict[str, float]:
+        """One optimizer step on this rank's share of a global batch, with a loss the caller defines.
+
+        ``step_loss`` (see `StepLoss`) owns what a micro-batch means: ``step_loss.weights(micro_batches)`` gives
+        this rank's normaliser contributions (e.g. sequences), summed over all ranks before any forward;
+        ``step_loss(self, micro_batch, totals)`` runs the forward(s) and returns this micro-batch's share of the
+        global loss (its gradients simply add up over micro-batches and ranks) and its metrics as sums with a
+        weight. Metrics come back as weighted means over the global batch, plus ``loss`` (the global loss),
+        ``grad_norm`` (before clipping) and ``learning_rate``. ``learning_rate``, when given, is set on the
+        optimizer before the step: the controller owns the schedule.
+        """
+        s = self.settings
+        if learning_rate is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = learning_rate
+        totals = self._sum_across_ranks(step_loss.weights(micro_batches))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum, sums, weight = 0.0, {}, 0.0
+        for mb in micro_batches:
+            loss, metric_sums, mb_weight = step_loss(self, mb, totals)
+            loss.backward()
+            loss_sum += float(loss.detach())
+            for k, v in metric_sums.items():
+                sums[k] = sums.get(k, 0.0) + v
+            weight += mb_weight
+        grad_norm = clip_grad_norm_(self.model.parameters(), s.max_grad_norm)
+        self.optimizer.step()
+        # Every rank must all-reduce the same keys in the same order: the union of names is fixed by the loss.
+        keys = list(step_loss.metric_names)
+        reduced = self._sum_across_ranks([loss_sum, weight] + [sums.get(k, 0.0) for k in keys])
+        loss_sum, weight = reduced[0], max(reduced[1], 1e-30)
+        out = {k: v / weight for k, v in zip(keys, reduced[2:])}
+        out.update(loss=loss_sum, grad_norm=grad_norm, learning_rate=self.optimizer.param_groups[0]["lr"])
+        release_free_memory()
+        return out
+
+    @contextlib.contextmanager
+    def reference_model(self):
+        """The frozen reference to run forwards on: the sharded reference, or with LoRA the policy's modules with
+        the adapters off (in eval mode: no dropout noise)."""
+        with torch.no_grad(), self._policy_or_reference(True) as model:
+            yield model
 
     def update(self, micro_batches: list[MicroBatch], loss_settings: dict[str, Any]) -> dict[str, float]:
         """One optimizer step on this rank's share of a mini-batch; metrics are over the whole mini-batch.
@@ -398,6 +457,28 @@ class TrainerWorker:
         yield from self.iter_full_weights()
 
     # ------------------------------------------------------------------ checkpoints
+    def seed(self, seed: int) -> None:
+        """Seed this rank's torch RNG with ``seed + rank`` (dropout draws differ across ranks, as data-parallel
+        ranks' do)."""
+        torch.manual_seed(seed + self.rank)
+
+    def save_rng_state(self, directory: str) -> None:
+        """This rank's torch RNG state (CPU, and CUDA when used) as ``directory/rng-rank{r}.pt``: with the
+        checkpoint, an exact resume of anything random (dropout). Every rank writes its own."""
+        from pathlib import Path
+
+        state = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state()
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        torch.save(state, f"{directory}/rng-rank{self.rank}.pt")
+
+    def load_rng_state(self, directory: str) -> None:
+        state = torch.load(f"{directory}/rng-rank{self.rank}.pt", weights_only=True)
+        torch.set_rng_state(state["cpu"])
+        if "cuda" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"])
+
     def save_checkpoint(self, path: str) -> None:
         """The sharded policy and AdamW state with torch.distributed.checkpoint: each rank writes its own shards
         (``path`` on a file system every rank sees). Every rank must call it."""
@@ -484,6 +565,19 @@ def release_free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to do
         pass
+
+
+def weight_decay_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: weight decay on the trainable weights, none on biases and normalisation scales (the
+    HF Trainer's grouping, so that a recipe's weight_decay means what it meant there)."""
+    no_decay = set()
+    for module_name, module in model.named_modules():
+        for name, _ in module.named_parameters(recurse=False):
+            if name == "bias" or "bias" in name or type(module).__name__.lower().endswith("norm"):
+                no_decay.add(f"{module_name}.{name}" if module_name else name)
+    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for name, p in params if name not in no_decay], "weight_decay": weight_decay},
+            {"params": [p for name, p in params if name in no_decay], "weight_decay": 0.0}]
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:

@@ -1,18 +1,11 @@
-"""The cold-start trainer: transformers' Trainer with a token-level objective and a frozen reference.
+"""The previous cold-start trainer, kept as the baseline the new loop is checked and measured against.
 
-What the Trainer already gives (and we keep): gradient accumulation, bf16 autocast, gradient
-checkpointing, data parallel under torchrun (tested: 2 processes = 2 accumulation steps), FSDP/DeepSpeed
-through accelerate (untested here), checkpoint + resume, TensorBoard/W&B.
-What this adds:
-  * ``compute_loss`` runs the policy forward once, the reference forward (no grad) when the
-    objective needs it, and the registered objective on the shifted logits. Both forwards
-    (``causal_lm_logits``) run the LM head only from the micro-batch's first labelled position on:
-    the prompt positions before it predict nothing that is trained, and with a 49k-150k vocabulary
-    the head is a large share of a short sequence's compute (SmolLM2-135M: 21% of the weights; the
-    quickstart's examples are ~70 tokens of which ~20 are trained); and they compute the prefix that
-    every sequence of the micro-batch shares (the system prompt) once;
-  * per-step objective metrics, averaged over the step's micro-batches, merged into the
-    Trainer's logs and appended to ``metrics.jsonl``.
+This is the HF-Trainer path that `eksft.sft.run` replaced (transformers' Trainer with a token-level objective and a
+frozen reference, the policy's shared-prefix forward through a KV cache; the reference, the collator and the
+prefix length are today's, from `eksft.sft.forward`): `hf_train` runs it on a recipe's data, writing
+metrics.jsonl as it did. tests/test_sft_loop.py compares the new loop's first steps (losses, learning rates, data
+order) with it, and benchmarks/sft_step.py (``--loops``) times the two. Not part of the product: nothing in
+eksft/ or rl/ imports it.
 """
 
 from __future__ import annotations
@@ -25,33 +18,8 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from eksft.objectives import IGNORE_INDEX, ObjectiveConfig, get_objective
-from rl.common.lora import adapters_disabled
+from eksft.sft.forward import ReferenceModel, common_prefix_length, pad_collate
 from rl.common.token_stats import takes_logits_to_keep
-
-
-class ReferenceModel:
-    """The frozen model the SFT started from: a separate copy, or the LoRA base with adapters disabled."""
-
-    def __init__(self, mode: str, copy: torch.nn.Module | None = None):
-        if mode == "copy" and copy is None:
-            raise ValueError("reference mode 'copy' needs the frozen model")
-        self.mode, self.copy = mode, copy
-        if copy is not None:
-            copy.eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def logits(self, policy: torch.nn.Module, input_ids, attention_mask, first: int) -> torch.Tensor:
-        if self.mode == "copy":
-            return causal_lm_logits(self.copy, input_ids, attention_mask, first)
-        unwrapped = policy.module if hasattr(policy, "module") else policy
-        with adapters_disabled(unwrapped) as base:  # eval mode inside: no LoRA dropout noise in the reference
-            return causal_lm_logits(base, input_ids, attention_mask, first)
-
-
-def common_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
-    """How many leading positions every row of the batch has in common (real tokens, same ids)."""
-    same = (input_ids == input_ids[:1]).all(0) & attention_mask.bool().all(0)
-    return int(same.long().cumprod(0).sum())
 
 
 def causal_lm_logits(model, input_ids, attention_mask, first: int, *, share_prefix: bool = True) -> torch.Tensor:
@@ -169,19 +137,46 @@ class MetricsJsonlCallback(TrainerCallback):
             f.write(json.dumps(record) + "\n")
 
 
-def pad_collate(pad_token_id: int):
-    """Right-pad input_ids (pad id), labels (-100) and build the attention mask."""
+def hf_train(recipe, objective, output_dir: str | Path, *, callbacks=()) -> Trainer:
+    """Train ``objective`` with the recipe's ``sft`` settings through the HF Trainer, in this process (one device),
+    as the previous ``run_sft`` did: metrics.jsonl and Trainer checkpoints under ``output_dir``. Returns the
+    trainer (its model is the trained one)."""
+    from transformers import TrainingArguments
 
-    def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
-        length = max(len(e["input_ids"]) for e in examples)
-        ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
-        labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
-        attention = torch.zeros((len(examples), length), dtype=torch.long)
-        for i, e in enumerate(examples):
-            n = len(e["input_ids"])
-            ids[i, :n] = torch.tensor(e["input_ids"])
-            labels[i, :n] = torch.tensor(e["labels"])
-            attention[i, :n] = 1
-        return {"input_ids": ids, "attention_mask": attention, "labels": labels}
+    from eksft.data import build_sft_dataset
+    from eksft.models import load_model
+    from rl.common.lora import wrap_with_lora
+    from rl.common.precision import resolve_bf16, stage_device
 
-    return collate
+    cfg, out = recipe.sft, Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(recipe.seed)
+    model, tokenizer = load_model(recipe.model.name, recipe.model.dtype, recipe.model.trust_remote_code, recipe.model.revision)
+    examples, _ = build_sft_dataset(recipe, tokenizer)
+    needs_reference = get_objective(objective.name).needs_reference or cfg.kl_metric_every > 0
+    if cfg.lora.enabled:
+        model = wrap_with_lora(model, cfg.lora)
+    reference = None
+    if needs_reference:
+        if cfg.reference == "adapter":
+            reference = ReferenceModel("adapter")
+        else:
+            frozen, _ = load_model(recipe.model.name, recipe.model.dtype, recipe.model.trust_remote_code, recipe.model.revision)
+            reference = ReferenceModel("copy", frozen)
+    args = TrainingArguments(
+        output_dir=str(out / "checkpoints"), per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
+        adam_beta1=cfg.adam_betas[0], adam_beta2=cfg.adam_betas[1], weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm, bf16=resolve_bf16(cfg.bf16, stage_device()).bf16,
+        use_cpu=not torch.cuda.is_available(), gradient_checkpointing=cfg.gradient_checkpointing,
+        logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit, report_to="none", seed=recipe.seed, data_seed=recipe.seed,
+        remove_unused_columns=False, dataloader_num_workers=0, dataloader_pin_memory=False, disable_tqdm=True)
+    trainer = SelectiveSFTTrainer(
+        model=model, args=args, train_dataset=examples, data_collator=pad_collate(tokenizer.pad_token_id),
+        objective=objective, reference=reference,
+        kl_metric_every=0 if get_objective(objective.name).needs_reference else cfg.kl_metric_every,
+        callbacks=[MetricsJsonlCallback(out / "metrics.jsonl"), *callbacks])
+    trainer.train()
+    return trainer
