@@ -178,7 +178,7 @@ class MetricsLog:
 def save_checkpoint(workers, directory: Path, step: int, keep: int | None) -> Path:
     """checkpoint-<step>/ with the sharded state, each rank's RNG, then the loop's state (last: the marker of a
     finished save); older checkpoints beyond ``keep`` are deleted."""
-    from rl.common.resume import checkpoint_name
+    from rl.common.resume import checkpoint_name, complete_checkpoints
 
     path = Path(directory) / checkpoint_name(CHECKPOINT_PREFIX, step)
     if path.exists():  # a save the kill cut short (no state file): written again from scratch
@@ -187,9 +187,7 @@ def save_checkpoint(workers, directory: Path, step: int, keep: int | None) -> Pa
     workers.save_rng_state(path / RNG_DIR)
     (path / STATE_FILE).write_text(json.dumps({"step": step}))
     if keep is not None:
-        done = sorted((int(p.name.rsplit("-", 1)[1]), p) for p in Path(directory).glob(f"{CHECKPOINT_PREFIX}-*")
-                      if p.name.rsplit("-", 1)[1].isdigit() and (p / STATE_FILE).is_file())
-        for _, old in done[:-keep]:
+        for _, old in complete_checkpoints(directory, CHECKPOINT_PREFIX, STATE_FILE)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return path
 

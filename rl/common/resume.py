@@ -18,19 +18,24 @@ def checkpoint_name(prefix: str, step: int) -> str:
     return f"{prefix}-{step}"
 
 
-def latest_complete_checkpoint(directory: str | Path, prefix: str, last_file: str) -> Path | None:
-    """The ``{prefix}-N`` subdirectory with the highest N that holds ``last_file``, or None.
+def complete_checkpoints(directory: str | Path, prefix: str, last_file: str) -> list[tuple[int, Path]]:
+    """``(N, path)`` of every ``{prefix}-N`` subdirectory that holds ``last_file``, by increasing N.
 
     ``last_file`` must be the file the saver writes last (its presence means the save finished).
     Names other than exactly ``{prefix}-<digits>`` (``step-3.tmp``, ``step-x``) are never checkpoints.
     """
     directory = Path(directory)
     if not directory.is_dir():
-        return None
+        return []
     name = re.compile(re.escape(prefix) + r"-(\d+)")
-    found = [(int(m.group(1)), p) for p in directory.iterdir()
-             if (m := name.fullmatch(p.name)) and p.is_dir() and (p / last_file).is_file()]
-    return max(found)[1] if found else None
+    return sorted((int(m.group(1)), p) for p in directory.iterdir()
+                  if (m := name.fullmatch(p.name)) and p.is_dir() and (p / last_file).is_file())
+
+
+def latest_complete_checkpoint(directory: str | Path, prefix: str, last_file: str) -> Path | None:
+    """The complete ``{prefix}-N`` checkpoint with the highest N (`complete_checkpoints`), or None."""
+    found = complete_checkpoints(directory, prefix, last_file)
+    return found[-1][1] if found else None
 
 
 def truncate_metrics(path: str | Path, step: int) -> int:

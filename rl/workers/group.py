@@ -15,7 +15,8 @@ from typing import Any
 from rl.workers.batch import MicroBatch, split_across_ranks, unsplit
 from rl.workers.trainer_worker import TrainerWorker, WorkerSettings
 
-__all__ = ["InProcessWorkerGroup", "WorkerFailure", "WorkerGroup", "make_worker_group", "worker_resources"]
+__all__ = ["InProcessWorkerGroup", "WorkerFailure", "WorkerGroup", "make_worker_group", "worker_resources",
+           "workers_device"]
 
 # What a worker inside its stage's own CPUs asks Ray for: a placement-group bundle cannot be empty.
 TOKEN_CPU = 0.01

@@ -573,7 +573,7 @@ def weight_decay_groups(model, weight_decay: float) -> list[dict]:
     no_decay = set()
     for module_name, module in model.named_modules():
         for name, _ in module.named_parameters(recurse=False):
-            if name == "bias" or "bias" in name or type(module).__name__.lower().endswith("norm"):
+            if "bias" in name or type(module).__name__.lower().endswith("norm"):
                 no_decay.add(f"{module_name}.{name}" if module_name else name)
     params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     return [{"params": [p for name, p in params if name not in no_decay], "weight_decay": weight_decay},
