@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from eksft.data import DataError
 from eksft.eval import RESULT_KEYS, EvalConfig, evaluate, load_benchmark, summarize
+from eksft.eval.runner import SAMPLE_KEYS, distinct_answers
 from eksft.eval.benchmarks import EMBEDDED_DEFAULT_SIZE, EMBEDDED_EVAL_SEED, normalize_gsm8k
 from eksft.eval.cli import add_eval_parser, eval_config_from_args, model_basename
 
@@ -223,6 +224,9 @@ def test_summarize_against_hand_computed_values():
     assert m["entropy_mean"] == pytest.approx(36 / 28)  # -(12 * -2.0 + 4 * -3.0) / (12 * 2 + 4 * 1)
     assert m["response_length_mean"] == pytest.approx(28 / 16)
     assert m["truncation_rate"] == pytest.approx(1 / 16)
+    # distinct answers: A {7, 5} = 2, B {2} = 1 (None is no answer), C {4, 9} = 2 ("$4$" is "4"), D {1, 2, 3} = 3
+    assert m["distinct_answers_mean"] == pytest.approx((2 + 1 + 2 + 3) / 4)
+    assert m["coverage"] == pytest.approx(3 / 4) == m["pass@k"]["4"]  # B is never solved
 
 
 def test_summarize_edge_cases():
@@ -231,6 +235,8 @@ def test_summarize_edge_cases():
     assert m["pass@k"]["6"] == 1.0 and m["pass@k"]["1"] == pytest.approx(1 / 6)
     assert m["maj@k"] == {"1": 1.0, "2": 1.0, "4": 1.0, "6": 0.0}
     assert m["entropy_mean"] is None and m["truncation_rate"] == 0.0
+    assert m["distinct_answers_mean"] == 2 and m["coverage"] == 1.0
+    assert summarize([[0, 0]], [[None, None]], None, 2)["distinct_answers_mean"] == 0
     with pytest.raises(ValueError, match="expected n=2"):
         summarize([[1, 0, 1]], [["1", "2", "3"]], None, 2)
 
@@ -295,8 +301,15 @@ def test_evaluate_end_to_end_with_hf_engine(tiny_qwen2_dir, tmp_path):
     assert 0 < r["response_length_mean"] <= 8 and 0 <= r["truncation_rate"] <= 1 and r["wall_s"] > 0
     assert len(r["samples"]) == 3
     for s in r["samples"]:
-        assert set(s) == {"problem", "answer", "completions", "scores", "extracted"}
-        assert len(s["completions"]) == len(s["scores"]) == len(s["extracted"]) == 4
+        assert tuple(s) == SAMPLE_KEYS
+        assert len(s["completions"]) == len(s["scores"]) == len(s["extracted"]) == len(s["lengths"]) == 4
+        assert all(0 < x <= 8 for x in s["lengths"]) and all(isinstance(t, bool) for t in s["truncated"])
+        assert s["entropy"] > 0 and s["distinct_answers"] == distinct_answers(s["extracted"])
+    # per-problem values are what the benchmark means average
+    lengths = [x for s in r["samples"] for x in s["lengths"]]
+    assert r["response_length_mean"] == pytest.approx(sum(lengths) / len(lengths))
+    assert r["distinct_answers_mean"] == pytest.approx(sum(s["distinct_answers"] for s in r["samples"]) / 3)
+    assert r["coverage"] == pytest.approx(sum(any(x >= 1 for x in s["scores"]) for s in r["samples"]) / 3)
     # Deterministic seeds: the same completions again.
     assert [s["completions"] for s in again["embedded:arithmetic"]["samples"]] == [s["completions"] for s in r["samples"]]
 
