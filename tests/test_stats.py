@@ -86,7 +86,7 @@ def test_two_level_bootstrap_resamples_seeds_and_problems():
     values = np.array([[0.0, 1.0], [0.5, 0.25]])
     exact = np.array([values[list(s)][:, list(q)].mean() for s in itertools.product(range(2), repeat=2)
                       for q in itertools.product(range(2), repeat=2)])
-    replicates = _resampled_means([values], 100_000, np.random.default_rng(3))
+    replicates = _resampled_means([values], 100_000, seed=3)
     for value in np.unique(exact):
         assert np.mean(np.isclose(replicates, value)) == pytest.approx(np.mean(np.isclose(exact, value)), abs=0.01)
     assert np.all(np.isclose(replicates[:, None], np.unique(exact)[None, :]).any(axis=1))  # nothing else occurs

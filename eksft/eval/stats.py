@@ -24,6 +24,7 @@ Everything is numpy, deterministic given ``seed``; no function here reads a file
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Sequence
 
@@ -72,7 +73,21 @@ def _draw_counts(rng: np.random.Generator, size: int, n_boot: int) -> np.ndarray
     return np.bincount(draws.ravel(), minlength=n_boot * size).reshape(n_boot, size).astype(np.float64)
 
 
-def _resampled_means(strata: list[np.ndarray], n_boot: int, rng: np.random.Generator) -> np.ndarray:
+@functools.lru_cache(maxsize=8)
+def _bootstrap_counts(seed: int, n_boot: int, num_seeds: int, sizes: tuple[int, ...]):
+    """The draw counts of seeds [n_boot, S] and of each stratum's problems [n_boot, P_i] for ``seed``.
+
+    They depend only on the seed and the shapes, and a report asks for the same shapes hundreds of times
+    (every metric of every row), so they are drawn once (read-only arrays, a few MB each).
+    """
+    rng = np.random.default_rng(seed)
+    counts = (_draw_counts(rng, num_seeds, n_boot), *(_draw_counts(rng, size, n_boot) for size in sizes))
+    for c in counts:
+        c.setflags(write=False)
+    return counts[0], counts[1:]
+
+
+def _resampled_means(strata: list[np.ndarray], n_boot: int, seed: int) -> np.ndarray:
     """[n_boot] bootstrap replicates of the mean over strata of each stratum's grand mean.
 
     One replicate draws S seeds with replacement (shared by the strata: a seed is one whole run), then in each
@@ -80,12 +95,10 @@ def _resampled_means(strata: list[np.ndarray], n_boot: int, rng: np.random.Gener
     ``cs`` [S] and ``cp`` [P] that mean is ``cs @ values @ cp / (S * P)``, so no resampled copy is built.
     """
     num_seeds = strata[0].shape[0]
-    cs = _draw_counts(rng, num_seeds, n_boot)
+    cs, cps = _bootstrap_counts(seed, n_boot, num_seeds, tuple(v.shape[1] for v in strata))
     total = np.zeros(n_boot)
-    for values in strata:
-        num_problems = values.shape[1]
-        cp = _draw_counts(rng, num_problems, n_boot)
-        total += np.einsum("bs,sp,bp->b", cs, values, cp) / (num_seeds * num_problems)
+    for values, cp in zip(strata, cps):
+        total += np.einsum("bs,sp,bp->b", cs, values, cp) / (num_seeds * values.shape[1])
     return total / len(strata)
 
 
@@ -112,7 +125,7 @@ def stratified_bootstrap_ci(strata: Sequence, *, level: float = 0.95, n_boot: in
     estimate = _grand_mean(arrays)
     if arrays[0].shape[0] == 1 and all(v.shape[1] < 2 for v in arrays):
         return estimate, float("nan"), float("nan")
-    low, high = _interval(_resampled_means(arrays, n_boot, np.random.default_rng(seed)), level)
+    low, high = _interval(_resampled_means(arrays, n_boot, seed), level)
     return estimate, low, high
 
 
@@ -126,7 +139,15 @@ def bootstrap_ci(values, *, level: float = 0.95, n_boot: int = 2000, seed: int =
     return stratified_bootstrap_ci([values], level=level, n_boot=n_boot, seed=seed)
 
 
-def _sign_flip_p_value(weighted: np.ndarray, n_flips: int, rng: np.random.Generator) -> float:
+@functools.lru_cache(maxsize=8)
+def _random_signs(seed: int, n_flips: int, num: int) -> np.ndarray:
+    """[n_flips, num] random +-1 (cached like ``_bootstrap_counts``: the same shapes recur across a report)."""
+    signs = 1.0 - 2.0 * np.random.default_rng([seed, 1]).integers(0, 2, size=(n_flips, num))
+    signs.setflags(write=False)
+    return signs
+
+
+def _sign_flip_p_value(weighted: np.ndarray, n_flips: int, seed: int) -> float:
     """Two-sided p-value of ``sum(weighted)`` under random signs of its terms (one term per problem)."""
     observed = abs(float(weighted.sum()))
     tolerance = 1e-12 * max(1.0, observed)  # equal statistics computed in another order still count as hits
@@ -134,10 +155,7 @@ def _sign_flip_p_value(weighted: np.ndarray, n_flips: int, rng: np.random.Genera
     if 2 ** num <= n_flips:  # every sign pattern: the exact permutation distribution
         signs = np.array(list(itertools.product((1.0, -1.0), repeat=num)))
         return float(np.mean(np.abs(signs @ weighted) >= observed - tolerance))
-    hits = 0
-    for lo in range(0, n_flips, 1024):  # in chunks: [chunk, P] signs at a time
-        signs = 1.0 - 2.0 * rng.integers(0, 2, size=(min(1024, n_flips - lo), num))
-        hits += int(np.count_nonzero(np.abs(signs @ weighted) >= observed - tolerance))
+    hits = int(np.count_nonzero(np.abs(_random_signs(seed, n_flips, num) @ weighted) >= observed - tolerance))
     return (1 + hits) / (1 + n_flips)
 
 
@@ -162,7 +180,7 @@ def stratified_paired_difference(a_strata: Sequence, b_strata: Sequence, *, leve
     diff, low, high = stratified_bootstrap_ci(diffs, level=level, n_boot=n_boot, seed=seed)
     # diff = sum over problems of weight * (seed-mean difference), weight = 1 / (strata * P_i)
     weighted = np.concatenate([d.mean(axis=0) / (len(diffs) * d.shape[1]) for d in diffs])
-    p_value = _sign_flip_p_value(weighted, n_boot, np.random.default_rng([seed, 1]))
+    p_value = _sign_flip_p_value(weighted, n_boot, seed)
     return diff, low, high, p_value
 
 
