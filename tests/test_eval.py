@@ -344,3 +344,27 @@ def test_two_local_benchmarks_with_one_stem_are_refused():
         EvalConfig(benchmarks=["a/test.jsonl", "b/test.parquet"])
     with pytest.raises(ValueError, match=r"'gsm8k' and 'data/gsm8k\.jsonl' would both write gsm8k\.json"):
         evaluate("unused", ["gsm8k", "data/gsm8k.jsonl"], EvalConfig())
+
+
+def test_problem_values_average_to_the_benchmark_metrics():
+    """The per-problem values the report bootstraps have the result's own metrics as their means."""
+    from eksft.eval.runner import problem_values
+
+    scores = [[0, 1, 1, 1], [0.0, 0.0, 0.0, 0.0], [True, True, True, False], [1.0, 0.1, 0, 0]]
+    extracted = [["7", "5", "5", "5"], [None, "2", None, "2"], ["$4$", " 4", "4", "9"], ["1", "2", "3", None]]
+    result = {**summarize(scores, extracted, None, 4),
+              "samples": [{"problem": f"p{i}", "scores": s, "extracted": e} for i, (s, e) in enumerate(zip(scores, extracted))]}
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    assert problem_values(result, "avg@n") == [0.75, 0.0, 0.75, 0.25]
+    assert mean(problem_values(result, "avg@n")) == pytest.approx(result["avg@n"])
+    for k in range(1, 5):
+        assert mean(problem_values(result, f"pass@{k}")) == pytest.approx(result["pass@k"][str(k)])
+    for k in (1, 2, 4):
+        assert mean(problem_values(result, f"maj@{k}")) == pytest.approx(result["maj@k"][str(k)])
+    assert problem_values(result, "coverage") == [1.0, 0.0, 1.0, 1.0]
+    # results written before distinct_answers was stored: counted from the extracted answers
+    assert problem_values(result, "distinct_answers") == [2.0, 1.0, 2.0, 3.0]
+    assert problem_values(result, "entropy") is None  # no per-problem entropy stored
+    assert problem_values({**result, "samples": []}, "avg@n") is None
+    with pytest.raises(ValueError, match="unknown metric 'pass@5'"):
+        problem_values(result, "pass@5")

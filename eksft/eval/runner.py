@@ -271,7 +271,10 @@ def problem_values(result: dict, metric: str) -> list[float] | None:
     n = result.get("n")
     if not samples or not isinstance(n, int) or len(samples) != result.get("num_problems"):
         return None
-    if metric in ("distinct_answers", "entropy"):
+    if metric == "distinct_answers":  # older results have the extracted answers but not their count
+        values = [s.get(metric, distinct_answers(s["extracted"]) if "extracted" in s else None) for s in samples]
+        return None if any(v is None for v in values) else [float(v) for v in values]
+    if metric == "entropy":
         values = [s.get(metric) for s in samples]
         return None if any(v is None for v in values) else [float(v) for v in values]
     if any(len(s.get("scores") or ()) != n for s in samples):
