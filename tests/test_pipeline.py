@@ -85,6 +85,13 @@ def test_plan_keys_follow_dependencies():
     assert {n for n in a if a[n] != c[n]} == {n for n in a if not n.startswith("_base")}
 
 
+def test_report_settings_change_no_stage_key():
+    """The report reads report.* from run.json: choosing another baseline or level redoes no stage."""
+    keys = {s.name: s.key for s in plan(load_recipe(MINI), Path("/tmp/x"))}
+    other = load_recipe(MINI, ["report.baseline_arm=eksft", "report.level=0.9", "report.n_boot=500"])
+    assert {s.name: s.key for s in plan(other, Path("/tmp/x"))} == keys
+
+
 def test_resolved_precision_is_part_of_every_stage_key():
     recipe = load_recipe(MINI)
     native = plan(recipe, Path("/tmp/x"), {k: NATIVE for k in ("sft", "rl", "eval")})
