@@ -393,3 +393,15 @@ def test_cli_report(tmp_path, capsys):
     args = _parser().parse_args(["report", str(tmp_path / "nope")])
     assert cmd_report(args) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_a_baseline_without_sft_compares_only_after_rl(tmp_path):
+    run_dir = _copy(tmp_path)
+    md = (build_report(run_dir, baseline_arm="base") / "table.md").read_text(encoding="utf-8")
+    rows = _table_lines(md, "avg@4")
+    by_row = {(r[0], r[1]): r[5] for r in rows}
+    assert by_row[("base", "after RL")] == "baseline"
+    assert by_row[("sft", "after SFT")] == "" and by_row[("eksft", "after SFT")] == ""  # base has no SFT
+    assert by_row[("sft", "after RL")].count("p = ") == 1 and by_row[("eksft", "after RL")] == MISSING
+    sentence = next(line for line in md.splitlines() if line.startswith("**Against base"))
+    assert "after SFT" not in sentence and "sft after RL avg@4" in sentence

@@ -224,16 +224,15 @@ class Comparison:
 
     @property
     def compared_rows(self) -> list[TableRow]:
-        """The rows compared with the baseline: every arm's but the baseline's own."""
-        if self.baseline is None:
-            return []
-        return [r for r in self.rows if not r.is_starting_model and r.arm != self.baseline]
+        """The rows compared with the baseline: every arm's but the baseline's own, at the stages the baseline
+        has (a baseline without SFT has no after-SFT row to compare with)."""
+        return [r for r in self.rows if self.baseline_row(r) is not None]
 
     def delta_cell(self, row: TableRow, metric: str) -> str:
-        if row.is_starting_model or self.baseline is None:
-            return ""
-        if row.arm == self.baseline:
+        if self.baseline is not None and row.arm == self.baseline:
             return "baseline"
+        if self.baseline_row(row) is None:
+            return ""  # the starting model, or a stage the baseline does not have
         d = self.delta(row, metric)
         return MISSING if d is None else d.markdown()
 
