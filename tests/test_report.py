@@ -195,8 +195,8 @@ def _interval(est, low, high):
 def _delta(d, low, high, p):
     def signed(x):
         return f"{100 * x:+.1f}".replace("+0.0", "0.0").replace("-0.0", "0.0")
-    p_txt = "< 0.001" if p < 0.001 else f"{p:.3f}" if p < 0.1 else f"{p:.2f}"
-    text = f"{signed(d)} [{signed(low)}, {signed(high)}], p = {p_txt}"
+    p_txt = "p < 0.001" if p < 0.001 else f"p = {p:.3f}" if p < 0.1 else f"p = {p:.2f}"
+    text = f"{signed(d)} [{signed(low)}, {signed(high)}], {p_txt}"
     return f"**{text}**" if low > 0 or high < 0 else text
 
 

@@ -64,7 +64,7 @@ class Delta:
 
     def text(self) -> str:
         """``"+4.7 [-3.1, +12.5], p = 0.24"`` (percentage points)."""
-        return f"{signed(self.diff)} [{signed(self.low)}, {signed(self.high)}], p = {p_text(self.p_value)}"
+        return f"{signed(self.diff)} [{signed(self.low)}, {signed(self.high)}], {p_text(self.p_value)}"
 
     def markdown(self) -> str:
         return f"**{self.text()}**" if self.excludes_zero else self.text()
@@ -99,7 +99,8 @@ def signed(value: float) -> str:
 
 
 def p_text(p: float) -> str:
-    return "< 0.001" if p < 0.001 else f"{p:.3f}" if p < 0.1 else f"{p:.2f}"
+    """``"p = 0.24"``, ``"p = 0.006"``, ``"p < 0.001"``."""
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}" if p < 0.1 else f"p = {p:.2f}"
 
 
 def table_metrics(run: RunData) -> list[str]:
@@ -309,7 +310,7 @@ def noise_sentence(run: RunData, comparison: Comparison) -> str:
                 if f"{r.arm} {r.label}" not in missing:
                     missing.append(f"{r.arm} {r.label}")
             elif d.excludes_zero and d.p_value < 1 - run.level:
-                clear.append(f"{what} ({signed(d.diff)} points, p = {p_text(d.p_value)})")
+                clear.append(f"{what} ({signed(d.diff)} points, {p_text(d.p_value)})")
             elif d.excludes_zero or d.p_value < 1 - run.level:
                 borderline.append(f"{what} ({d.text()})")
             else:
