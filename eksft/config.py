@@ -148,6 +148,16 @@ class ResourcesConfig(Strict):
     eval: StageResources = StageResources()
 
 
+class ReportConfig(Strict):
+    """How ``eksft report`` compares the arms (it reads this from run.json; no stage depends on it)."""
+
+    baseline_arm: str | None = Field(
+        None, description="the arm every other arm is compared with (the table's Δ column: paired over the same "
+                          "problems); None: the first arm whose objective is sft, else the first arm")
+    level: float = Field(0.95, gt=0, lt=1, description="coverage of the intervals (percentile bootstrap)")
+    n_boot: int = Field(2000, ge=100, description="bootstrap resamples, and random sign flips of the paired test")
+
+
 # As written in a recipe: `--set arms.<name>...` on a recipe without `arms` edits a copy of these.
 DEFAULT_ARMS: list[dict[str, Any]] = [{"name": "sft", "objective": {"name": "sft"}},
                                       {"name": "eksft", "objective": {"name": "eksft"}}]
@@ -167,12 +177,16 @@ class Recipe(Strict):
     arms: list[ArmConfig] = Field(default_factory=lambda: [ArmConfig.model_validate(a) for a in DEFAULT_ARMS])
     eval: EvalConfig = EvalConfig()
     resources: ResourcesConfig = ResourcesConfig()
+    report: ReportConfig = ReportConfig()
 
     @model_validator(mode="after")
     def _arms_are_consistent(self):
         names = [a.name for a in self.arms]
         if len(set(names)) != len(names):
             raise ValueError(f"arm names must be unique, got {names}")
+        if self.report.baseline_arm is not None and self.report.baseline_arm not in names:
+            raise ValueError(f"report.baseline_arm: no arm is called {self.report.baseline_arm!r} "
+                             f"(arms: {', '.join(names)})")
         for i, arm in enumerate(self.arms):
             try:
                 self.arm_rl(arm)

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from eksft.data import DataError
 from eksft.eval import RESULT_KEYS, EvalConfig, evaluate, load_benchmark, summarize
+from eksft.eval.runner import SAMPLE_KEYS, distinct_answers
 from eksft.eval.benchmarks import EMBEDDED_DEFAULT_SIZE, EMBEDDED_EVAL_SEED, normalize_gsm8k
 from eksft.eval.cli import add_eval_parser, eval_config_from_args, model_basename
 
@@ -223,6 +224,9 @@ def test_summarize_against_hand_computed_values():
     assert m["entropy_mean"] == pytest.approx(36 / 28)  # -(12 * -2.0 + 4 * -3.0) / (12 * 2 + 4 * 1)
     assert m["response_length_mean"] == pytest.approx(28 / 16)
     assert m["truncation_rate"] == pytest.approx(1 / 16)
+    # distinct answers: A {7, 5} = 2, B {2} = 1 (None is no answer), C {4, 9} = 2 ("$4$" is "4"), D {1, 2, 3} = 3
+    assert m["distinct_answers_mean"] == pytest.approx((2 + 1 + 2 + 3) / 4)
+    assert m["coverage"] == pytest.approx(3 / 4) == m["pass@k"]["4"]  # B is never solved
 
 
 def test_summarize_edge_cases():
@@ -231,6 +235,8 @@ def test_summarize_edge_cases():
     assert m["pass@k"]["6"] == 1.0 and m["pass@k"]["1"] == pytest.approx(1 / 6)
     assert m["maj@k"] == {"1": 1.0, "2": 1.0, "4": 1.0, "6": 0.0}
     assert m["entropy_mean"] is None and m["truncation_rate"] == 0.0
+    assert m["distinct_answers_mean"] == 2 and m["coverage"] == 1.0
+    assert summarize([[0, 0]], [[None, None]], None, 2)["distinct_answers_mean"] == 0
     with pytest.raises(ValueError, match="expected n=2"):
         summarize([[1, 0, 1]], [["1", "2", "3"]], None, 2)
 
@@ -295,8 +301,15 @@ def test_evaluate_end_to_end_with_hf_engine(tiny_qwen2_dir, tmp_path):
     assert 0 < r["response_length_mean"] <= 8 and 0 <= r["truncation_rate"] <= 1 and r["wall_s"] > 0
     assert len(r["samples"]) == 3
     for s in r["samples"]:
-        assert set(s) == {"problem", "answer", "completions", "scores", "extracted"}
-        assert len(s["completions"]) == len(s["scores"]) == len(s["extracted"]) == 4
+        assert tuple(s) == SAMPLE_KEYS
+        assert len(s["completions"]) == len(s["scores"]) == len(s["extracted"]) == len(s["lengths"]) == 4
+        assert all(0 < x <= 8 for x in s["lengths"]) and all(isinstance(t, bool) for t in s["truncated"])
+        assert s["entropy"] > 0 and s["distinct_answers"] == distinct_answers(s["extracted"])
+    # per-problem values are what the benchmark means average
+    lengths = [x for s in r["samples"] for x in s["lengths"]]
+    assert r["response_length_mean"] == pytest.approx(sum(lengths) / len(lengths))
+    assert r["distinct_answers_mean"] == pytest.approx(sum(s["distinct_answers"] for s in r["samples"]) / 3)
+    assert r["coverage"] == pytest.approx(sum(any(x >= 1 for x in s["scores"]) for s in r["samples"]) / 3)
     # Deterministic seeds: the same completions again.
     assert [s["completions"] for s in again["embedded:arithmetic"]["samples"]] == [s["completions"] for s in r["samples"]]
 
@@ -331,3 +344,27 @@ def test_two_local_benchmarks_with_one_stem_are_refused():
         EvalConfig(benchmarks=["a/test.jsonl", "b/test.parquet"])
     with pytest.raises(ValueError, match=r"'gsm8k' and 'data/gsm8k\.jsonl' would both write gsm8k\.json"):
         evaluate("unused", ["gsm8k", "data/gsm8k.jsonl"], EvalConfig())
+
+
+def test_problem_values_average_to_the_benchmark_metrics():
+    """The per-problem values the report bootstraps have the result's own metrics as their means."""
+    from eksft.eval.runner import problem_values
+
+    scores = [[0, 1, 1, 1], [0.0, 0.0, 0.0, 0.0], [True, True, True, False], [1.0, 0.1, 0, 0]]
+    extracted = [["7", "5", "5", "5"], [None, "2", None, "2"], ["$4$", " 4", "4", "9"], ["1", "2", "3", None]]
+    result = {**summarize(scores, extracted, None, 4),
+              "samples": [{"problem": f"p{i}", "scores": s, "extracted": e} for i, (s, e) in enumerate(zip(scores, extracted))]}
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    assert problem_values(result, "avg@n") == [0.75, 0.0, 0.75, 0.25]
+    assert mean(problem_values(result, "avg@n")) == pytest.approx(result["avg@n"])
+    for k in range(1, 5):
+        assert mean(problem_values(result, f"pass@{k}")) == pytest.approx(result["pass@k"][str(k)])
+    for k in (1, 2, 4):
+        assert mean(problem_values(result, f"maj@{k}")) == pytest.approx(result["maj@k"][str(k)])
+    assert problem_values(result, "coverage") == [1.0, 0.0, 1.0, 1.0]
+    # results written before distinct_answers was stored: counted from the extracted answers
+    assert problem_values(result, "distinct_answers") == [2.0, 1.0, 2.0, 3.0]
+    assert problem_values(result, "entropy") is None  # no per-problem entropy stored
+    assert problem_values({**result, "samples": []}, "avg@n") is None
+    with pytest.raises(ValueError, match="unknown metric 'pass@5'"):
+        problem_values(result, "pass@5")

@@ -40,32 +40,38 @@ def expected_outputs(run_dir: Path):
             data = json.loads((run_dir / arm / "eval" / point / "embedded_arithmetic.json").read_text())
             assert data["n"] == 2 and "pass@k" in data and "avg@n" in data
     assert (run_dir / "eksft" / "sft" / "masks.html").is_file()
-    for f in ("table.md", "table.csv", "entropy.png", "kl.png", "reward.png", "pass_at_k.png", "index.html"):
+    for f in ("table.md", "table.csv", "entropy.png", "kl.png", "reward.png", "pass_at_k.png", "index.html",
+              "pass_at_k_curves_embedded_arithmetic.png"):
         assert (run_dir / "report" / f).is_file(), f
     report_shows_the_evaluations(run_dir)
 
 
 def report_shows_the_evaluations(run_dir: Path):
-    """Each number of table.md (percent, one decimal) and table.csv (fractions) is the evaluation JSON's metric."""
-    lines = [[c.strip() for c in ln.strip("|").split("|")] for ln in
-             (run_dir / "report" / "table.md").read_text().splitlines() if ln.startswith("| ")]
-    header, *rows = lines
-    assert header == ["Arm", "Stage", "embedded:arithmetic", "Average"]
-    csv_rows = {(r["arm"], r["point"]): r for r in csv.DictReader((run_dir / "report" / "table.csv").open())
+    """Each estimate of table.md (percent, one decimal) and table.csv (fractions) is the evaluation JSON's metric,
+    with an interval around it; the starting model's row reads the shared _base evaluation."""
+    md = (run_dir / "report" / "table.md").read_text()
+    csv_rows = {(r["arm"], r["point"], r["metric"]): r for r in csv.DictReader((run_dir / "report" / "table.csv").open())
                 if r["benchmark"] == "embedded:arithmetic"}
-    points = {"after SFT": "after_sft", "after RL": "after_rl"}
-    assert [(arm, points[stage]) for arm, stage, *_ in rows] == list(csv_rows) == [
-        (arm, point) for arm in ("sft", "eksft") for point in ("after_sft", "after_rl")]
-    for arm, stage, cell, average in rows:
-        data = json.loads((run_dir / arm / "eval" / points[stage] / "embedded_arithmetic.json").read_text())
-        avg, pass_n = data["avg@n"], data["pass@k"][str(data["n"])]
-        shown = re.fullmatch(r"(\d+\.\d) \((\d+\.\d)\)", cell)
-        assert shown and average == cell, (arm, stage, cell, average)  # one benchmark: the average is the cell
-        assert float(shown[1]) == pytest.approx(100 * avg, abs=0.05)
-        assert float(shown[2]) == pytest.approx(100 * pass_n, abs=0.05)
-        row = csv_rows[arm, points[stage]]
-        assert float(row["avg@n"]) == pytest.approx(avg, abs=1e-6)
-        assert float(row[f"pass@{data['n']}"]) == pytest.approx(pass_n, abs=1e-6)
+    points = {"before training": "before_sft", "after SFT": "after_sft", "after RL": "after_rl"}
+    for title in ("avg@2", "pass@2"):
+        block = md.split(f"## {title}")[1].split("\n\n")[1]
+        header, _, *rows = [[c.strip() for c in ln.strip("|").split(" | ")] for ln in block.splitlines()]
+        assert header == ["Arm", "Stage", "embedded:arithmetic", "Average", "Δ vs sft"]
+        assert [(arm, points[stage]) for arm, stage, *_ in rows] == [("starting model", "before_sft")] + [
+            (arm, point) for arm in ("sft", "eksft") for point in ("after_sft", "after_rl")]
+        for arm, stage, cell, average, delta in rows:
+            owner = "_base" if arm == "starting model" else arm
+            data = json.loads((run_dir / owner / "eval" / points[stage] / "embedded_arithmetic.json").read_text())
+            value = data["avg@n"] if title == "avg@2" else data["pass@k"]["2"]
+            shown = re.fullmatch(r"(\d+\.\d)(?: \[(\d+\.\d), (\d+\.\d)\])?", cell)
+            assert shown and average == cell, (arm, stage, cell, average)  # one benchmark: the average is the cell
+            assert float(shown[1]) == pytest.approx(100 * value, abs=0.05)
+            if shown[2] is not None:
+                assert float(shown[2]) <= float(shown[1]) <= float(shown[3])
+            assert delta == {"starting model": "", "sft": "baseline"}[arm] if arm != "eksft" else delta.count("p = ")
+            metric = "avg@n" if title == "avg@2" else "pass@2"
+            row = csv_rows[("_base" if arm == "starting model" else arm, points[stage], metric)]
+            assert float(row["estimate"]) == pytest.approx(value, abs=1e-6)
 
 
 def test_plan_keys_follow_dependencies():
@@ -77,6 +83,13 @@ def test_plan_keys_follow_dependencies():
                        "eksft/rl", "eksft/eval:rl_step_1", "eksft/eval:after_rl"}
     c = {s.name: s.key for s in plan(load_recipe(MINI, ["sft.learning_rate=0.5"]), Path("/tmp/x"))}
     assert {n for n in a if a[n] != c[n]} == {n for n in a if not n.startswith("_base")}
+
+
+def test_report_settings_change_no_stage_key():
+    """The report reads report.* from run.json: choosing another baseline or level redoes no stage."""
+    keys = {s.name: s.key for s in plan(load_recipe(MINI), Path("/tmp/x"))}
+    other = load_recipe(MINI, ["report.baseline_arm=eksft", "report.level=0.9", "report.n_boot=500"])
+    assert {s.name: s.key for s in plan(other, Path("/tmp/x"))} == keys
 
 
 def test_resolved_precision_is_part_of_every_stage_key():

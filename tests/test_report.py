@@ -102,6 +102,8 @@ def test_load_run_in_progress():
     assert run.sft_metrics["base"] == []
     assert [r["step"] for r in run.rl_metrics["eksft"]] == [1, 2, 3]  # half-written 4th line skipped
     assert "after_rl" not in run.evals["eksft"]
+    assert run.base_evals.keys() == {"embedded:arithmetic", "gsm8k"} and run.baseline_arm == "sft"
+    assert run.base_eval_files["gsm8k"] == FIXTURE / "_base" / "eval" / "before_sft" / "gsm8k.json"
     assert len(read_jsonl(FIXTURE / "eksft" / "rl" / "metrics.jsonl")) == 3
 
 
@@ -153,50 +155,164 @@ def test_report_files(report):
         assert data[:8] == PNG_SIGNATURE and len(data) > 10_000, name
 
 
-EXPECTED_ROWS = [
-    # arithmetic: sum 8/32 = 25.0, 5/8 solved = 62.5; gsm8k: 5/32 = 15.625 -> 15.6, 3/8 = 37.5;
-    # average (25 + 15.625) / 2 = 20.3125 -> 20.3, (62.5 + 37.5) / 2 = 50.0
-    "| base | base (no SFT) | 25.0 (62.5) | 15.6 (37.5) | 20.3 (50.0) |",
-    # 12/32 = 37.5, 6/8 = 75.0; 7/32 = 21.875 -> 21.9, 6/8 = 75.0; (37.5 + 21.875) / 2 = 29.6875 -> 29.7
-    "| base | after RL | 37.5 (75.0) | 21.9 (75.0) | 29.7 (75.0) |",
-    # 13/32 = 40.625 -> 40.6, 8/8; 8/32 = 25.0, 6/8 = 75.0; (40.625 + 25) / 2 = 32.8125 -> 32.8, 87.5
-    "| sft | after SFT | 40.6 (100.0) | 25.0 (75.0) | 32.8 (87.5) |",
-    # 17/32 = 53.125 -> 53.1; 12/32 = 37.5; (53.125 + 37.5) / 2 = 45.3125 -> 45.3
-    "| sft | after RL | 53.1 (100.0) | 37.5 (100.0) | 45.3 (100.0) |",
-    # 15/32 = 46.875 -> 46.9; 9/32 = 28.125 -> 28.1, 6/8 = 75.0; (46.875 + 28.125) / 2 = 37.5, 87.5
-    "| eksft | after SFT | 46.9 (100.0) | 28.1 (75.0) | 37.5 (87.5) |",
-    "| eksft | after RL | — | — | — |",  # in progress: no after_rl evaluation
+EXPECTED_ESTIMATES = [
+    # avg@4 (first number of each cell), hand-computed from the fixture's counts:
+    # arithmetic: sum 8/32 = 25.0; gsm8k: 5/32 = 15.625 -> 15.6; average (25 + 15.625) / 2 = 20.3125 -> 20.3
+    ("starting model", "before training", "25.0", "15.6", "20.3"),
+    # 12/32 = 37.5; 7/32 = 21.875 -> 21.9; (37.5 + 21.875) / 2 = 29.6875 -> 29.7
+    ("base", "after RL", "37.5", "21.9", "29.7"),
+    # 13/32 = 40.625 -> 40.6; 8/32 = 25.0; (40.625 + 25) / 2 = 32.8125 -> 32.8
+    ("sft", "after SFT", "40.6", "25.0", "32.8"),
+    ("sft", "after RL", "53.1", "37.5", "45.3"),   # 17/32, 12/32
+    ("eksft", "after SFT", "46.9", "28.1", "37.5"),  # 15/32, 9/32
+    ("eksft", "after RL", MISSING, MISSING, MISSING),  # in progress: no after_rl evaluation
 ]
+ROW_POINTS = {"starting model": ("base", "before_sft"), ("base", "after RL"): ("base", "after_rl"),
+              ("sft", "after SFT"): ("sft", "after_sft"), ("sft", "after RL"): ("sft", "after_rl"),
+              ("eksft", "after SFT"): ("eksft", "after_sft")}
 
 
-def test_markdown_table(report):
+def _fixture_counts():
+    """The fixture generator's per-problem correct counts (out of N = 4): arm -> point -> benchmark -> [8]."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_run_small", FIXTURE.parent / "make_run_small.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.COUNTS, module.N
+
+
+def _table_lines(md: str, title_start: str) -> list[list[str]]:
+    """The body rows of the table under the heading starting with ``title_start``, split into cells."""
+    block = md.split(f"## {title_start}")[1].split("\n\n")[1]
+    return [[c.strip() for c in line.strip("|").split(" | ")] for line in block.splitlines()[2:]]
+
+
+def _interval(est, low, high):
+    return f"{100 * est:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+
+
+def _delta(d, low, high, p):
+    def signed(x):
+        return f"{100 * x:+.1f}".replace("+0.0", "0.0").replace("-0.0", "0.0")
+    p_txt = "p < 0.001" if p < 0.001 else f"p = {p:.3f}" if p < 0.1 else f"p = {p:.2f}"
+    text = f"{signed(d)} [{signed(low)}, {signed(high)}], {p_txt}"
+    return f"**{text}**" if low > 0 or high < 0 else text
+
+
+def test_markdown_table_numbers_are_the_statistics_of_the_per_problem_scores(report):
+    """Every cell and Δ equals eksft.eval.stats applied to the fixture's per-problem values, recomputed here
+    from the generator's counts (avg@4: c / 4; pass@4: c > 0)."""
+    from eksft.eval.stats import bootstrap_ci, paired_difference, stratified_bootstrap_ci, \
+        stratified_paired_difference
+
     run_dir, out = report
     md = (out / "table.md").read_text(encoding="utf-8")
     assert md == format_table(run_dir)
     assert md.startswith("# Results: run_small")
-    assert "**avg@4**" in md and "**pass@4**" in md and "n = 4" in md
-    assert "| Arm | Stage | embedded:arithmetic | gsm8k | Average |" in md
-    table = [line for line in md.splitlines() if line.startswith("| ") and "Arm" not in line]
-    assert table == EXPECTED_ROWS
+    counts, n = _fixture_counts()
+    benches = ["embedded:arithmetic", "gsm8k"]
+    for title, score in (("avg@4", lambda c: c / n), ("pass@4", lambda c: float(c > 0))):
+        lines = _table_lines(md, title)
+        assert [(line[0], line[1]) for line in lines] == [r[:2] for r in EXPECTED_ESTIMATES]
+        for line in lines:
+            key = "starting model" if line[0] == "starting model" else (line[0], line[1])
+            if key not in ROW_POINTS:
+                assert line[2:] == [MISSING] * 4  # eksft after RL: missing, and so is its Δ
+                continue
+            arm, point = ROW_POINTS[key]
+            values = [[score(c) for c in counts[arm][point][b]] for b in benches]
+            assert line[2:4] == [_interval(*bootstrap_ci(v)) for v in values]
+            assert line[4] == _interval(*stratified_bootstrap_ci(values))
+            if line[0] == "starting model":
+                assert line[5] == ""
+            elif arm == "sft":
+                assert line[5] == "baseline"
+            else:
+                base = [[score(c) for c in counts["sft"][point][b]] for b in benches]
+                assert line[5] == _delta(*stratified_paired_difference(values, base))
+    # the point estimates, hand-computed (avg@4 table)
+    for line, expected in zip(_table_lines(md, "avg@4"), EXPECTED_ESTIMATES):
+        assert tuple([line[0], line[1], *[cell.split(" [")[0] for cell in line[2:5]]]) == expected
+    # a one-benchmark Δ (CSV) is paired_difference itself: checked in test_csv
+    assert paired_difference([1.0, 0.5], [0.5, 0.5])[0] == pytest.approx(0.25)
+    assert "| Arm | Stage | embedded:arithmetic | gsm8k | Average | Δ vs sft |" in md
     assert MISSING == "—" and "Legend" in md
 
 
+def test_noise_sentence_sorts_the_differences(report):
+    _, out = report
+    md = (out / "table.md").read_text(encoding="utf-8")
+    sentence = next(line for line in md.splitlines() if line.startswith("**Against sft"))
+    assert "at 8 problems per benchmark and n = 4" in sentence
+    clear, rest = sentence.split("Borderline")
+    assert "base after RL avg@4 (-15.6 points" in clear            # interval excludes 0 and p < 0.05
+    borderline, rest = rest.split("Not distinguishable from noise:")
+    assert "base after RL pass@4" in borderline                    # interval excludes 0, the test does not reject
+    unclear, missing = rest.split("Not comparable yet")
+    assert "eksft after SFT avg@4 (+4.7" in unclear and "eksft after SFT pass@4 (0.0" in unclear
+    assert "eksft after RL" in missing
+
+
+def test_baseline_arm_from_the_recipe_and_the_command_line(tmp_path):
+    run_dir = _copy(tmp_path)
+    assert load_run(run_dir).baseline_arm == "sft"  # the first arm whose objective is sft
+    meta = json.loads((run_dir / "run.json").read_text())
+    meta["config"]["report"]["baseline_arm"] = "eksft"
+    (run_dir / "run.json").write_text(json.dumps(meta))
+    assert load_run(run_dir).baseline_arm == "eksft"
+    assert "| Δ vs eksft |" in format_table(run_dir)
+    out = build_report(run_dir, baseline_arm="base")
+    assert "| Δ vs base |" in (out / "table.md").read_text(encoding="utf-8")
+    with pytest.raises(ValueError, match=r"--baseline nope: no such arm \(arms: base, sft, eksft\)"):
+        build_report(run_dir, baseline_arm="nope")
+
+
+def test_recipe_refuses_an_unknown_baseline_arm():
+    from eksft.config import RecipeError, load_recipe
+
+    with pytest.raises(RecipeError, match=r"report.baseline_arm: no arm is called 'sfft' \(arms: sft, eksft\)"):
+        load_recipe(None, ["report.baseline_arm=sfft"])
+
+
 def test_csv(report):
+    from eksft.eval.stats import bootstrap_ci, paired_difference
+
     _, out = report
     rows = list(csv.DictReader(io.StringIO((out / "table.csv").read_text(encoding="utf-8"))))
-    assert len(rows) == 3 * 2 * 3  # arms x stages x (2 benchmarks + average)
-    assert {"arm", "stage", "benchmark", "avg@n", "pass@1", "pass@2", "pass@4"} <= set(rows[0])
-    by_key = {(r["arm"], r["stage"], r["benchmark"]): r for r in rows}
-    base = by_key[("base", "after_sft", "embedded:arithmetic")]
-    assert base["point"] == "before_sft" and base["label"] == "base (no SFT)"
-    assert float(base["avg@n"]) == 0.25 and float(base["pass@4"]) == 0.625
+    assert list(rows[0]) == ["arm", "stage", "label", "point", "benchmark", "n", "num_problems", "metric", "estimate",
+                             "low", "high", "baseline", "delta", "delta_low", "delta_high", "p_value", "excludes_zero"]
+    by_key = {(r["arm"], r["stage"], r["benchmark"], r["metric"]): r for r in rows}
+    metrics = ["avg@n", "pass@1", "pass@2", "pass@3", "pass@4", "maj@1", "maj@2", "maj@4", "coverage",
+               "distinct_answers", "entropy_mean", "response_length_mean", "truncation_rate"]
+    assert [r["metric"] for r in rows if r["arm"] == "sft" and r["stage"] == "after_sft"
+            and r["benchmark"] == "gsm8k"] == metrics
+    counts, n = _fixture_counts()
+    start = by_key[("_base", "before_training", "embedded:arithmetic", "avg@n")]
+    assert start["point"] == "before_sft" and start["label"] == "before training" and start["baseline"] == ""
+    assert float(start["estimate"]) == 0.25 and start["delta"] == ""
+    values = [c / n for c in counts["base"]["before_sft"]["embedded:arithmetic"]]
+    assert (float(start["low"]), float(start["high"])) == pytest.approx(bootstrap_ci(values)[1:], abs=1e-6)
     # pass@2 with c correct of 4: 1 - C(4-c, 2) / 6 -> counts [0,1,0,2,1,0,3,1]: (3*0.5 + 5/6 + 1) / 8
-    assert float(base["pass@2"]) == pytest.approx((3 * 0.5 + 5 / 6 + 1) / 8, abs=1e-6)
-    avg = by_key[("sft", "after_sft", "average")]
-    assert float(avg["avg@n"]) == pytest.approx(0.328125) and float(avg["pass@4"]) == pytest.approx(0.875)
-    missing = by_key[("eksft", "after_rl", "gsm8k")]
-    assert missing["avg@n"] == "" and missing["pass@4"] == "" and missing["n"] == ""
-    assert by_key[("eksft", "after_rl", "average")]["avg@n"] == ""
+    p2 = by_key[("_base", "before_training", "embedded:arithmetic", "pass@2")]
+    assert float(p2["estimate"]) == pytest.approx((3 * 0.5 + 5 / 6 + 1) / 8, abs=1e-6)
+    # one benchmark's Δ is paired_difference of the two arms' per-problem scores
+    d = by_key[("eksft", "after_sft", "gsm8k", "avg@n")]
+    expected = paired_difference([c / n for c in counts["eksft"]["after_sft"]["gsm8k"]],
+                                 [c / n for c in counts["sft"]["after_sft"]["gsm8k"]])
+    assert d["baseline"] == "sft"
+    assert [float(d[k]) for k in ("delta", "delta_low", "delta_high", "p_value")] == pytest.approx(expected, abs=1e-6)
+    assert float(d["delta"]) == pytest.approx((9 - 8) / 32)
+    # exploration measures: coverage = problems solved / 8, distinct answers of the fixture = right + wrong
+    assert float(by_key[("sft", "after_sft", "gsm8k", "coverage")]["estimate"]) == 0.75
+    assert float(by_key[("sft", "after_sft", "gsm8k", "distinct_answers")]["estimate"]) == pytest.approx(
+        sum(int(c > 0) + int(c < 4) for c in counts["sft"]["after_sft"]["gsm8k"]) / 8)
+    avg = by_key[("sft", "after_sft", "average", "avg@n")]
+    assert float(avg["estimate"]) == pytest.approx(0.328125) and avg["low"] and avg["high"]
+    assert ("sft", "after_sft", "average", "entropy_mean") not in by_key  # stated-only metrics: per benchmark
+    missing = by_key[("eksft", "after_rl", "gsm8k", "pass@4")]
+    assert missing["estimate"] == "" and missing["low"] == "" and missing["n"] == "" and missing["delta"] == ""
+    assert ("base", "after_sft", "gsm8k", "avg@n") not in by_key  # no SFT, no after-SFT row
 
 
 def test_index_html_links(report):
@@ -209,11 +325,12 @@ def test_index_html_links(report):
     assert 'href="../sft/sft/metrics.jsonl"' in page and 'href="../base/rl/metrics.jsonl"' in page
     assert 'href="../sft/eval/after_sft/embedded_arithmetic.json"' in page
     assert 'href="table.md"' in page and 'href="table.csv"' in page and 'href="../run.json"' in page
-    assert "<table" in page and "25.0 (62.5)" in page
-    # eksft has no after-RL evaluation yet: its two benchmark cells and its average show the dash
-    # (the legend holds one too, so count the cells, not the character).
-    assert page.count('<td class="num missing" title="after_rl: no evaluation yet">—</td>') == 2
-    assert page.count('<td class="num avg missing">—</td>') == 1
+    assert "<table" in page and "25.0 [" in page and "Δ vs sft" in page and "Against sft" in page
+    assert 'href="../_base/eval/before_sft/gsm8k.json"' in page  # the starting model's row links its own files
+    # eksft has no after-RL evaluation yet: in both tables (avg@4, pass@4) its two benchmark cells and its
+    # average show the dash (the legend holds one too, so count the cells, not the character).
+    assert page.count('<td class="num missing" title="after_rl: no evaluation yet">—</td>') == 4
+    assert page.count('<td class="num avg missing">—</td>') == 2
     assert "<style>" in page and "http://" not in page and "https://" not in page and "<script" not in page
     # every relative link resolves to a file of the run
     import re
@@ -229,7 +346,7 @@ def test_report_without_run_json_and_on_empty_run(tmp_path):
     assert run.arms == ["base", "eksft", "sft"] and set(run.benchmarks) == {"embedded:arithmetic", "gsm8k"}
     assert run.sft_steps == {"base": 0, "eksft": 5, "sft": 5} and run.eval_n == 4
     assert run.arm_rl_steps("eksft") == 3
-    assert "| sft | after SFT | 40.6 (100.0) |" in format_table(run_dir)
+    assert "| sft | after SFT | 40.6 [" in format_table(run_dir) and "Δ vs sft" in format_table(run_dir)
 
     empty = tmp_path / "just_started"
     empty.mkdir()
@@ -240,7 +357,7 @@ def test_report_without_run_json_and_on_empty_run(tmp_path):
 def test_table_rows_points():
     rows = table_rows(load_run(FIXTURE))
     assert [(r.arm, r.label, r.point) for r in rows] == [
-        ("base", "base (no SFT)", "before_sft"), ("base", "after RL", "after_rl"),
+        ("_base", "before training", "before_sft"), ("base", "after RL", "after_rl"),
         ("sft", "after SFT", "after_sft"), ("sft", "after RL", "after_rl"),
         ("eksft", "after SFT", "after_sft"), ("eksft", "after RL", "after_rl")]
 
@@ -270,9 +387,21 @@ def test_cli_report(tmp_path, capsys):
     assert args.func is cmd_report
     assert args.func(args) == 0
     out = capsys.readouterr().out
-    assert EXPECTED_ROWS[0] in out and str(run_dir / "report" / "index.html") in out
+    assert "| starting model | before training | 25.0 [" in out and str(run_dir / "report" / "index.html") in out
     assert json.loads((run_dir / "run.json").read_text())["recipe"] == "run_small"  # inputs untouched
 
     args = _parser().parse_args(["report", str(tmp_path / "nope")])
     assert cmd_report(args) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_a_baseline_without_sft_compares_only_after_rl(tmp_path):
+    run_dir = _copy(tmp_path)
+    md = (build_report(run_dir, baseline_arm="base") / "table.md").read_text(encoding="utf-8")
+    rows = _table_lines(md, "avg@4")
+    by_row = {(r[0], r[1]): r[5] for r in rows}
+    assert by_row[("base", "after RL")] == "baseline"
+    assert by_row[("sft", "after SFT")] == "" and by_row[("eksft", "after SFT")] == ""  # base has no SFT
+    assert by_row[("sft", "after RL")].count("p = ") == 1 and by_row[("eksft", "after RL")] == MISSING
+    sentence = next(line for line in md.splitlines() if line.startswith("**Against base"))
+    assert "after SFT" not in sentence and "sft after RL avg@4" in sentence

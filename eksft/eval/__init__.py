@@ -4,7 +4,10 @@
     results = evaluate(model_dir, ["math500", "embedded:arithmetic"], EvalConfig(n=16), out_dir="runs/x/eval/sft_end")
 
 Metrics per benchmark: avg@n, pass@k for every k in 1..n, maj@k (k = 1, 2, 4, ..., n), mean token entropy of the
-policy on its own samples, response length, truncation rate, wall time; one JSON file per benchmark.
+policy on its own samples, distinct answers per problem, coverage, response length, truncation rate, wall time; one
+JSON file per benchmark.
+Per problem, the result keeps what statistics need (``runner.problem_values``); ``eksft.eval.stats`` turns those
+into bootstrap intervals and paired differences (the report's numbers).
 Command line: ``eksft eval --model M --benchmarks math500,gsm8k --n 16``.
 """
 

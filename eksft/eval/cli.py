@@ -21,8 +21,9 @@ DESCRIPTION = (
     "Sample N completions per problem from a model (vLLM by default, or transformers with --engine hf), score the "
     "last \\boxed{} answer of each with math-verify, and report per benchmark: avg@n (mean accuracy), pass@k for "
     "every k in 1..n (unbiased estimator), maj@k (majority vote of the extracted answers; k = 1, 2, 4, ..., n), the "
-    "policy's mean token entropy on its own samples (-mean log-prob of the sampled tokens), response length and "
-    "truncation rate. Writes one JSON file per benchmark (metrics and every sample) to --out, named after the benchmark "
+    "policy's mean token entropy on its own samples (-mean log-prob of the sampled tokens), distinct final answers "
+    "per problem, coverage (share of problems solved at least once), response length and truncation rate; the table "
+    "gives avg@n's 95% bootstrap interval over the problems. Writes one JSON file per benchmark (metrics and every sample) to --out, named after the benchmark "
     "(gsm8k.json, embedded_arithmetic.json; a local file after its stem: ../data/gsm8k_test.jsonl -> gsm8k_test.json, "
     "and two files with one stem are refused), and prints a table. "
     "Benchmarks: math500, aime24, aime25, amc23, gsm8k, minerva, olympiadbench (HF hub or its cache), "
@@ -106,18 +107,32 @@ def _fmt(value, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _interval(result: dict) -> str:
+    """The 95% bootstrap interval of avg@n over the problems, "-" without per-problem samples."""
+    from eksft.eval.runner import problem_values
+    from eksft.eval.stats import bootstrap_ci
+
+    values = problem_values(result, "avg@n")
+    if values is None or len(values) < 2:
+        return "-"
+    _, low, high = bootstrap_ci(values)
+    return f"[{low:.3f}, {high:.3f}]"
+
+
 def print_table(results: dict[str, dict], title: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title)
-    for col in ("benchmark", "problems", "n", "avg@n", "pass@1", "pass@n", "maj@n", "entropy", "length", "trunc", "time"):
+    for col in ("benchmark", "problems", "n", "avg@n", "95% CI", "pass@1", "pass@n", "maj@n", "coverage", "answers",
+                "entropy", "length", "trunc", "time"):
         table.add_column(col, justify="left" if col == "benchmark" else "right", no_wrap=True)
     for name, r in results.items():
         n = str(r["n"])
-        table.add_row(name, str(r["num_problems"]), n, _fmt(r["avg@n"]), _fmt(r["pass@k"]["1"]), _fmt(r["pass@k"][n]),
-                      _fmt(r["maj@k"][n]), _fmt(r["entropy_mean"]), _fmt(r["response_length_mean"], 1),
-                      _fmt(r["truncation_rate"], 2), f"{r['wall_s']:.1f}s")
+        table.add_row(name, str(r["num_problems"]), n, _fmt(r["avg@n"]), _interval(r), _fmt(r["pass@k"]["1"]),
+                      _fmt(r["pass@k"][n]), _fmt(r["maj@k"][n]), _fmt(r["coverage"]), _fmt(r["distinct_answers_mean"], 2),
+                      _fmt(r["entropy_mean"]), _fmt(r["response_length_mean"], 1), _fmt(r["truncation_rate"], 2),
+                      f"{r['wall_s']:.1f}s")
     console = Console(highlight=False)
     if not console.is_terminal:  # logs and pipes: do not squeeze the table into 80 columns
         console = Console(highlight=False, width=200)

@@ -9,10 +9,14 @@ Per benchmark (also written to ``out_dir/<eksft.layout.benchmark_filename(name)>
   pass@k                {"1": ..., ..., "n": ...}: the unbiased estimator 1 - C(n-c, k)/C(n, k), averaged over problems
   maj@k                 {"1", "2", "4", ..., "n"}: majority vote over the extracted answers of the first k samples
   entropy_mean          -mean(log-prob) of the sampled tokens (see ``summarize``)
+  distinct_answers_mean distinct final answers per problem (``distinct_answers``), averaged over problems
+  coverage              share of problems solved by at least one of the n samples
   response_length_mean  completion tokens per sample
   truncation_rate       share of samples that hit max_new_tokens
   wall_s                generation + reward time of the benchmark
-  samples               per problem: problem, answer, completions, scores, extracted
+  samples               per problem (``SAMPLE_KEYS``): problem, answer, and per sample its completion, score,
+                        extracted answer, length in tokens and truncation; the problem's mean token entropy and
+                        number of distinct answers. ``eksft.report`` bootstraps intervals from these.
 """
 
 from __future__ import annotations
@@ -32,10 +36,12 @@ from eksft.eval.config import EvalConfig
 from eksft.layout import check_distinct_result_files, result_path
 
 RESULT_KEYS = ("benchmark", "model", "point", "n", "num_problems", "avg@n", "pass@k", "maj@k", "entropy_mean",
-               "response_length_mean", "truncation_rate", "wall_s", "samples")
+               "distinct_answers_mean", "coverage", "response_length_mean", "truncation_rate", "wall_s", "samples")
 """Keys of every result dict and JSON file, in order (the report generator reads exactly these)."""
 
-SAMPLE_KEYS = ("problem", "answer", "completions", "scores", "extracted")
+SAMPLE_KEYS = ("problem", "answer", "completions", "scores", "extracted", "lengths", "truncated", "entropy",
+               "distinct_answers")
+"""Keys of each entry of ``samples`` (one per problem; the lists have one value per sample)."""
 
 
 # ----------------------------------------------------------------------------- pure aggregation
@@ -50,6 +56,17 @@ def canonical_answer(answer: str | None) -> str | None:
         return None
     key = "".join(answer.split()).strip("$")
     return key or None
+
+
+def distinct_answers(extracted: Sequence[str | None]) -> int:
+    """How many different final answers a problem's samples gave (by ``canonical_answer``; none extracted: not one)."""
+    return len({key for key in map(canonical_answer, extracted) if key is not None})
+
+
+def token_nll(logprobs: Sequence[Sequence[float]]) -> tuple[float, int]:
+    """``(-sum of the finite log-probs, their number)`` over a group of samples (see ``summarize``)."""
+    finite = [lp for lps in logprobs for lp in lps if math.isfinite(lp)]
+    return -sum(finite), len(finite)
 
 
 def summarize(scores_per_problem: Sequence[Sequence[float | bool]],
@@ -67,7 +84,8 @@ def summarize(scores_per_problem: Sequence[Sequence[float | bool]],
     truncated_per_problem:      whether it hit max_new_tokens (default: none did)
     lengths_per_problem:        its completion length in tokens (default: the number of log-probs)
 
-    ``entropy_mean`` is the Monte Carlo estimate -mean(log p(token)) over all sampled tokens of all samples
+    ``distinct_answers_mean`` is the mean over problems of ``distinct_answers``; ``coverage`` the share of problems
+    with at least one correct sample (= pass@n). ``entropy_mean`` is the Monte Carlo estimate -mean(log p(token)) over all sampled tokens of all samples
     (token-weighted): the per-token NLL of the model's own samples, whose expectation is the entropy of the sampling
     distribution (logits / temperature, after top-p). It needs no extra forward pass. With temperature 0 it is
     only the NLL of the greedy tokens, not an entropy. None when no log-probs (or no tokens) are given.
@@ -93,12 +111,10 @@ def summarize(scores_per_problem: Sequence[Sequence[float | bool]],
         majority[str(k)] = sum(votes) / num
 
     nll, tokens = 0.0, 0
-    if logprobs_per_problem is not None:
-        for group in logprobs_per_problem:
-            for lps in group:
-                finite = [lp for lp in lps if math.isfinite(lp)]
-                nll -= sum(finite)
-                tokens += len(finite)
+    for group in logprobs_per_problem or ():
+        group_nll, group_tokens = token_nll(group)
+        nll += group_nll
+        tokens += group_tokens
     if lengths_per_problem is None:
         lengths_per_problem = ([[len(lps) for lps in group] for group in logprobs_per_problem]
                                if logprobs_per_problem is not None else None)
@@ -112,6 +128,8 @@ def summarize(scores_per_problem: Sequence[Sequence[float | bool]],
         "pass@k": {str(k): sum(pass_at_k(n, c, k) for c in counts) / num for k in range(1, n + 1)},
         "maj@k": majority,
         "entropy_mean": nll / tokens if tokens else None,
+        "distinct_answers_mean": sum(map(distinct_answers, extracted_per_problem)) / num,
+        "coverage": sum(c > 0 for c in counts) / num,
         "response_length_mean": sum(lengths) / len(lengths) if lengths else None,
         "truncation_rate": sum(truncated) / len(truncated) if truncated else 0.0,
     }
@@ -123,6 +141,16 @@ def problem_seed(seed: int, benchmark: str, index: int) -> int:
 
 
 # ----------------------------------------------------------------------------- the runner
+
+
+def problem_record(row: dict, group: Sequence, rewards: Sequence) -> dict:
+    """One entry of ``samples``: a problem, its n samples (``rl.rollout`` outputs) and their rewards."""
+    extracted = [r.extracted for r in rewards]
+    nll, tokens = token_nll([s.logprobs or [] for s in group])
+    return {"problem": row["problem"], "answer": row["answer"], "completions": [s.text for s in group],
+            "scores": [r.score for r in rewards], "extracted": extracted,
+            "lengths": [len(s.completion_ids) for s in group], "truncated": [bool(s.truncated) for s in group],
+            "entropy": nll / tokens if tokens else None, "distinct_answers": distinct_answers(extracted)}
 
 
 def write_result(result: dict, out_dir: str | Path) -> Path:
@@ -215,11 +243,7 @@ def evaluate(model_dir: str, benchmarks: Sequence[str], cfg: EvalConfig, rollout
                 "point": point,
                 **metrics,
                 "wall_s": wall,
-                "samples": [
-                    {"problem": row["problem"], "answer": row["answer"], "completions": [s.text for s in group],
-                     "scores": [r.score for r in rs], "extracted": [r.extracted for r in rs]}
-                    for row, group, rs in zip(rows, samples, rewards)
-                ],
+                "samples": [problem_record(row, group, rs) for row, group, rs in zip(rows, samples, rewards)],
             }
             result = {k: result[k] for k in RESULT_KEYS}
             results[name] = result
@@ -229,3 +253,44 @@ def evaluate(model_dir: str, benchmarks: Sequence[str], cfg: EvalConfig, rollout
         if own_engine:
             engine.shutdown()
     return results
+
+
+# ----------------------------------------------------------------------------- per-problem values of a result
+
+
+def problem_values(result: dict, metric: str) -> list[float] | None:
+    """``[P]`` values of ``metric`` per problem, from a result's ``samples`` (what ``eksft.eval.stats`` resamples).
+
+    metric: ``avg@n`` (share of correct samples), ``pass@K`` (unbiased, 1 <= K <= n), ``maj@K``, ``coverage``
+    (solved at least once), ``distinct_answers`` or ``entropy`` (the problem's mean token entropy). Their means
+    over problems are the result's ``avg@n``, ``pass@k[K]``, ``maj@k[K]``, ``coverage`` and
+    ``distinct_answers_mean`` (``entropy_mean`` weights problems by their tokens instead). None when the result
+    has no per-problem samples for it (results written before these fields existed).
+    """
+    samples = result.get("samples")
+    n = result.get("n")
+    if not samples or not isinstance(n, int) or len(samples) != result.get("num_problems"):
+        return None
+    if metric == "distinct_answers":  # older results have the extracted answers but not their count
+        values = [s.get(metric, distinct_answers(s["extracted"]) if "extracted" in s else None) for s in samples]
+        return None if any(v is None for v in values) else [float(v) for v in values]
+    if metric == "entropy":
+        values = [s.get(metric) for s in samples]
+        return None if any(v is None for v in values) else [float(v) for v in values]
+    if any(len(s.get("scores") or ()) != n for s in samples):
+        return None
+    correct = [[float(x) >= 1.0 for x in s["scores"]] for s in samples]
+    if metric == "avg@n":
+        return [sum(flags) / n for flags in correct]
+    if metric == "coverage":
+        return [float(any(flags)) for flags in correct]
+    name, _, k_text = metric.partition("@")
+    if name not in ("pass", "maj") or not k_text.isdigit() or not 1 <= int(k_text) <= n:
+        raise ValueError(f"unknown metric {metric!r} (avg@n, pass@K, maj@K with 1 <= K <= n={n}, coverage, "
+                         "distinct_answers, entropy)")
+    k = int(k_text)
+    if name == "pass":
+        return [pass_at_k(n, sum(flags), k) for flags in correct]
+    if any(len(s.get("extracted") or ()) != n for s in samples):
+        return None
+    return [maj_at_k([canonical_answer(a) for a in s["extracted"]], flags, k) for s, flags in zip(samples, correct)]

@@ -57,10 +57,10 @@ def run_pipeline(recipe, run_dir: str | Path | None = None, *, local: bool = Fal
     failures = _run_local(todo, recipe, recipe_json, run_dir) if local else _run_ray(todo, recipe, recipe_json, run_dir)
     _share_base_eval(recipe, run_dir)
     _write_run_json(recipe, run_dir, precision, provenance)
-    from eksft.report import build_report, format_table
+    from eksft.report import build_report
 
     report = build_report(run_dir)
-    print(f"\n{format_table(run_dir)}\n\n[run] report: {report / 'index.html'}", flush=True)
+    print(f"\n{(report / 'table.md').read_text(encoding='utf-8')}\n[run] report: {report / 'index.html'}", flush=True)
     if failures:
         raise RuntimeError(f"{len(failures)} stage(s) failed: {', '.join(failures)} (rerun to resume)")
     return run_dir

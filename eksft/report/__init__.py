@@ -1,4 +1,5 @@
-"""Run reports: the post-RL table (markdown/CSV), timeline plots and an index.html for ``runs/<recipe>/``.
+"""Run reports: the post-RL tables with intervals and Δ to a baseline arm (markdown/CSV), pass@k curves,
+timeline plots and an index.html for ``runs/<recipe>/``.
 
     from eksft.report import build_report, format_table
     build_report("runs/quickstart")   # -> runs/quickstart/report/
@@ -11,10 +12,10 @@ File names and evaluation points of a run directory live in :mod:`eksft.layout` 
 __all__ = ["build_report", "format_table", "load_run"]
 
 
-def build_report(run_dir, out_dir=None):
+def build_report(run_dir, out_dir=None, baseline_arm=None):
     from eksft.report.build import build_report as _build
 
-    return _build(run_dir, out_dir)
+    return _build(run_dir, out_dir, baseline_arm)
 
 
 def format_table(run_dir) -> str:

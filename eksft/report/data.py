@@ -34,6 +34,30 @@ class RunData:
     evals: dict[str, dict[str, dict[str, dict]]] = field(default_factory=dict)  # arm -> point -> benchmark -> record
     eval_files: dict[str, dict[str, dict[str, Path]]] = field(default_factory=dict)  # same keys -> file
     rl_steps_by_arm: dict[str, int] = field(default_factory=dict)  # when run.json gives rl_steps per arm
+    base_evals: dict[str, dict] = field(default_factory=dict)  # the starting model: benchmark -> record
+    base_eval_files: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def baseline_arm(self) -> str | None:
+        """The arm the others are compared with: ``report.baseline_arm`` of the recipe, else the first arm whose
+        objective is ``sft``, else the first arm (None when the run has no arm)."""
+        chosen = (self.config.get("report") or {}).get("baseline_arm")
+        if chosen in self.arms:
+            return chosen
+        objectives = {a.get("name"): (a.get("objective") or {}).get("name")
+                      for a in self.config.get("arms") or [] if isinstance(a, dict)}
+        sft = [a for a in self.arms if objectives.get(a) == "sft"]
+        if not objectives and "sft" in self.arms:  # no recipe on record: the arm named sft
+            sft = ["sft"]
+        return (sft or self.arms or [None])[0]
+
+    @property
+    def level(self) -> float:
+        return float((self.config.get("report") or {}).get("level") or 0.95)
+
+    @property
+    def n_boot(self) -> int:
+        return int((self.config.get("report") or {}).get("n_boot") or 2000)
 
     @property
     def k(self) -> int | None:
@@ -140,6 +164,13 @@ def load_run(run_dir: str | Path) -> RunData:
     evals, eval_files = {}, {}
     for a in arms:
         evals[a], eval_files[a] = _load_evals(run.arm(a), benchmarks)
+    # The starting model is evaluated once (_base) and copied into every arm's before_sft.
+    base_points, base_files = _load_evals(run.base, benchmarks)
+    base_evals = base_points.get(layout.BEFORE_SFT.name, {})
+    base_eval_files = base_files.get(layout.BEFORE_SFT.name, {})
+    for a in arms:
+        if not base_evals and layout.BEFORE_SFT.name in evals[a]:
+            base_evals, base_eval_files = evals[a][layout.BEFORE_SFT.name], eval_files[a][layout.BEFORE_SFT.name]
     for a in arms:  # benchmarks not declared in run.json, in order of appearance
         for pt in evals[a].values():
             for b in pt:
@@ -180,4 +211,6 @@ def load_run(run_dir: str | Path) -> RunData:
         evals=evals,
         eval_files=eval_files,
         rl_steps_by_arm=rl_by_arm,
+        base_evals=base_evals,
+        base_eval_files=base_eval_files,
     )

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from eksft import layout
 from eksft.report.data import RunData
-from eksft.report.table import LEGEND, TableRow, header_note, html_table, url_part
+from eksft.report.table import LEGEND, Comparison, header_note, html_table, metric_title, noise_sentence, table_metrics, url_part
 
 CSS = """
 body { font-family: -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; color: #222;
@@ -20,6 +20,7 @@ table { border-collapse: collapse; margin: .6em 0; font-size: .93em; }
 th, td { border: 1px solid #d0d0d0; padding: .3em .6em; } th { background: #f2f4f7; text-align: left; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 td.missing { color: #aaa; text-align: center; } td.avg { font-weight: 600; background: #fafafa; }
+td.delta { color: #555; } td.delta.clear { color: #111; font-weight: 700; }
 tr.arm-start td { border-top: 2px solid #999; } td.arm { font-weight: 600; }
 td a { color: inherit; text-decoration: none; } td a:hover { text-decoration: underline; }
 .note { font-size: .9em; color: #444; max-width: 60em; }
@@ -106,7 +107,15 @@ def _md_inline(text: str) -> str:
     return re.sub(r"`(.+?)`", r"<code>\1</code>", t)
 
 
-def render_index(run: RunData, rows: list[TableRow], plots: dict[str, Path], colours: dict[str, str]) -> str:
+def _curve_figures(plots: dict[str, Path]) -> list[tuple[str, str]]:
+    """(file name, caption) of each benchmark's pass@k-against-k plot."""
+    prefix = "pass_at_k_curves:"
+    return [(path.name, f"pass@k against k on {key[len(prefix):]}: the starting model, after SFT and after RL, per arm, "
+                        "with interval bands (bootstrap over problems).")
+            for key, path in plots.items() if key.startswith(prefix)]
+
+
+def render_index(run: RunData, comparison: Comparison, plots: dict[str, Path], colours: dict[str, str]) -> str:
     e = html.escape
     run_json = layout.RunLayout(run.run_dir).run_json
     steps = ", ".join(f"{e(a)} {run.sft_steps.get(a, 0)}" for a in run.arms)
@@ -116,10 +125,12 @@ def render_index(run: RunData, rows: list[TableRow], plots: dict[str, Path], col
             + (f" &middot; {_link(run, run_json, 'run.json')}" if run_json.exists() else "") + "</p>")
     plot_html = []
     names = {p.name for p in plots.values()}
-    for fname, caption in PLOT_CAPTIONS:
+    for fname, caption in [*PLOT_CAPTIONS[:1], *_curve_figures(plots), *PLOT_CAPTIONS[1:]]:
         if fname in names:
             plot_html.append(f'<figure><a href="{e(fname)}"><img src="{e(fname)}" alt="{e(caption)}"></a>'
                              f"<figcaption>{e(caption)}</figcaption></figure>")
+    tables = "\n".join(f"<h3>{e(metric_title(run, m))}</h3>\n{html_table(run, m, comparison)}"
+                       for m in table_metrics(run))
     config = ""
     if run.config:
         config = ("<h2>Config</h2><details><summary>recipe config from run.json</summary><pre>"
@@ -132,8 +143,9 @@ def render_index(run: RunData, rows: list[TableRow], plots: dict[str, Path], col
 <h1>EKSFT report: {e(run.recipe)}</h1>
 {meta}
 <h2>Results</h2>
-<p class="note">{_md_inline(header_note(run))}</p>
-{html_table(run, rows)}
+<p class="note">{_md_inline(header_note(run, comparison.baseline))}</p>
+{tables}
+<p class="note">{_md_inline(noise_sentence(run, comparison))}</p>
 <p class="note">{_md_inline(LEGEND)} Cells link to their evaluation JSON.
 Also as <a href="table.md">table.md</a> and <a href="table.csv">table.csv</a>.</p>
 <h2>Progress</h2>

@@ -1,16 +1,23 @@
-"""Timeline plots: SFT steps then RL steps on one x axis, one line per arm, one colour per arm.
+"""Report plots, one colour per arm.
 
-RL step ``s`` of an arm is drawn at ``sft_steps[arm] + s``; evaluation points at
-:func:`eksft.layout.point_step`. Rendering uses matplotlib's object API with the Agg canvas
-(no pyplot, no display, no global backend switch).
+Timeline plots: SFT steps then RL steps on one x axis, one line per arm. RL step ``s`` of an arm is drawn at
+``sft_steps[arm] + s``; evaluation points at :func:`eksft.layout.point_step`.
+
+pass@k curves: per benchmark, pass@k against k = 1..n (log2 axis), one panel per arm with the starting
+model, after SFT and after RL, each with a percentile bootstrap band over problems.
+
+Rendering uses matplotlib's object API with the Agg canvas (no pyplot, no display, no global backend switch).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from eksft import layout
+from eksft.eval.runner import problem_values
+from eksft.eval.stats import bootstrap_ci
 from eksft.report.data import RunData, number
 
 DPI = 120
@@ -112,15 +119,69 @@ def eval_series(run: RunData, k: int) -> dict[str, Series]:
     return out
 
 
+@dataclass
+class Curve:
+    """pass@k of one evaluation against k, with its bootstrap interval; fractions in [0, 1]."""
+
+    label: str  # "starting model", "after SFT" or "after RL"
+    point: str  # the evaluation point it was read from
+    num_problems: int
+    ks: list[int] = field(default_factory=list)
+    estimate: list[float] = field(default_factory=list)
+    low: list[float] = field(default_factory=list)  # NaN when there is nothing to resample (one problem)
+    high: list[float] = field(default_factory=list)
+
+
+def _curve(run: RunData, label: str, point: str, record: dict | None) -> Curve | None:
+    """pass@1..pass@n of ``record``, or None when it is missing or has no per-problem samples."""
+    values = problem_values(record, "pass@1") if record is not None else None
+    if values is None:
+        return None
+    c = Curve(label, point, num_problems=len(values))
+    for k in range(1, record["n"] + 1):  # problem_values checked that n is an int matching the samples
+        est, low, high = bootstrap_ci(problem_values(record, f"pass@{k}"), level=run.level, n_boot=run.n_boot,
+                                      seed=0)
+        c.ks.append(k)
+        c.estimate.append(est)
+        c.low.append(low)
+        c.high.append(high)
+    return c
+
+
+def pass_at_k_curves(run: RunData, benchmark: str) -> dict[str, list[Curve]]:
+    """Per arm (in ``run.arms`` order): the "starting model", "after SFT" (arms with SFT only) and "after RL"
+    curves of ``benchmark``. Curves without a record or per-problem samples are left out, and so are arms
+    without any curve."""
+    # the starting model is the same for every arm: bootstrap it once
+    start = _curve(run, "starting model", layout.BEFORE_SFT.name, run.base_evals.get(benchmark))
+    out = {}
+    for arm in run.arms:
+        curves = [start]
+        if run.sft_steps.get(arm, 0) > 0:
+            curves.append(_curve(run, "after SFT", layout.AFTER_SFT.name,
+                                 run.eval_record(arm, layout.AFTER_SFT.name, benchmark)))
+        curves.append(_curve(run, "after RL", layout.AFTER_RL.name,
+                             run.eval_record(arm, layout.AFTER_RL.name, benchmark)))
+        curves = [c for c in curves if c is not None]
+        if curves:
+            out[arm] = curves
+    return out
+
+
 # --- rendering ---------------------------------------------------------------------------------------
 
 
-def _figure():
+def _new_figure(figsize: tuple[float, float]):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
+    fig = Figure(figsize=figsize, dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
+    return fig
+
+
+def _figure():
+    fig = _new_figure(FIGSIZE)
     return fig, fig.add_subplot()
 
 
@@ -206,11 +267,73 @@ def plot_pass_at_k(run: RunData, path: Path, colours: dict[str, str] | None = No
     return _finish(fig, ax, title, "percent", subtitle, path, empty=not arms, handles=handles)
 
 
+_START_COLOUR = "#111111"  # black: the arm called base is grey
+_CURVE_STYLES = {  # label -> (line style, marker); after SFT / after RL take the arm's colour
+    "starting model": (":", "o"),
+    "after SFT": ("--", "s"),
+    "after RL": ("-", "^"),
+}
+
+
+def _k_ticks(ks: list[int]) -> list[int]:
+    """Powers of two up to the largest k, and the largest k itself."""
+    n = max(ks)
+    return sorted({2 ** i for i in range(n.bit_length())} | {n})
+
+
+def plot_pass_at_k_curves(run: RunData, benchmark: str, path: Path, colours: dict[str, str] | None = None) -> Path:
+    """pass@k against k for ``benchmark``: one panel per arm (shared y axis), bootstrap bands around each curve."""
+    from matplotlib.ticker import NullLocator
+
+    colours = colours or arm_colours(run.arms)
+    curves = pass_at_k_curves(run, benchmark)
+    panels = list(curves) or [None]
+    fig = _new_figure((max(6.0, 3.6 * len(panels)), 4.4))
+    axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+    for ax, arm in zip(axes, panels):
+        ax.set_ylim(-2, 102)  # a margin so lines at 0% or 100% stay visible
+        ax.grid(True, alpha=0.3)
+        if arm is None:
+            ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes, color="#888888",
+                    fontsize=14)
+            ax.set_xticks([])  # no ks to show
+            continue
+        ticks = _k_ticks([k for c in curves[arm] for k in c.ks])
+        for c in curves[arm]:
+            colour = _START_COLOUR if c.label == "starting model" else colours[arm]
+            linestyle, marker = _CURVE_STYLES[c.label]
+            # with many ks, markers only where the ticks are: the line alone shows the rest
+            markevery = None if len(c.ks) <= 16 else [i for i, k in enumerate(c.ks) if k in ticks]
+            ax.plot(c.ks, [100 * v for v in c.estimate], color=colour, linestyle=linestyle, linewidth=1.6,
+                    marker=marker, markersize=4, markevery=markevery, label=c.label)
+            if all(math.isfinite(v) for v in c.low + c.high):
+                ax.fill_between(c.ks, [100 * v for v in c.low], [100 * v for v in c.high], color=colour,
+                                alpha=0.15, linewidth=0)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [str(k) for k in ticks])
+        ax.xaxis.set_minor_locator(NullLocator())  # log-scale minor ticks would sit between the ks
+        ax.set_title(arm, color=colours[arm], fontsize=11)
+        ax.set_xlabel("k (log2 scale)", fontsize=9)
+        ax.legend(fontsize=8, loc="best", framealpha=0.85)
+    axes[0].set_ylabel("pass@k (percent)")
+    all_curves = [c for cs in curves.values() for c in cs]
+    detail = ""
+    if all_curves:  # evaluations could differ in n or problems: show every value found
+        ns = "/".join(str(n) for n in sorted({max(c.ks) for c in all_curves}))
+        problems = "/".join(str(p) for p in sorted({c.num_problems for c in all_curves}))
+        detail = f" (n = {ns} samples, {problems} problems)"
+    fig.suptitle(f"pass@k against k: {benchmark}{detail}\nbands: {100 * run.level:g}% percentile bootstrap over "
+                 "problems", fontsize=11)
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
 def write_plots(run: RunData, out_dir: Path) -> dict[str, Path]:
-    """entropy.png, kl.png, reward.png, pass_at_k.png in ``out_dir``; returns name -> path."""
+    """entropy.png, kl.png, reward.png, pass_at_k.png and one pass_at_k_curves_<benchmark>.png per benchmark in
+    ``out_dir``; returns name -> path."""
     colours = arm_colours(run.arms)
     out_dir = Path(out_dir)
-    return {
+    plots = {
         "entropy": plot_timeline(run, "entropy_mean", "entropy", out_dir / "entropy.png", "Mean token entropy",
                                  "entropy (nats)", "SFT: on the SFT data (entropy_mean); RL: on its own samples "
                                  "(entropy)", colours),
@@ -220,3 +343,7 @@ def write_plots(run: RunData, out_dir: Path) -> dict[str, Path]:
                                 "RL only (reward_mean per step); x is offset by each arm's SFT steps", colours),
         "pass_at_k": plot_pass_at_k(run, out_dir / "pass_at_k.png", colours),
     }
+    for b in run.benchmarks:
+        name = f"pass_at_k_curves_{layout.benchmark_filename(b)[:-5]}.png"  # [:-5]: without ".json"
+        plots[f"pass_at_k_curves:{b}"] = plot_pass_at_k_curves(run, b, out_dir / name, colours)
+    return plots
