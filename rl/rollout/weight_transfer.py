@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime
 import socket
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
@@ -204,7 +205,9 @@ class GlooTrainerWeightTransfer(TrainerWeightTransferEngine[GlooTrainerInitInfo]
         self.client.start_weight_update()
         pairs = iter(self.source)
         buckets = sent = 0
-        with ThreadPoolExecutor(max_workers=1) as pool:
+        with ThreadPoolExecutor(max_workers=1) as pool, warnings.catch_warnings():
+            # a tensor larger than a bucket is sent as a bucket of its own: by design, not worth a warning
+            warnings.filterwarnings("ignore", message=r"Tensor .* exceeds buffer_size_bytes")
             # pack_tensors concatenates up to bucket_bytes of tensors into one uint8 buffer: at most one bucket
             # of full tensors (plus the tensor being gathered) is alive on this rank at a time
             while (bucket := pack_tensors(pairs, lambda item: item[1], self.init_info.bucket_bytes)) is not None:
