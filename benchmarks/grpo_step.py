@@ -50,6 +50,11 @@ holds for parameter shards, gradient shards and AdamW state (`rl.workers.Trainer
 and each rank's process peak RSS (``VmHWM``; at ``rl.workers: 1`` the rank lives in the controller's process,
 so that number includes the in-process vLLM engine).
 
+``ours-engines2`` is ``ours`` with ``rollout.num_engines: 2`` (two vLLM engines as Ray actors sharing each step's
+prompts, the weights sent to both through vLLM's weight-transfer API, ``cpu_gloo`` on CPU); ``ours-reload`` is
+``ours`` with ``rollout.weight_sync: reload`` (the weights handed to the engine's reload as before the weight-transfer
+API): with ``ours`` it gives the sync-time row (``time/sync``, reload vs transfer).
+
 Examples:
   python benchmarks/grpo_step.py                                   # 8 prompts x 8 x 128 tokens, 1+2 steps
   python benchmarks/grpo_step.py --prompts 4 --group 4 --max-new-tokens 32 --steps 1 --warmup 1 \
@@ -74,7 +79,7 @@ import _child  # benchmarks/_child.py: run one phase in a fresh subprocess of th
 import _precision  # benchmarks/_precision.py: --bf16 / --rollout-dtype resolved as the trainers do
 import _results  # benchmarks/_results.py: the JSON record and its markdown table
 
-SYSTEMS = ("ours", "trl", "engine")  # also: ours-workers2 (the scaling row), plain-default
+SYSTEMS = ("ours", "trl", "engine")  # also: ours-workers2, ours-engines2 (scaling rows), ours-reload, plain-default
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,7 +192,8 @@ def summarise(system: str, steps: list[dict], warmup: int, extra: dict | None = 
 # --------------------------------------------------------------------------------------------
 
 
-def run_ours(args: argparse.Namespace, workers: int = 1) -> dict[str, Any]:
+def run_ours(args: argparse.Namespace, workers: int = 1, engines: int = 1, weight_sync: str = "transfer",
+             system: str | None = None) -> dict[str, Any]:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     import torch
 
@@ -203,7 +209,8 @@ def run_ours(args: argparse.Namespace, workers: int = 1) -> dict[str, Any]:
                      learning_rate=args.lr, micro_batch_size=args.micro_batch, steps=total,
                      save_every=10**6, seed=args.seed, workers=workers)
     rollout = RolloutConfig(engine="vllm", dtype=args.rollout_dtype, max_model_len=args.max_model_len,
-                            kv_cache_gib=args.kv_cache_gib)
+                            kv_cache_gib=args.kv_cache_gib, num_engines=engines, weight_sync=weight_sync,
+                            num_cpus=0.5)  # engine actors (engines > 1) share this run's CPUs
     threads_before = torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="grpo_step_ours_") as tmp:
         t0 = time.perf_counter()
@@ -248,10 +255,12 @@ def run_ours(args: argparse.Namespace, workers: int = 1) -> dict[str, Any]:
         finally:
             trainer.engine.shutdown()
             trainer.workers.shutdown()
-    return summarise("ours" if workers == 1 else f"ours-workers{workers}", steps, args.warmup, {
-        "init_s": init_s, "workers": workers, "worker_memory": memory, "controller_peak_rss_bytes": controller_peak_rss,
+    return summarise(system or ("ours" if workers == 1 else f"ours-workers{workers}"), steps, args.warmup, {
+        "init_s": init_s, "workers": workers, "engines": engines, "weight_sync": weight_sync,
+        "weight_transfer": trainer.weight_transfer, "worker_memory": memory, "controller_peak_rss_bytes": controller_peak_rss,
         "torch_threads": [threads_before, torch.get_num_threads()],
-        "settings": {"engine": "vllm (in-process)", "rollout_dtype": args.rollout_dtype,
+        "settings": {"engine": "vllm (in-process)" if engines == 1 else f"vllm, {engines} Ray actors",
+                     "rollout_dtype": args.rollout_dtype,
                      "trainer_precision": "bf16 (FSDP2 mixed precision)" if args.bf16 else "float32",
                      "micro_batch_size": args.micro_batch, "beta_kl": 0.0, "kl_metric": False,
                      "aggregation": cfg.aggregation},
@@ -455,7 +464,7 @@ def profile_update(trainer, groups, args: argparse.Namespace) -> dict[str, Any]:
     out["flush_denormal_supported"] = previous
     # Weight sync cost alone (the engine re-packs the tied LM head, see rl.rollout.vllm_engine).
     t = time.perf_counter()
-    trainer.engine.update_weights(trainer.workers.iter_full_weights())
+    trainer._sync_weights()
     out["sync_s"] = time.perf_counter() - t
     return out
 
@@ -666,7 +675,9 @@ def run_plain_default(args: argparse.Namespace) -> dict[str, Any]:
 # Parent: children, merge, tables
 # --------------------------------------------------------------------------------------------
 
-CHILDREN = {"ours": run_ours, "ours-workers2": lambda args: run_ours(args, workers=2), "trl": run_trl,
+CHILDREN = {"ours": run_ours, "ours-workers2": lambda args: run_ours(args, workers=2),
+            "ours-reload": lambda args: run_ours(args, weight_sync="reload", system="ours-reload"),
+            "ours-engines2": lambda args: run_ours(args, engines=2, system="ours-engines2"), "trl": run_trl,
             "engine": run_engine, "plain-default": run_plain_default}
 
 
@@ -735,7 +746,7 @@ def markdown(result: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        if r.get("system") not in ("ours", "ours-workers2", "trl"):
+        if r.get("system") not in ("ours", "ours-workers2", "ours-engines2", "ours-reload", "trl"):
             continue
         if r.get("status") != "ok":
             lines.append(f"| {r['system']} | {r.get('status')} | | | | | | | | | | | |")

@@ -159,6 +159,25 @@ def test_a_stage_is_admitted_with_its_trainer_workers_memory_and_cpus():
     assert stage_needs(recipe, stages["eksft/sft"], gpu_cluster=True) == (1, 2, (1 + 2 * 3) * 2**30)
     with pytest.raises(RecipeError, match=r"resources.rl.memory_gib"):
         load_recipe(MINI, ["resources.rl.memory_gib=-1"])
+    # Engines in Ray actors generate beside RL and evaluation stages: their CPUs (and GPUs) are the stage's too.
+    recipe = load_recipe(MINI, ["rollout.num_engines=2", "rollout.num_cpus=0.5"])
+    stages = {s.name: s for s in plan(recipe, Path("/tmp/x"))}
+    assert stage_needs(recipe, stages["eksft/rl"]) == (1 + 2 * 0.5, 0, 0)
+    assert stage_needs(recipe, stages["eksft/eval:after_rl"]) == (1 + 2 * 0.5, 0, 0)
+    assert stage_needs(recipe, stages["eksft/sft"]) == (1, 0, 0)
+
+
+def test_engine_actors_that_cannot_all_be_placed_are_refused_before_any_stage(tmp_path):
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        with pytest.raises(ValueError, match=r"_base/eval:before_sft needs 3 CPUs \(its own 1 \+ 2 engines x rollout.num_cpus 1\) "
+                                             r"but the Ray cluster has 2: lower rollout.num_cpus"):
+            run_pipeline(load_recipe(MINI, ["rollout.num_engines=2"]), tmp_path)
+    finally:
+        ray.shutdown()
+    assert not any((tmp_path / arm / "sft" / "DONE").exists() for arm in ("sft", "eksft"))
 
 
 @pytest.mark.slow

@@ -142,6 +142,13 @@ def _run_ray(todo: list[Stage], recipe, recipe_json: dict, run_dir: Path) -> lis
     started = time.time()
     gpu_cluster = capacity.get("GPU", 0) > 0
     needs = {s.name: stage_needs(recipe, s, gpu_cluster) for s in todo}  # once each: an RL stage's validates its arm's settings
+    for s in todo:  # engine actors that can never all be placed would leave their stage waiting forever
+        engine_cpus, _ = engine_needs(recipe, s)
+        if engine_cpus and needs[s.name][0] > capacity.get("CPU", 0) + 1e-9:
+            raise ValueError(f"{s.name} needs {needs[s.name][0]:g} CPUs (its own {needs[s.name][0] - engine_cpus:g} + "
+                             f"{recipe.rollout.num_engines} engines x rollout.num_cpus {recipe.rollout.num_cpus:g}) but "
+                             f"the Ray cluster has {capacity.get('CPU', 0):g}: lower rollout.num_cpus (an engine "
+                             "actor's share; e.g. --set rollout.num_cpus=0.5) or rollout.num_engines")
     while waiting or running:
         for stage in [s for s in order if s.name in waiting]:  # upstream failures first: nothing to wait for
             if any(d in failed for d in stage.deps):
@@ -157,8 +164,10 @@ def _run_ray(todo: list[Stage], recipe, recipe_json: dict, run_dir: Path) -> lis
                        for u, n, resource in zip(used, (cpus, gpus, memory), ("CPU", "GPU", "memory")) if n)
             if not fits and running:
                 continue  # when nothing runs, start it anyway: Ray reports what it is waiting for
-            ref = remote_stage.options(num_cpus=cpus, num_gpus=gpus, name=stage.name,
-                                       max_retries=0).remote(stage, recipe_json, str(run_dir), cpus)
+            engine_cpus, engine_gpus = engine_needs(recipe, stage)  # admitted with the stage, held by its engines
+            own_cpus = cpus - engine_cpus
+            ref = remote_stage.options(num_cpus=own_cpus, num_gpus=gpus - engine_gpus, name=stage.name,
+                                       max_retries=0).remote(stage, recipe_json, str(run_dir), own_cpus)
             running[ref] = waiting.pop(stage.name)
             _status(stage, "started")
         if not running:
@@ -188,7 +197,8 @@ def stage_needs(recipe, stage: Stage, gpu_cluster: bool = False) -> tuple[float,
     never each hold their own share while waiting for their workers' (that would wait forever). The same for
     CPUs: the workers run inside the stage's CPUs (`rl.grpo.trainer`: a token share each) unless
     ``<kind>.worker_cpus`` is set, which is then counted per worker; and for GPUs on a ``gpu_cluster``, one per
-    worker."""
+    worker. RL and evaluation stages whose engines run in Ray actors (``rollout.num_engines`` > 1, ``placement:
+    separate`` or ``use_ray``) also count each engine's ``rollout.num_cpus`` and GPUs."""
     res = getattr(recipe.resources, stage.kind)
     ray_workers, worker_cpus = 0, 0.0  # workers: 1 runs in the stage's own process
     if stage.kind in ("sft", "rl"):
@@ -198,7 +208,17 @@ def stage_needs(recipe, stage: Stage, gpu_cluster: bool = False) -> tuple[float,
     gib = (res.memory_gib or 0) + ray_workers * (res.worker_memory_gib or 0)
     # On a cluster with GPUs each Ray worker takes one (rl.workers.workers_device).
     gpus = res.num_gpus + (ray_workers if gpu_cluster else 0)
-    return res.num_cpus + ray_workers * worker_cpus, gpus, gib * 2**30
+    engine_cpus, engine_gpus = engine_needs(recipe, stage)
+    return res.num_cpus + ray_workers * worker_cpus + engine_cpus, gpus + engine_gpus, gib * 2**30
+
+
+def engine_needs(recipe, stage: Stage) -> tuple[float, float]:
+    """(CPUs, GPUs) of the engine actors an RL or evaluation stage starts (none when its engine runs in the stage's
+    process). The engines ask Ray for them themselves: the stage's own task does not hold them."""
+    rollout = recipe.rollout
+    if stage.kind not in ("rl", "eval") or not rollout.in_ray_actors:
+        return 0.0, 0.0
+    return rollout.num_engines * rollout.num_cpus, rollout.num_engines * rollout.num_gpus * rollout.tensor_parallel_size
 
 
 def launch_order(stages: list[Stage]) -> list[Stage]:

@@ -49,7 +49,8 @@ def stable_hash(obj: Any) -> str:
 # that stages finished before the key existed keep their keys (and a value that changes behaviour changes them).
 ADDED_KEY_DEFAULTS = {"revision": None, "revisions": {}, "selection": "first", "tags": None, "chat_template_kwargs": {},
                       "global_batch": None, "workers": 1, "worker_cpus": None, "worker_timeout_s": 3600.0,
-                      "activation_checkpointing": False, "cpu_offload": False}
+                      "activation_checkpointing": False, "cpu_offload": False, "num_engines": 1,
+                      "tensor_parallel_size": 1, "placement": "colocated", "weight_sync": "transfer", "bucket_mb": 64.0}
 
 
 def _dump(section) -> dict:
@@ -122,7 +123,7 @@ def plan(recipe, run_dir: Path, hardware: dict | None = None) -> list[Stage]:
         "prompting": _dump({"instruction": recipe.data.instruction, "system_prompt": recipe.data.system_prompt,
                             "chat_template_kwargs": recipe.data.chat_template_kwargs}),
     }
-    evaluation = {"eval": _dump(recipe.eval), "rollout": recipe.rollout.model_dump(mode="json"), **base}
+    evaluation = {"eval": _dump(recipe.eval), "rollout": _dump(recipe.rollout), **base}
     layout = RunLayout(Path(run_dir))
 
     def eval_stage(arm_name: str, point: EvalPoint, deps: list[str], arm=None) -> Stage:
@@ -143,7 +144,7 @@ def plan(recipe, run_dir: Path, hardware: dict | None = None) -> list[Stage]:
         rl_cfg = recipe.arm_rl(arm)
         stages.append(Stage(f"{arm.name}/rl", arm.name, "rl", arm_dir.rl,
                             {**base, "data_rl": _dump(recipe.data.rl),
-                             "rl": rl_cfg.model_dump(mode="json"), "rollout": recipe.rollout.model_dump(mode="json"),
+                             "rl": rl_cfg.model_dump(mode="json"), "rollout": _dump(recipe.rollout),
                              "precision": precision(arm, "rl")},
                             deps=[start_dep]))
         for point in eval_points(rl_cfg.steps, recipe.eval.every_rl_steps):

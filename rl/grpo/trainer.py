@@ -7,7 +7,7 @@
                                                                 refills zero-variance groups)
         old / ref log-probs                                    (workers.logprobs; on policy no old pass)
         for epoch, mini-batch: workers.update(micro-batches)   (FSDP2 ranks, rl.workers)
-        engine.update_weights(workers.iter_full_weights())     (the engine serves the new weights)
+        sync the engines                                       (vLLM's weight transfer from rank 0, or reload)
         checkpoint every N steps: workers' sharded weights + optimizer, data position, RNG -> exact resume
 
 This process is the single controller: rollouts, rewards, advantages, dynamic sampling, metrics, the prompt
@@ -138,6 +138,12 @@ class GRPOTrainer:
         except BaseException:
             self.engine.shutdown()
             raise
+        try:
+            self.weight_transfer = self._join_weight_transfer()
+        except BaseException:
+            self.workers.shutdown()
+            self.engine.shutdown()
+            raise
         if resume_dir:
             try:
                 self._load_state(resume_dir)
@@ -198,12 +204,35 @@ class GRPOTrainer:
             metrics.update(self._update(groups))
             timings["train"] = time.perf_counter() - t
             t = time.perf_counter()
-            self.engine.update_weights(self.workers.iter_full_weights())
+            self._sync_weights()
             timings["sync"] = time.perf_counter() - t
         n_tokens = sum(len(s.completion_ids) for g in groups for s in g.samples)
         metrics.update({f"time/{k}": v for k, v in timings.items()})
         metrics["tokens_per_s"] = n_tokens / max(timings["generate"], 1e-9)
         return metrics
+
+    def _join_weight_transfer(self) -> bool:
+        """Connect the workers' rank 0 to the engines through vLLM's weight-transfer API when it can reach them:
+        engines in Ray actors, or an engine and a one-rank group both in this process. False: weights go through
+        the engines' reload (`rl.rollout.RolloutEngine.update_weights`)."""
+        from rl.rollout.ray_engine import RayEngine
+        from rl.workers import InProcessWorkerGroup
+
+        transfer_target = getattr(self.engine, "transfer_target", None)
+        target = transfer_target(int(self.rollout_cfg.bucket_mb * 2**20)) if transfer_target else None
+        if target is None or not (isinstance(self.engine, RayEngine) or isinstance(self.workers, InProcessWorkerGroup)):
+            return False
+        self.workers.init_weight_transfer(target)
+        print(f"[rl] weights reach {len(target.engines)} engine(s) through vLLM's weight transfer ({target.backend}, "
+              f"{self.rollout_cfg.bucket_mb:g} MiB buckets)", flush=True)
+        return True
+
+    def _sync_weights(self) -> None:
+        """The engines serve the workers' current weights."""
+        if self.weight_transfer:
+            self.workers.send_weights()
+        else:
+            self.engine.update_weights(self.workers.iter_full_weights())
 
     def _rollout(self, picks: list[tuple[int, int]], timings: dict) -> list[Group]:
         cfg = self.cfg

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol, Union
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 def prompt_token_ids(tokenizer, prompts: Sequence[list[dict[str, str]]],
@@ -89,3 +89,27 @@ class RolloutConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_model_len: int = Field(2048, gt=0)
     kv_cache_gib: float = Field(1.0, gt=0, description="vLLM KV-cache size (on CPU: host RAM)")
+    num_engines: int = Field(1, ge=1, description="engine replicas (Ray actors, num_cpus/num_gpus each); a batch's "
+                                                  "prompts are dealt across them by expected tokens")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine (vLLM tensor parallelism; GPU only)")
+    placement: Literal["colocated", "separate"] = Field(
+        "colocated", description="colocated: one engine in the trainer's process (on a GPU: sharing its GPUs, asleep "
+                                 "during updates); separate: engines in Ray actors on their own devices. More than one "
+                                 "engine is always separate")
+    weight_sync: Literal["transfer", "reload"] = Field(
+        "transfer", description="transfer: the trainer's rank 0 sends weights through vLLM's weight-transfer API "
+                                "(cpu_gloo on CPU, nccl or ipc on GPU) where it can reach the engines; reload: the "
+                                "controller passes the gathered weights to each engine's reload")
+    bucket_mb: float = Field(64.0, gt=0, description="weight-transfer bucket: MiB of full tensors sent at a time")
+
+    @model_validator(mode="after")
+    def _engines_fit(self):
+        if self.tensor_parallel_size > 1 and self.num_gpus == 0:
+            raise ValueError("tensor_parallel_size > 1 splits an engine over GPUs: set num_gpus (per engine) too")
+        if self.num_engines > 1 and self.engine != "vllm":
+            raise ValueError(f"num_engines > 1 needs engine: vllm (got {self.engine})")
+        return self
+
+    @property
+    def in_ray_actors(self) -> bool:
+        return self.use_ray or self.placement == "separate" or self.num_engines > 1

