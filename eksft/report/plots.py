@@ -18,6 +18,7 @@ from pathlib import Path
 from eksft import layout
 from eksft.eval.runner import problem_values
 from eksft.eval.stats import bootstrap_ci
+from eksft.report.table import SEED
 from eksft.report.data import RunData, number
 
 DPI = 120
@@ -140,7 +141,7 @@ def _curve(run: RunData, label: str, point: str, record: dict | None) -> Curve |
     c = Curve(label, point, num_problems=len(values))
     for k in range(1, record["n"] + 1):  # problem_values checked that n is an int matching the samples
         est, low, high = bootstrap_ci(problem_values(record, f"pass@{k}"), level=run.level, n_boot=run.n_boot,
-                                      seed=0)
+                                      seed=SEED)
         c.ks.append(k)
         c.estimate.append(est)
         c.low.append(low)

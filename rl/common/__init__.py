@@ -5,6 +5,7 @@
     precision    the one decision of the compute precision (bf16 where the device computes it natively)
     lora         LoRA settings (each stage's defaults in a subclass), wrapping and adapters-off references (PEFT)
     resume       the last complete checkpoint of a killed run, and metrics cut back to it
+    network      a free TCP port for a rendezvous (trainer ranks, weight transfer)
 
 Nothing here knows either stage: these modules import only torch, transformers, PEFT and pydantic.
 """

@@ -23,7 +23,6 @@ its worker in the engine's process there (``VLLM_ENABLE_V1_MULTIPROCESSING=0``).
 from __future__ import annotations
 
 import datetime
-import socket
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -37,6 +36,8 @@ from vllm.distributed.weight_transfer.base import (ParamMeta, TrainerInitInfo, T
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory, WeightTransferTrainerFactory
 from vllm.distributed.weight_transfer.packed_tensor import pack_tensors, unpack_tensor
 
+from rl.common.network import free_port
+
 CPU_BACKEND = "cpu_gloo"
 GPU_BACKENDS = ("nccl", "ipc")
 DEFAULT_BUCKET_BYTES = 64 * 2**20
@@ -48,12 +49,6 @@ def transfer_backend(device: str, placement: str) -> str:
     if device != "cuda":
         return CPU_BACKEND
     return "ipc" if placement == "colocated" else "nccl"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def gloo_group(host: str, port: int, rank: int, world_size: int, timeout_s: float) -> tuple:

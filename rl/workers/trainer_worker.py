@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
@@ -26,6 +25,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
+from rl.common.network import free_port
 from rl.grpo.loss import policy_loss
 from rl.workers.batch import MicroBatch, dense_rows, sequence_logprobs
 
@@ -80,13 +80,6 @@ class WorkerSettings:
                    lora=config.lora if config.lora.enabled else None, seed=config.seed,
                    activation_checkpointing=config.activation_checkpointing, cpu_offload=config.cpu_offload,
                    **overrides)
-
-
-def free_port() -> int:
-    """A TCP port free on this host now (for rank 0's rendezvous)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 class TrainerWorker:
