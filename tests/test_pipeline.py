@@ -173,6 +173,15 @@ def test_a_stage_is_admitted_with_its_trainer_workers_memory_and_cpus():
     assert stage_needs(recipe, stages["eksft/rl"]) == (1, 0, 0)
     assert engine_needs(recipe, stages["eksft/rl"]) == (2 * TOKEN_CPU, 0)
     assert engine_needs(recipe, stages["eksft/sft"]) == (0, 0)
+    # and each engine actor's memory, when the recipe states it
+    recipe = load_recipe(MINI, ["rollout.num_engines=2", "resources.rl.memory_gib=5", "resources.rl.engine_memory_gib=2.5",
+                                "resources.eval.engine_memory_gib=2"])
+    stages = {s.name: s for s in plan(recipe, Path("/tmp/x"))}
+    assert stage_needs(recipe, stages["eksft/rl"]) == (1, 0, (5 + 2 * 2.5) * 2**30)
+    assert stage_needs(recipe, stages["eksft/eval:after_rl"]) == (1, 0, 2 * 2 * 2**30)
+    assert stage_needs(recipe, stages["eksft/sft"]) == (1, 0, 0)
+    recipe = load_recipe(MINI, ["resources.rl.memory_gib=5", "resources.rl.engine_memory_gib=2.5"])  # engine in process
+    assert stage_needs(recipe, {s.name: s for s in plan(recipe, Path("/tmp/x"))}["eksft/rl"]) == (1, 0, 5 * 2**30)
     # On GPUs, each engine's tensor-parallel GPUs.
     recipe = load_recipe(MINI, ["rollout.num_engines=2", "rollout.num_gpus=1", "rollout.tensor_parallel_size=2"])
     stages = {s.name: s for s in plan(recipe, Path("/tmp/x"))}

@@ -196,7 +196,8 @@ def stage_needs(recipe, stage: Stage, gpu_cluster: bool = False) -> tuple[float,
     The memory is the stage's ``memory_gib`` plus, for an SFT stage with ``sft.workers`` > 1 or an RL stage with
     ``rl.workers`` > 1 (the arm's value),
     ``worker_memory_gib`` per Ray trainer worker: a stage and its workers are admitted as one, so two stages can
-    never each hold their own share while waiting for their workers' (that would wait forever). The same for
+    never each hold their own share while waiting for their workers' (that would wait forever). Likewise
+    ``engine_memory_gib`` per engine actor of an RL or evaluation stage whose engines run in Ray actors. The same for
     CPUs: the workers run inside the stage's CPUs (`rl.grpo.trainer`: a token share each) unless
     ``<kind>.worker_cpus`` is set, which is then counted per worker; and for GPUs on a ``gpu_cluster``, one per
     worker. RL and evaluation stages whose engines run in Ray actors (``rollout.num_engines`` > 1, ``placement:
@@ -211,6 +212,8 @@ def stage_needs(recipe, stage: Stage, gpu_cluster: bool = False) -> tuple[float,
     # On a cluster with GPUs each Ray worker takes one (rl.workers.workers_device).
     gpus = res.num_gpus + (ray_workers if gpu_cluster else 0)
     engine_cpus, engine_gpus = engine_needs(recipe, stage)
+    if stage.kind in ("rl", "eval") and recipe.rollout.in_ray_actors:
+        gib += recipe.rollout.num_engines * (res.engine_memory_gib or 0)
     if recipe.rollout.num_cpus is None:
         engine_cpus = 0.0  # token shares, taken out of the stage's own CPUs (see `engine_needs`)
     return res.num_cpus + ray_workers * worker_cpus + engine_cpus, gpus + engine_gpus, gib * 2**30
