@@ -240,3 +240,25 @@ def test_an_engine_sharing_the_trainers_gpu_sleeps_through_the_update_and_gets_e
                         ("start_weight_update", None), ("finish_weight_update", None), ("wake_up", ["kv_cache"])]
     assert len(buckets) >= 2  # every weight of each step went over (one bucket at least per sync)
     assert read_metrics(tmp_path)[1]["logprob_gap_engine_trainer"] < 1e-3
+
+
+def test_engines_that_cannot_all_be_placed_fail_at_once_and_leave_no_reservation():
+    """Every engine's placement group (its CPUs and tensor-parallel GPUs in one bundle) is reserved before any engine
+    starts: when they cannot all be placed, the error gives the numbers and the reservations are given back."""
+    import ray
+    from ray.util.placement_group import placement_group_table
+
+    from rl.rollout.ray_engine import RayEngine
+
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    try:
+        with pytest.raises(RuntimeError, match=r"2 rollout engine\(s\) of 1.5 CPUs and 0 GPUs each could not all be "
+                                               r"placed within 3 s"):
+            RayEngine("vllm", "/nonexistent", num_engines=2, num_cpus=1.5, ready_timeout_s=3)
+        assert all(pg["state"] == "REMOVED" for pg in placement_group_table().values())
+        deadline = time.monotonic() + 30  # Ray gives a removed group's CPUs back asynchronously
+        while ray.available_resources().get("CPU") != 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert ray.available_resources().get("CPU") == 2
+    finally:
+        ray.shutdown()
