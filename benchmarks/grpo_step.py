@@ -53,7 +53,10 @@ so that number includes the in-process vLLM engine).
 ``ours-engines2`` is ``ours`` with ``rollout.num_engines: 2`` (two vLLM engines as Ray actors sharing each step's
 prompts, the weights sent to both through vLLM's weight-transfer API, ``cpu_gloo`` on CPU); ``ours-reload`` is
 ``ours`` with ``rollout.weight_sync: reload`` (the weights handed to the engine's reload as before the weight-transfer
-API): with ``ours`` it gives the sync-time row (``time/sync``, reload vs transfer).
+API): with ``ours`` it gives the sync-time row (``time/sync``, reload vs transfer). ``ours-engines2-reload`` is
+``ours-engines2`` with ``rollout.weight_sync: reload``: the gathered weights go through the Ray object store (one
+``ray.put`` read by both engine actors), the path before the weight-transfer API; with ``ours-engines2`` it gives the
+sync-time row for engines in other processes (object store vs weight transfer).
 
 Examples:
   python benchmarks/grpo_step.py                                   # 8 prompts x 8 x 128 tokens, 1+2 steps
@@ -79,7 +82,8 @@ import _child  # benchmarks/_child.py: run one phase in a fresh subprocess of th
 import _precision  # benchmarks/_precision.py: --bf16 / --rollout-dtype resolved as the trainers do
 import _results  # benchmarks/_results.py: the JSON record and its markdown table
 
-SYSTEMS = ("ours", "trl", "engine")  # also: ours-workers2, ours-engines2 (scaling rows), ours-reload, plain-default
+SYSTEMS = ("ours", "trl", "engine")  # also: ours-workers2, ours-engines2 (scaling rows), ours-reload,
+# ours-engines2-reload (sync rows), plain-default
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,8 +213,8 @@ def run_ours(args: argparse.Namespace, workers: int = 1, engines: int = 1, weigh
                      learning_rate=args.lr, micro_batch_size=args.micro_batch, steps=total,
                      save_every=10**6, seed=args.seed, workers=workers)
     rollout = RolloutConfig(engine="vllm", dtype=args.rollout_dtype, max_model_len=args.max_model_len,
-                            kv_cache_gib=args.kv_cache_gib, num_engines=engines, weight_sync=weight_sync,
-                            num_cpus=0.5)  # engine actors (engines > 1) share this run's CPUs
+                            kv_cache_gib=args.kv_cache_gib, num_engines=engines, weight_sync=weight_sync)
+    # engine actors (engines > 1) share this run's CPUs: rollout.num_cpus unset
     threads_before = torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="grpo_step_ours_") as tmp:
         t0 = time.perf_counter()
@@ -244,7 +248,10 @@ def run_ours(args: argparse.Namespace, workers: int = 1, engines: int = 1, weigh
                               "sequences": sum(len(g.samples) for g in captured["groups"]),
                               "response_length_mean": m.get("response_length_mean"),
                               "truncation_rate": m.get("truncation_rate"), "reward_mean": m.get("reward_mean"),
-                              "logprob_gap_engine_trainer": m.get("logprob_gap_engine_trainer"), **load})
+                              "logprob_gap_engine_trainer": m.get("logprob_gap_engine_trainer"),
+                              "logprob_gap_per_engine": {k.split("/")[1]: v for k, v in m.items()
+                                                         if k.startswith("logprob_gap/")},
+                              "sync_bytes": m.get("sync/bytes"), **load})
                 print(f"[ours] step {i + 1}/{total} wall {wall:.1f}s "
                       + " ".join(f"{k}={v:.1f}s" for k, v in split.items())
                       + f" tokens={n_tokens} others_cpu={load.get('others_cpu_share')}", flush=True)
@@ -677,7 +684,9 @@ def run_plain_default(args: argparse.Namespace) -> dict[str, Any]:
 
 CHILDREN = {"ours": run_ours, "ours-workers2": lambda args: run_ours(args, workers=2),
             "ours-reload": lambda args: run_ours(args, weight_sync="reload", system="ours-reload"),
-            "ours-engines2": lambda args: run_ours(args, engines=2, system="ours-engines2"), "trl": run_trl,
+            "ours-engines2": lambda args: run_ours(args, engines=2, system="ours-engines2"),
+            "ours-engines2-reload": lambda args: run_ours(args, engines=2, weight_sync="reload",
+                                                          system="ours-engines2-reload"), "trl": run_trl,
             "engine": run_engine, "plain-default": run_plain_default}
 
 
@@ -700,6 +709,7 @@ def _get(rows, system):
 def compute_ratios(rows: list[dict]) -> dict[str, float | None]:
     ours, trl, engine, plain = _get(rows, "ours"), _get(rows, "trl"), _get(rows, "engine"), _get(rows, "plain-default")
     ours2 = _get(rows, "ours-workers2")
+    engines2, engines2_store = _get(rows, "ours-engines2"), _get(rows, "ours-engines2-reload")
 
     def ratio(a, b):
         return a / b if a and b else None
@@ -723,6 +733,7 @@ def compute_ratios(rows: list[dict]) -> dict[str, float | None]:
         "workers2_over_workers1_state_bytes_per_rank": ratio(
             max((m["state_bytes"] for m in (ours2 or {}).get("worker_memory", [])), default=None),
             max((m["state_bytes"] for m in (ours or {}).get("worker_memory", [])), default=None)),
+        "engines2_transfer_over_object_store_sync_time": ratio(split(engines2, "sync"), split(engines2_store, "sync")),
     }
 
 
@@ -746,7 +757,7 @@ def markdown(result: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        if r.get("system") not in ("ours", "ours-workers2", "ours-engines2", "ours-reload", "trl"):
+        if r.get("system") not in ("ours", "ours-workers2", "ours-engines2", "ours-reload", "ours-engines2-reload", "trl"):
             continue
         if r.get("status") != "ok":
             lines.append(f"| {r['system']} | {r.get('status')} | | | | | | | | | | | |")

@@ -138,6 +138,10 @@ class StageResources(Strict):
         None, gt=0, description="host memory of each Ray trainer worker of the stage (rl.workers > 1), added to "
                                 "memory_gib: the stage and its workers are admitted together (no stage holds its "
                                 "share while waiting for its workers')")
+    engine_memory_gib: float | None = Field(
+        None, gt=0, description="host memory of each rollout engine actor of an RL or evaluation stage whose engines "
+                                "run in Ray actors (rollout.num_engines > 1, placement: separate or use_ray), added "
+                                "to memory_gib: weights, the KV cache (rollout.kv_cache_gib) and vLLM's own")
 
 
 class ResourcesConfig(Strict):

@@ -2,6 +2,7 @@
 rl.rollout.weight_transfer): the dealing of prompts, equal outputs for one and two engines, log-prob gaps after a
 real training step and a sync, the backend vLLM's factories return, and the memory a sync holds."""
 
+import json
 import os
 import threading
 import time
@@ -168,12 +169,96 @@ def test_grpo_with_two_engines_syncs_both_through_vllms_weight_transfer(tmp_path
     cfg = GRPOConfig(steps=2, prompts_per_step=4, group_size=2, max_new_tokens=12, learning_rate=1e-3,
                      alpha_entropy=0.01, bf16=False)
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    try:
-        run_grpo(tiny_qwen2_dir, rows(8), cfg, outputs(tmp_path),
-                 rollout=RolloutConfig(dtype="float32", num_engines=2, num_cpus=0.5))
+    try:  # rollout.num_cpus unset: the engines share this process's CPUs (a token reservation each)
+        run_grpo(tiny_qwen2_dir, rows(8), cfg, outputs(tmp_path), rollout=RolloutConfig(dtype="float32", num_engines=2))
     finally:
         ray.shutdown()
     assert "weights reach 2 engine(s) through vLLM's weight transfer (cpu_gloo" in capsys.readouterr().out
     metrics = read_metrics(tmp_path)
     assert [m["step"] for m in metrics] == [1, 2]
-    assert metrics[1]["logprob_gap_engine_trainer"] < 1e-3 and metrics[0]["time/sync"] > 0
+    assert metrics[0]["time/sync"] > 0 and metrics[0]["sync/bytes"] > 0 and metrics[0]["sync/buckets"] >= 1
+    for m in metrics:  # each engine's own gap, every step (step 2's were sampled after step 1's sync)
+        assert m["logprob_gap/engine0"] < 1e-3 and m["logprob_gap/engine1"] < 1e-3, m
+        assert m["logprob_gap_engine_trainer"] < 1e-3
+    # both engines drew samples in each step (the rollout files say which)
+    for step in (1, 2):
+        lines = outputs(tmp_path).rollout_file(step).read_text().splitlines()
+        assert {json.loads(line)["engine"] for line in lines} == {0, 1}
+
+
+def test_the_per_engine_gaps_are_each_engines_mean():
+    """`engine_gaps` against a hand count: engine 0 draws 2 + 1 tokens, engine 1 draws 3."""
+    from rl.grpo.trainer import engine_gaps
+    from rl.rollout import Sample
+
+    def sample(engine, logprobs):
+        return Sample([1], [2] * len(logprobs), logprobs, "", "stop", engine)
+
+    samples = [sample(0, [-1.0, -2.0]), sample(1, [-0.5, -0.5, -0.5]), sample(0, [-3.0])]
+    trainer = [[-1.1, -2.0], [-0.5, -0.7, -0.2], [-2.5]]
+    gaps = engine_gaps(trainer, samples, num_engines=2)
+    assert gaps["logprob_gap/engine0"] == pytest.approx((0.1 + 0.0 + 0.5) / 3)
+    assert gaps["logprob_gap/engine1"] == pytest.approx((0.0 + 0.2 + 0.3) / 3)
+    assert gaps["logprob_gap_engine_trainer"] == pytest.approx((0.1 + 0.5 + 0.2 + 0.3) / 6)
+    assert set(engine_gaps(trainer, [sample(0, s.logprobs) for s in samples])) == {"logprob_gap_engine_trainer"}
+
+
+@pytest.mark.slow
+def test_an_engine_sharing_the_trainers_gpu_sleeps_through_the_update_and_gets_every_weight(tmp_path, tiny_qwen2_dir):
+    """The order of a step with an engine that sleeps (GPU colocation): generate, sleep at level 2 (weights dropped),
+    the update, wake the weights, the whole sync, wake the KV cache. vLLM has no sleep mode on CPU (its CPU worker's
+    sleep and wake_up only log), so this runs the real trainer and the real in-process vLLM engine with
+    ``engine_sleeps`` switched on and records the engine's calls: the GPU memory it frees is not observable here.
+    Every weight is sent after the wake (level 2 keeps none), and the next step's gap shows the engine serves them."""
+    from rl.grpo import GRPOConfig
+    from rl.grpo.trainer import GRPOTrainer
+    from rl.rollout import RolloutConfig
+    from test_grpo import outputs, read_metrics, rows
+
+    cfg = GRPOConfig(steps=2, prompts_per_step=2, group_size=2, max_new_tokens=8, learning_rate=1e-3, bf16=False)
+    trainer = GRPOTrainer(model_dir=tiny_qwen2_dir, rows=rows(4), config=cfg, outputs=outputs(tmp_path),
+                          rollout=RolloutConfig(dtype="float32"))
+    assert not trainer.engine_sleeps  # CPU: made without sleep mode
+    trainer.engine_sleeps = True
+    calls = []
+    engine = trainer.engine
+    for name in ("generate", "sleep", "wake_up", "start_weight_update", "update_weights_bucket",
+                 "finish_weight_update", "update_weights"):
+        real = getattr(engine, name)
+
+        def record(*args, _name=name, _real=real, **kwargs):
+            calls.append((_name, [*args, *kwargs.values()][0] if _name in ("sleep", "wake_up") else None))
+            return _real(*args, **kwargs)
+
+        setattr(engine, name, record)
+    update = trainer.workers.update
+    trainer.workers.update = lambda *a, **k: calls.append(("update", None)) or update(*a, **k)
+    trainer.train()
+    buckets = [c for c in calls if c[0] == "update_weights_bucket"]
+    step = [c for c in calls if c[0] != "update_weights_bucket"]
+    assert step == 2 * [("generate", None), ("sleep", 2), ("update", None), ("wake_up", ["weights"]),
+                        ("start_weight_update", None), ("finish_weight_update", None), ("wake_up", ["kv_cache"])]
+    assert len(buckets) >= 2  # every weight of each step went over (one bucket at least per sync)
+    assert read_metrics(tmp_path)[1]["logprob_gap_engine_trainer"] < 1e-3
+
+
+def test_engines_that_cannot_all_be_placed_fail_at_once_and_leave_no_reservation():
+    """Every engine's placement group (its CPUs and tensor-parallel GPUs in one bundle) is reserved before any engine
+    starts: when they cannot all be placed, the error gives the numbers and the reservations are given back."""
+    import ray
+    from ray.util.placement_group import placement_group_table
+
+    from rl.rollout.ray_engine import RayEngine
+
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    try:
+        with pytest.raises(RuntimeError, match=r"2 rollout engine\(s\) of 1.5 CPUs and 0 GPUs each could not all be "
+                                               r"placed within 3 s"):
+            RayEngine("vllm", "/nonexistent", num_engines=2, num_cpus=1.5, ready_timeout_s=3)
+        assert all(pg["state"] == "REMOVED" for pg in placement_group_table().values())
+        deadline = time.monotonic() + 30  # Ray gives a removed group's CPUs back asynchronously
+        while ray.available_resources().get("CPU") != 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert ray.available_resources().get("CPU") == 2
+    finally:
+        ray.shutdown()

@@ -140,7 +140,8 @@ def test_a_stage_is_admitted_with_its_trainer_workers_memory_and_cpus():
     """An RL stage with Ray trainer workers holds its own memory plus each worker's (the arm's rl.workers), so the
     driver never starts two stages that would each wait for their workers' share; rl.worker_cpus counts too, and
     so do the cold start's workers (sft.workers)."""
-    from eksft.pipeline.driver import stage_needs
+    from eksft.pipeline.driver import engine_needs, stage_needs
+    from rl.common.cpu_share import TOKEN_CPU
 
     recipe = load_recipe(MINI, ["resources.rl.memory_gib=5", "resources.rl.worker_memory_gib=4.5",
                                 "arms=[{name: sft, objective: {name: sft}}, "
@@ -165,6 +166,39 @@ def test_a_stage_is_admitted_with_its_trainer_workers_memory_and_cpus():
     assert stage_needs(recipe, stages["eksft/rl"]) == (1 + 2 * 0.5, 0, 0)
     assert stage_needs(recipe, stages["eksft/eval:after_rl"]) == (1 + 2 * 0.5, 0, 0)
     assert stage_needs(recipe, stages["eksft/sft"]) == (1, 0, 0)
+    assert engine_needs(recipe, stages["eksft/rl"]) == (2 * 0.5, 0)
+    # By default the engines share the stage's CPUs: a token reservation each, taken out of the stage's own.
+    recipe = load_recipe(MINI, ["rollout.num_engines=2"])
+    stages = {s.name: s for s in plan(recipe, Path("/tmp/x"))}
+    assert stage_needs(recipe, stages["eksft/rl"]) == (1, 0, 0)
+    assert engine_needs(recipe, stages["eksft/rl"]) == (2 * TOKEN_CPU, 0)
+    assert engine_needs(recipe, stages["eksft/sft"]) == (0, 0)
+    # and each engine actor's memory, when the recipe states it
+    recipe = load_recipe(MINI, ["rollout.num_engines=2", "resources.rl.memory_gib=5", "resources.rl.engine_memory_gib=2.5",
+                                "resources.eval.engine_memory_gib=2"])
+    stages = {s.name: s for s in plan(recipe, Path("/tmp/x"))}
+    assert stage_needs(recipe, stages["eksft/rl"]) == (1, 0, (5 + 2 * 2.5) * 2**30)
+    assert stage_needs(recipe, stages["eksft/eval:after_rl"]) == (1, 0, 2 * 2 * 2**30)
+    assert stage_needs(recipe, stages["eksft/sft"]) == (1, 0, 0)
+    recipe = load_recipe(MINI, ["resources.rl.memory_gib=5", "resources.rl.engine_memory_gib=2.5"])  # engine in process
+    assert stage_needs(recipe, {s.name: s for s in plan(recipe, Path("/tmp/x"))}["eksft/rl"]) == (1, 0, 5 * 2**30)
+    # On GPUs, each engine's tensor-parallel GPUs.
+    recipe = load_recipe(MINI, ["rollout.num_engines=2", "rollout.num_gpus=1", "rollout.tensor_parallel_size=2"])
+    stages = {s.name: s for s in plan(recipe, Path("/tmp/x"))}
+    assert engine_needs(recipe, stages["eksft/rl"]) == (2 * TOKEN_CPU, 4)
+
+
+def test_rollout_cpus_left_unset_keep_the_stage_keys_of_the_old_default():
+    """``rollout.num_cpus`` unset replaced the default 1: stages finished under it keep their keys (pinned: the keys
+    the code before the change computed, at e0a369a)."""
+    hardware = {k: NATIVE for k in ("sft", "rl", "eval")}
+    before = {"sft/rl": "88e11867572bf889", "sft/eval:after_rl": "41dd60d42841087d",
+              "eksft/eval:after_sft": "806c90c57be476b4", "_base/eval:before_sft": "6dc37c1c2b71b381"}
+    keys = {s.name: s.key for s in plan(load_recipe(MINI), Path("/tmp/x"), hardware)}
+    assert {name: keys[name] for name in before} == before
+    assert {s.name: s.key for s in plan(load_recipe(MINI, ["rollout.num_cpus=1"]), Path("/tmp/x"), hardware)} == keys
+    changed = {s.name: s.key for s in plan(load_recipe(MINI, ["rollout.num_cpus=2"]), Path("/tmp/x"), hardware)}
+    assert changed["sft/rl"] != keys["sft/rl"] and changed["sft/sft"] == keys["sft/sft"]
 
 
 def test_engine_actors_that_cannot_all_be_placed_are_refused_before_any_stage(tmp_path):
@@ -173,8 +207,8 @@ def test_engine_actors_that_cannot_all_be_placed_are_refused_before_any_stage(tm
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         with pytest.raises(ValueError, match=r"_base/eval:before_sft needs 3 CPUs \(its own 1 \+ 2 engines x rollout.num_cpus 1\) "
-                                             r"but the Ray cluster has 2: lower rollout.num_cpus"):
-            run_pipeline(load_recipe(MINI, ["rollout.num_engines=2"]), tmp_path)
+                                             r"but the Ray cluster has 2: leave rollout.num_cpus unset"):
+            run_pipeline(load_recipe(MINI, ["rollout.num_engines=2", "rollout.num_cpus=1"]), tmp_path)
     finally:
         ray.shutdown()
     assert not any((tmp_path / arm / "sft" / "DONE").exists() for arm in ("sft", "eksft"))

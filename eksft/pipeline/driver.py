@@ -144,11 +144,11 @@ def _run_ray(todo: list[Stage], recipe, recipe_json: dict, run_dir: Path) -> lis
     needs = {s.name: stage_needs(recipe, s, gpu_cluster) for s in todo}  # once each: an RL stage's validates its arm's settings
     for s in todo:  # engine actors that can never all be placed would leave their stage waiting forever
         engine_cpus, _ = engine_needs(recipe, s)
-        if engine_cpus and needs[s.name][0] > capacity.get("CPU", 0) + 1e-9:
+        if recipe.rollout.num_cpus is not None and engine_cpus and needs[s.name][0] > capacity.get("CPU", 0) + 1e-9:
             raise ValueError(f"{s.name} needs {needs[s.name][0]:g} CPUs (its own {needs[s.name][0] - engine_cpus:g} + "
                              f"{recipe.rollout.num_engines} engines x rollout.num_cpus {recipe.rollout.num_cpus:g}) but "
-                             f"the Ray cluster has {capacity.get('CPU', 0):g}: lower rollout.num_cpus (an engine "
-                             "actor's share; e.g. --set rollout.num_cpus=0.5) or rollout.num_engines")
+                             f"the Ray cluster has {capacity.get('CPU', 0):g}: leave rollout.num_cpus unset (the "
+                             "engines share the stage's CPUs), lower it, or lower rollout.num_engines")
     while waiting or running:
         for stage in [s for s in order if s.name in waiting]:  # upstream failures first: nothing to wait for
             if any(d in failed for d in stage.deps):
@@ -164,10 +164,12 @@ def _run_ray(todo: list[Stage], recipe, recipe_json: dict, run_dir: Path) -> lis
                        for u, n, resource in zip(used, (cpus, gpus, memory), ("CPU", "GPU", "memory")) if n)
             if not fits and running:
                 continue  # when nothing runs, start it anyway: Ray reports what it is waiting for
-            engine_cpus, engine_gpus = engine_needs(recipe, stage)  # admitted with the stage, held by its engines
+            # the engines are admitted with the stage but hold their own reservations: the stage's task holds the rest
+            engine_cpus, engine_gpus = engine_needs(recipe, stage)
             own_cpus = cpus - engine_cpus
+            threads = cpus if recipe.rollout.num_cpus is None else own_cpus  # shared engines: the stage's threads
             ref = remote_stage.options(num_cpus=own_cpus, num_gpus=gpus - engine_gpus, name=stage.name,
-                                       max_retries=0).remote(stage, recipe_json, str(run_dir), own_cpus)
+                                       max_retries=0).remote(stage, recipe_json, str(run_dir), threads)
             running[ref] = waiting.pop(stage.name)
             _status(stage, "started")
         if not running:
@@ -194,11 +196,12 @@ def stage_needs(recipe, stage: Stage, gpu_cluster: bool = False) -> tuple[float,
     The memory is the stage's ``memory_gib`` plus, for an SFT stage with ``sft.workers`` > 1 or an RL stage with
     ``rl.workers`` > 1 (the arm's value),
     ``worker_memory_gib`` per Ray trainer worker: a stage and its workers are admitted as one, so two stages can
-    never each hold their own share while waiting for their workers' (that would wait forever). The same for
+    never each hold their own share while waiting for their workers' (that would wait forever). Likewise
+    ``engine_memory_gib`` per engine actor of an RL or evaluation stage whose engines run in Ray actors. The same for
     CPUs: the workers run inside the stage's CPUs (`rl.grpo.trainer`: a token share each) unless
     ``<kind>.worker_cpus`` is set, which is then counted per worker; and for GPUs on a ``gpu_cluster``, one per
     worker. RL and evaluation stages whose engines run in Ray actors (``rollout.num_engines`` > 1, ``placement:
-    separate`` or ``use_ray``) also count each engine's ``rollout.num_cpus`` and GPUs."""
+    separate`` or ``use_ray``) also count each engine's GPUs, and its ``rollout.num_cpus`` when set."""
     res = getattr(recipe.resources, stage.kind)
     ray_workers, worker_cpus = 0, 0.0  # workers: 1 runs in the stage's own process
     if stage.kind in ("sft", "rl"):
@@ -209,16 +212,25 @@ def stage_needs(recipe, stage: Stage, gpu_cluster: bool = False) -> tuple[float,
     # On a cluster with GPUs each Ray worker takes one (rl.workers.workers_device).
     gpus = res.num_gpus + (ray_workers if gpu_cluster else 0)
     engine_cpus, engine_gpus = engine_needs(recipe, stage)
+    if stage.kind in ("rl", "eval") and recipe.rollout.in_ray_actors:
+        gib += recipe.rollout.num_engines * (res.engine_memory_gib or 0)
+    if recipe.rollout.num_cpus is None:
+        engine_cpus = 0.0  # token shares, taken out of the stage's own CPUs (see `engine_needs`)
     return res.num_cpus + ray_workers * worker_cpus + engine_cpus, gpus + engine_gpus, gib * 2**30
 
 
 def engine_needs(recipe, stage: Stage) -> tuple[float, float]:
-    """(CPUs, GPUs) of the engine actors an RL or evaluation stage starts (none when its engine runs in the stage's
-    process). The engines ask Ray for them themselves: the stage's own task does not hold them."""
+    """(CPUs, GPUs) that the engine actors of an RL or evaluation stage reserve in Ray (none when its engine runs
+    in the stage's process). The engines reserve them themselves (`rl.rollout.ray_engine.RayEngine`): the stage's
+    own task holds the rest. With ``rollout.num_cpus`` unset each engine reserves a token share
+    (`rl.common.cpu_share`) that comes out of the stage's own CPUs."""
+    from rl.common.cpu_share import TOKEN_CPU
+
     rollout = recipe.rollout
     if stage.kind not in ("rl", "eval") or not rollout.in_ray_actors:
         return 0.0, 0.0
-    return rollout.num_engines * rollout.num_cpus, rollout.num_engines * rollout.num_gpus * rollout.tensor_parallel_size
+    per_engine = TOKEN_CPU if rollout.num_cpus is None else rollout.num_cpus
+    return rollout.num_engines * per_engine, rollout.num_engines * rollout.num_gpus * rollout.tensor_parallel_size
 
 
 def launch_order(stages: list[Stage]) -> list[Stage]:

@@ -72,6 +72,16 @@ def _sft_section(sft) -> dict:
     return section
 
 
+def _rollout_section(rollout) -> dict:
+    """The ``rollout`` section as hashed. ``num_cpus`` unset (the engines share the stage's CPUs) replaced the old
+    default 1, which an engine in the stage's own process never read: it is hashed as 1, so that stages finished
+    before keep their keys."""
+    section = _dump(rollout)
+    if section.get("num_cpus") is None:
+        section["num_cpus"] = 1.0
+    return section
+
+
 KINDS = ("sft", "rl", "eval")
 
 
@@ -123,7 +133,7 @@ def plan(recipe, run_dir: Path, hardware: dict | None = None) -> list[Stage]:
         "prompting": _dump({"instruction": recipe.data.instruction, "system_prompt": recipe.data.system_prompt,
                             "chat_template_kwargs": recipe.data.chat_template_kwargs}),
     }
-    evaluation = {"eval": _dump(recipe.eval), "rollout": _dump(recipe.rollout), **base}
+    evaluation = {"eval": _dump(recipe.eval), "rollout": _rollout_section(recipe.rollout), **base}
     layout = RunLayout(Path(run_dir))
 
     def eval_stage(arm_name: str, point: EvalPoint, deps: list[str], arm=None) -> Stage:
@@ -144,7 +154,7 @@ def plan(recipe, run_dir: Path, hardware: dict | None = None) -> list[Stage]:
         rl_cfg = recipe.arm_rl(arm)
         stages.append(Stage(f"{arm.name}/rl", arm.name, "rl", arm_dir.rl,
                             {**base, "data_rl": _dump(recipe.data.rl),
-                             "rl": rl_cfg.model_dump(mode="json"), "rollout": _dump(recipe.rollout),
+                             "rl": rl_cfg.model_dump(mode="json"), "rollout": _rollout_section(recipe.rollout),
                              "precision": precision(arm, "rl")},
                             deps=[start_dep]))
         for point in eval_points(rl_cfg.steps, recipe.eval.every_rl_steps):

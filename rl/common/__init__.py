@@ -6,6 +6,7 @@
     lora         LoRA settings (each stage's defaults in a subclass), wrapping and adapters-off references (PEFT)
     resume       the last complete checkpoint of a killed run, and metrics cut back to it
     network      a free TCP port for a rendezvous (trainer ranks, weight transfer)
+    cpu_share    Ray actors (trainer workers, engine replicas) inside their stage's own CPUs
 
 Nothing here knows either stage: these modules import only torch, transformers, PEFT and pydantic.
 """

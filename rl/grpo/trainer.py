@@ -121,7 +121,9 @@ class GRPOTrainer:
         # The engine first: an in-process vLLM makes this process's (one-rank) process group, which a
         # worker in this process then joins.
         self.engine = engine_from_config(self.rollout_cfg, start_dir, seed=config.seed,
-                                         trust_remote_code=trust_remote_code)
+                                         trust_remote_code=trust_remote_code, trainer_shares_gpu=True)
+        # On a GPU the in-process engine sleeps while the trainer updates (see `_update_and_sync`)
+        self.engine_sleeps = bool(getattr(self.engine, "sleeps", False))
         self.needs_ref = config.beta_kl > 0 or kl_metric
         # The reference: another model when given, else the starting model (with LoRA: the base, adapters off).
         other_reference = reference_dir is not None and Path(reference_dir).resolve() != Path(model_dir).resolve()
@@ -200,15 +202,33 @@ class GRPOTrainer:
         self._save_rollouts(groups)
         metrics = {**self._rollout_metrics(groups), **sampling}
         if groups:
-            t = time.perf_counter()
-            metrics.update(self._update(groups))
-            timings["train"] = time.perf_counter() - t
-            t = time.perf_counter()
-            self._sync_weights()
-            timings["sync"] = time.perf_counter() - t
+            metrics.update(self._update_and_sync(groups, timings))
         n_tokens = sum(len(s.completion_ids) for g in groups for s in g.samples)
         metrics.update({f"time/{k}": v for k, v in timings.items()})
         metrics["tokens_per_s"] = n_tokens / max(timings["generate"], 1e-9)
+        return metrics
+
+    def _update_and_sync(self, groups: list[Group], timings: dict) -> dict:
+        """Update the policy on ``groups``, then have the engines serve the new weights.
+
+        An engine sharing the trainer's GPU (``engine_sleeps``) sleeps at level 2 during the update: its weights and
+        KV cache are dropped, not copied to host memory, since every weight is sent again right after. It wakes
+        with room for the weights first, takes them, and only then allocates its KV cache, so that the update's
+        buffers and the KV cache are never alive together. Prepared, not run on a GPU (vLLM has no sleep mode on
+        CPU).
+        """
+        if self.engine_sleeps:
+            self.engine.sleep(level=2)
+        t = time.perf_counter()
+        metrics = self._update(groups)
+        timings["train"] = time.perf_counter() - t
+        t = time.perf_counter()
+        if self.engine_sleeps:
+            self.engine.wake_up(["weights"])
+        metrics.update(self._sync_weights())
+        if self.engine_sleeps:
+            self.engine.wake_up(["kv_cache"])
+        timings["sync"] = time.perf_counter() - t
         return metrics
 
     def _join_weight_transfer(self) -> bool:
@@ -227,12 +247,12 @@ class GRPOTrainer:
               f"{self.rollout_cfg.bucket_mb:g} MiB buckets)", flush=True)
         return True
 
-    def _sync_weights(self) -> None:
-        """The engines serve the workers' current weights."""
+    def _sync_weights(self) -> dict:
+        """The engines serve the workers' current weights; what was sent (``sync/bytes``, ``sync/buckets``)."""
         if self.weight_transfer:
-            self.workers.send_weights()
-        else:
-            self.engine.update_weights(self.workers.iter_full_weights())
+            return {f"sync/{k}": v for k, v in self.workers.send_weights().items()}
+        self.engine.update_weights(self.workers.iter_full_weights())
+        return {}
 
     def _rollout(self, picks: list[tuple[int, int]], timings: dict) -> list[Group]:
         cfg = self.cfg
@@ -267,6 +287,7 @@ class GRPOTrainer:
         trained = [bool(s.completion_ids) and not (cfg.mask_truncated and s.truncated) for s in samples]
         n, micro = len(samples), cfg.micro_batch_size
         on_policy = cfg.ppo_epochs == 1 and (cfg.mini_batch_size is None or cfg.mini_batch_size >= n)
+        num_engines = getattr(self.engine, "num_engines", 1)
 
         def micro_batches(indices: list[int], old=None, ref=None, engine: bool = False) -> list[MicroBatch]:
             chunks = [indices[k : k + micro] for k in range(0, len(indices), micro)]
@@ -275,7 +296,8 @@ class GRPOTrainer:
                                None if old is None else [old[i] for i in idx],
                                None if ref is None else [ref[i] for i in idx],
                                [trained[i] for i in idx],
-                               [samples[i].logprobs for i in idx] if engine else None)
+                               [samples[i].logprobs for i in idx] if engine else None,
+                               [samples[i].engine for i in idx] if engine else None, num_engines)
                     for idx in chunks]
 
         # old log-probs: the same weights that generated (sync after every update). With one update per
@@ -285,7 +307,7 @@ class GRPOTrainer:
         gap = None
         if not on_policy:
             old = self.workers.logprobs(micro_batches(everything))
-            gap = _engine_gap(old, samples)
+            gap = engine_gaps(old, samples, num_engines)
         if self.needs_ref:
             ref = self.workers.logprobs(micro_batches(everything), reference=True)
 
@@ -307,7 +329,7 @@ class GRPOTrainer:
         out["grad_norm"] = sum(grad_norms) / len(grad_norms)
         if gap is not None:
             # Mean |trainer - engine| log-prob over the sampled tokens, before any update of this step.
-            out["logprob_gap_engine_trainer"] = gap
+            out.update(gap)
         return out
 
     # ------------------------------------------------------------------ metrics and logs
@@ -338,7 +360,8 @@ class GRPOTrainer:
             f.write(json.dumps({"phase": "rl", **clean}) + "\n")
         for tracker in self.trackers:
             tracker(clean)
-        keys = ("reward_mean", "pass@1", f"pass@{self.cfg.group_size}", "kl", "entropy", "logprob_gap_engine_trainer")
+        keys = ("reward_mean", "pass@1", f"pass@{self.cfg.group_size}", "kl", "entropy", "logprob_gap_engine_trainer",
+                *sorted(k for k in clean if k.startswith("logprob_gap/")), "time/sync")
         print(f"[rl] step {self.step}/{self.cfg.steps} " + " ".join(f"{k}={clean[k]:.4g}" for k in keys if k in clean),
               flush=True)
 
@@ -349,7 +372,8 @@ class GRPOTrainer:
             for g in groups:
                 for s, r in zip(g.samples, g.rewards):
                     f.write(json.dumps({"problem": g.row.get("problem"), "answer": g.row["answer"],
-                                        "completion": s.text, "reward": r, "truncated": s.truncated}) + "\n")
+                                        "completion": s.text, "reward": r, "truncated": s.truncated,
+                                        "engine": s.engine}) + "\n")
 
     # ------------------------------------------------------------------ checkpoints
     def latest_checkpoint(self) -> Path | None:
@@ -398,10 +422,15 @@ def _ray_options(cfg: GRPOConfig, device: str) -> dict:
     return worker_resources(cfg.workers, cfg.worker_cpus, cfg.worker_timeout_s, device)
 
 
-def _engine_gap(trainer_logprobs: list[list[float]], samples: list[Sample]) -> float:
-    """Mean |trainer - engine| log-prob over every sampled token."""
-    total = count = 0
+def engine_gaps(trainer_logprobs: list[list[float]], samples: list[Sample], num_engines: int = 1) -> dict[str, float]:
+    """Mean |trainer - engine| log-prob over every sampled token (``logprob_gap_engine_trainer``) and, with several
+    engines, over each engine's samples (``logprob_gap/engine<e>``): the names `rl.workers.TrainerWorker.update`
+    reports on policy."""
+    total, count = [0.0] * num_engines, [0] * num_engines
     for lp, s in zip(trainer_logprobs, samples):
-        total += sum(abs(a - b) for a, b in zip(lp, s.logprobs))
-        count += len(lp)
-    return total / max(count, 1)
+        total[s.engine] += sum(abs(a - b) for a, b in zip(lp, s.logprobs))
+        count[s.engine] += len(lp)
+    out = {"logprob_gap_engine_trainer": sum(total) / max(sum(count), 1)}
+    if num_engines > 1:
+        out.update({f"logprob_gap/engine{e}": t / max(c, 1) for e, (t, c) in enumerate(zip(total, count))})
+    return out

@@ -50,6 +50,7 @@ class Sample:
     logprobs: list[float]  # engine log-prob of each completion token under the sampling distribution
     text: str
     finish_reason: str  # "stop" (EOS/stop token) or "length" (hit max_new_tokens: truncated)
+    engine: int = 0  # which replica drew it (`rl.rollout.ray_engine.RayEngine`): the log-prob gap is kept per engine
 
     @property
     def truncated(self) -> bool:
@@ -64,6 +65,8 @@ class RolloutEngine(Protocol):
         """Serve new weights: a state dict, or (HF name, tensor) pairs read once, in order (a trainer worker
         group streams its full weights one tensor at a time)."""
 
+    def shutdown(self) -> None: ...
+
 
 Weights = Union[Mapping[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]]]
 
@@ -71,8 +74,6 @@ Weights = Union[Mapping[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]]]
 def weight_items(weights: Weights) -> Iterable[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs of a state dict or of a stream of pairs."""
     return weights.items() if isinstance(weights, Mapping) else weights
-
-    def shutdown(self) -> None: ...
 
 
 class RolloutConfig(BaseModel):
@@ -83,7 +84,10 @@ class RolloutConfig(BaseModel):
     engine: Literal["vllm", "hf"] = "vllm"
     # Run the engine in a Ray actor (declared resources below) instead of this process.
     use_ray: bool = False
-    num_cpus: float = Field(1, gt=0)
+    num_cpus: float | None = Field(
+        None, gt=0, description="CPUs each engine actor reserves. None: the engines share the stage's own CPUs (the "
+                                "stage waits while they generate, as it does for its trainer workers): a token "
+                                "reservation each and the stage's threads split between them")
     num_gpus: float = Field(0, ge=0)
     # auto: bfloat16 where the device computes it natively, float32 elsewhere (rl.common.precision)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

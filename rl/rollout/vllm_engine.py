@@ -58,12 +58,18 @@ class VLLMEngine:
     ``weight_transfer``: a backend of ``rl.rollout.weight_transfer`` (``cpu_gloo``, ``nccl``, ``ipc``) through which
     a trainer sends new weights (the ``*_weight_*`` methods below are vLLM's lifecycle, called by that trainer's
     client); None: weights arrive through ``update_weights`` only.
+
+    ``enable_sleep_mode`` (GPU only; vLLM refuses it on CPU): the engine can free its GPU memory while a trainer on
+    the same GPU updates (`sleep`, `wake_up`). Other ``kwargs`` go to ``vllm.LLM`` as they are.
     """
 
     def __init__(self, model_dir: str, *, dtype: str = "float32", max_model_len: int = 2048, seed: int = 0,
                  kv_cache_gib: float = 1.0, trust_remote_code: bool = False, weight_transfer: str | None = None,
-                 tensor_parallel_size: int = 1):
-        extra = {}
+                 tensor_parallel_size: int = 1, enable_sleep_mode: bool = False, **kwargs):
+        extra = dict(kwargs)
+        if enable_sleep_mode:
+            extra["enable_sleep_mode"] = True
+        self.sleeps = enable_sleep_mode
         if weight_transfer is not None:
             import rl.rollout.weight_transfer  # noqa: F401  (registers cpu_gloo in vLLM's factories)
 
@@ -106,6 +112,16 @@ class VLLMEngine:
         core runs in this process, so a stream of (name, tensor) pairs reaches vLLM's loader as it is read."""
         self.llm.collective_rpc(_reload_in_worker, args=(weights,))
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+    def sleep(self, level: int = 1) -> None:
+        """Free the GPU memory (level 1: weights offloaded to host memory, KV cache dropped; level 2: both dropped,
+        so new weights must be loaded after `wake_up`). Prepared, not run on a GPU."""
+        self.llm.sleep(level=level)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Allocate again: ``["weights"]`` before an update is loaded, ``["kv_cache"]`` after it (the KV cache is
+        not allocated while the update's buffers are alive), None for both."""
+        self.llm.wake_up(tags=tags)
 
     @property
     def dtype(self) -> str:

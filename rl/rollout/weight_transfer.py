@@ -274,7 +274,11 @@ class FanOutClient:
             ray.get(refs)
 
     def init_weight_transfer_engine(self, init_info: dict) -> None:
-        # each engine's workers take their own ranks: 1.., then 1 + workers_per_engine.., ...
+        # Backends with one group for every engine (nccl, cpu_gloo) give each engine's workers their own ranks:
+        # 1.., then 1 + workers_per_engine.., ... ipc has no group (each engine opens the handles it is sent).
+        if "rank_offset" not in init_info:
+            self._call_each("init_weight_transfer_engine", [(init_info,)] * len(self.engines))
+            return
         self._call_each("init_weight_transfer_engine",
                         [({**init_info, "rank_offset": 1 + i * self.workers_per_engine},)
                          for i in range(len(self.engines))])

@@ -46,7 +46,8 @@ class MicroBatch:
     (rho = 1). ``ref_logprobs`` is needed when the KL term is on (and feeds the ``kl`` metric when given).
     ``trained`` False excludes a sequence from the loss and from every count (overlong masking); None: all.
     ``engine_logprobs`` (the rollout engine's log-probs of the sampled tokens), when given, make `update` report
-    ``logprob_gap_engine_trainer``: the mean |trainer - engine| over the trained tokens, before the step.
+    ``logprob_gap_engine_trainer``: the mean |trainer - engine| over the trained tokens, before the step; with
+    ``num_engines`` > 1 also ``logprob_gap/engine<e>`` for each replica, by ``engine_ids`` (which drew each sequence).
     """
 
     prompt_ids: list[list[int]]
@@ -56,6 +57,8 @@ class MicroBatch:
     ref_logprobs: list[list[float]] | None = None
     trained: list[bool] | None = None
     engine_logprobs: list[list[float]] | None = None  # the sampler's: `update` reports the trainer-engine gap
+    engine_ids: list[int] | None = None  # the replica that drew each sequence (None: all engine 0)
+    num_engines: int = 1  # the same in every micro-batch of an update: the per-engine gaps are reduced as one vector
 
     def __len__(self) -> int:
         return len(self.completion_ids)
@@ -71,7 +74,7 @@ class MicroBatch:
             return None if field is None else [[0.0]]
 
         return cls([[0]], [[0]], [0.0], zeros(like.old_logprobs), zeros(like.ref_logprobs), [False],
-                   zeros(like.engine_logprobs))
+                   zeros(like.engine_logprobs), None if like.engine_ids is None else [0], like.num_engines)
 
     def trained_mask(self) -> list[bool]:
         return list(self.trained) if self.trained is not None else [True] * len(self)

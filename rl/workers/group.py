@@ -12,15 +12,12 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from rl.common.cpu_share import TOKEN_CPU, shared_threads
 from rl.workers.batch import MicroBatch, split_across_ranks, unsplit
 from rl.workers.trainer_worker import TrainerWorker, WorkerSettings
 
 __all__ = ["InProcessWorkerGroup", "WorkerFailure", "WorkerGroup", "make_worker_group", "worker_resources",
            "workers_device"]
-
-# What a worker inside its stage's own CPUs asks Ray for: a placement-group bundle cannot be empty.
-TOKEN_CPU = 0.01
-
 
 class WorkerFailure(RuntimeError):
     """A trainer worker died, failed or did not answer: the message names the rank, its pid and Ray actor, and
@@ -346,10 +343,8 @@ def worker_resources(num_workers: int, worker_cpus: float | None, call_timeout_s
     ``worker_cpus`` set, each worker reserves that many CPUs (and as many threads) on top of the stage's."""
     import math
 
-    import torch
-
     if worker_cpus is None:
-        cpus, threads = TOKEN_CPU, max(1, torch.get_num_threads() // num_workers)
+        cpus, threads = TOKEN_CPU, shared_threads(num_workers)
     else:
         cpus, threads = worker_cpus, max(1, math.floor(worker_cpus))
     return dict(num_cpus=cpus, num_gpus=1 if device == "cuda" else 0, omp_threads=threads,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
@@ -337,7 +338,9 @@ class TrainerWorker:
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
         weight = 0.0
-        gap, gap_tokens = 0.0, 0.0  # |trainer - engine| log-prob over the trained tokens (before this update)
+        # |trainer - engine| log-prob summed over the trained tokens (before this update), and their count, per engine
+        engines = micro_batches[0].num_engines
+        gap, gap_tokens = [0.0] * engines, [0.0] * engines
         ratio_min, ratio_max = float("inf"), float("-inf")
         for mb in micro_batches:
             logp, entropy, mask = sequence_logprobs(self.model, mb.prompt_ids, mb.completion_ids, s.temperature,
@@ -352,8 +355,10 @@ class TrainerWorker:
             loss.backward()
             if mb.engine_logprobs is not None:
                 engine = dense_rows(mb.engine_logprobs, logp)
-                gap += float(((logp.detach() - engine).abs() * mask).sum())
-                gap_tokens += float(mask.sum())
+                row_gap, row_tokens = ((logp.detach() - engine).abs() * mask).sum(-1).tolist(), mask.sum(-1).tolist()
+                for e, g, t in zip(mb.engine_ids or [0] * len(mb), row_gap, row_tokens):
+                    gap[e] += g
+                    gap_tokens[e] += t
             n = float(trained.sum())
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
             for k, v in metrics.items():
@@ -365,16 +370,18 @@ class TrainerWorker:
         grad_norm = clip_grad_norm_(self.model.parameters(), s.max_grad_norm)
         self.optimizer.step()
         keys = sorted(sums)
-        totals = self._sum_across_ranks([sums[k] for k in keys] + [gap, gap_tokens, weight])
+        totals = self._sum_across_ranks([sums[k] for k in keys] + gap + gap_tokens + [weight])
         weight = max(totals.pop(), 1.0)
-        gap_tokens, gap = totals.pop(), totals.pop()
+        gap_tokens, gap = totals[-engines:], totals[-2 * engines : -engines]
         out = {k: (v if k == "loss" else v / weight) for k, v in zip(keys, totals)}
         (ratio_min,), (ratio_max,) = self._reduce([ratio_min], dist.ReduceOp.MIN), self._reduce([ratio_max], dist.ReduceOp.MAX)
         if num_tokens > 0:
             out.update(ratio_min=ratio_min, ratio_max=ratio_max)
         out.update(grad_norm=grad_norm, num_tokens=num_tokens, num_seqs=num_seqs)
         if micro_batches[0].engine_logprobs is not None:
-            out["logprob_gap_engine_trainer"] = gap / max(gap_tokens, 1.0)
+            out["logprob_gap_engine_trainer"] = sum(gap) / max(sum(gap_tokens), 1.0)
+            if engines > 1:
+                out.update({f"logprob_gap/engine{e}": g / max(t, 1.0) for e, (g, t) in enumerate(zip(gap, gap_tokens))})
         release_free_memory()
         return out
 
@@ -387,20 +394,21 @@ class TrainerWorker:
         return self._reduce(values, dist.ReduceOp.SUM)
 
     # ------------------------------------------------------------------ weights out
-    def iter_full_weights(self, skip_tied: bool = False):
+    def iter_full_weights(self, skip_tied: bool = False, on_device: bool = False):
         """(HF name, full CPU tensor) pairs, gathered one tensor at a time; rank 0 yields them, the other ranks
         yield nothing but must run the generator to its end too (each tensor is a collective). The peak extra
         memory on a rank is one full tensor. With LoRA: base + scaled B @ A under the base's names (the
-        adapters, small, are gathered first). ``skip_tied``: a tied weight once (an engine ties it again)."""
+        adapters, small, are gathered first). ``skip_tied``: a tied weight once (an engine ties it again).
+        ``on_device``: full tensors stay on this rank's device (what GPU weight transfers send from)."""
         state = self.model.state_dict()
         skipped = self._tied_duplicates() if skip_tied else set()
         adapters = {}
         if self.settings.lora is not None:
-            adapters = {name: self._gather(t) for name, t in state.items() if "lora_" in name}
+            adapters = {name: self._gather(t, on_device) for name, t in state.items() if "lora_" in name}
         for name, tensor in state.items():
             if "lora_" in name or name in skipped:
                 continue
-            full = self._gather(tensor)
+            full = self._gather(tensor, on_device)
             if self.rank == 0:
                 if self.settings.lora is not None:
                     name, full = self._merge_adapters(name, full, adapters)
@@ -408,9 +416,10 @@ class TrainerWorker:
             del full
         release_free_memory()
 
-    def _gather(self, tensor) -> torch.Tensor:
+    def _gather(self, tensor, on_device: bool = False) -> torch.Tensor:
         full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-        return full.detach().to("cpu", copy=True)
+        # on_device: this rank's device even when the shards are offloaded to CPU memory (rl.cpu_offload)
+        return full.detach().to(self.device if on_device else "cpu", copy=True)
 
     def _merge_adapters(self, name: str, weight: torch.Tensor, adapters: dict) -> tuple[str, torch.Tensor]:
         """A PEFT state-dict entry -> (plain HF name, weight with every active adapter's delta added), computed
@@ -448,17 +457,23 @@ class TrainerWorker:
     def init_weight_transfer(self, target) -> None:
         """Join vLLM's weight transfer to the engines of ``target`` (``rl.rollout.weight_transfer.TransferTarget``):
         rank 0 becomes the sender (and hosts the rendezvous), the other ranks only take part in the gathers."""
-        from rl.rollout.weight_transfer import WeightStream, trainer_transfer
+        from rl.rollout.weight_transfer import GPU_BACKENDS, WeightStream, trainer_transfer
 
         dtype = getattr(torch, target.dtype) if target.dtype else None
-        source = WeightStream(self.weight_metadata, lambda: self.iter_full_weights(skip_tied=True), dtype)
+        on_device = target.backend in GPU_BACKENDS  # NCCL and CUDA IPC send CUDA tensors
+        source = WeightStream(self.weight_metadata, lambda: self.iter_full_weights(skip_tied=True, on_device=on_device),
+                              dtype)
         self.weight_transfer = trainer_transfer(target, self.rank, source)
 
     def send_weights(self) -> dict[str, float]:
-        """Send the current weights to the engines (every rank calls it); rank 0's bucket count and bytes."""
+        """Send the current weights to the engines (every rank calls it). Returns the bytes sent (one copy of the
+        weights in the engines' dtype, from the source's metadata) and, where the backend counts them (cpu_gloo),
+        rank 0's buckets."""
         self.weight_transfer.send_weights()
-        return {"buckets": float(getattr(self.weight_transfer, "last_buckets", 0)),
-                "bytes": float(getattr(self.weight_transfer, "last_bytes", 0))}
+        sent = {"bytes": float(sum(math.prod(m.shape) * m.dtype.itemsize for m in self.weight_transfer.source.metadata()))}
+        if hasattr(self.weight_transfer, "last_buckets"):
+            sent["buckets"] = float(self.weight_transfer.last_buckets)
+        return sent
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """`iter_full_weights` collected into one dict on rank 0 (None elsewhere): every rank must call it."""
