@@ -228,6 +228,39 @@ def test_lora_count_equals_peft(tiny_qwen2_dir):
         (128 + 128) + 2 * (128 + 64) + (128 + 128) + 3 * (128 + 256))
 
 
+def test_embedded_model_on_one_float32_rank():
+    """The CPU default: SmolLM2-135M on one rank computing in float32 (no FSDP), a float32 reference copy."""
+    shape = ModelShape.from_hf_config(SMOLLM2_135M)
+    e = trainer_estimate(shape, TrainerSetup(workers=1, bf16=False, reference="copy"), MicroBatchShape(2, 512, 300))
+    assert e.item("weights (sharded)").bytes == SMOLLM2_P * 4 == 538_060_032
+    assert e.item("gradients (sharded)").bytes == SMOLLM2_P * 4
+    assert e.item("AdamW moments (sharded)").bytes == 2 * SMOLLM2_P * 4
+    assert e.item("reference (sharded)").bytes == SMOLLM2_P * 4
+    h, q, kv, i, heads, b, n = 576, 576, 192, 1536, 9, 4, 2 * 512
+    per_token = (2 * (4 * h + 4 + b * h) + (b * h + b * h + b * i)  # norms, linear inputs
+                 + b * q + 2 * b * q + b * q + 4 * heads + b * 512  # SDPA, padded: k, v repeated to 9 heads; mask
+                 + 3 * b * i)  # MLP
+    assert layer_activation_bytes_per_token(shape, 4, masked_length=512) == per_token
+    outside = 2 * b * 64 * n + (4 * h + 4) * n + 8 * n + b * h * n + b * h * 2 * 300  # 2 rows: the head input copied
+    assert e.item("activations (checkpointing off)").bytes == 30 * per_token * n + outside
+    assert 2**26 // 49152 == 1365  # positions per chunk: more than the 600 with logits, so one chunk of 600
+    logits = 2 * 4 * 600 * 49152 + 2 * 4 * 600 * 49152 + 4 * 600 * 49152  # backward: float32 logits, gradient, chunks
+    assert e.item("logits and loss temporaries").bytes == logits
+    # no FSDP: nothing gathered or in flight; the peak is the state (weights, gradients, 2 moments, reference) + step
+    assert e.peak() == 5 * SMOLLM2_P * 4 + 30 * per_token * n + outside + logits
+
+
+def test_tiny_model_engine_on_cpu_blocks():
+    shape = ModelShape.from_hf_config(tiny_config("qwen2"))
+    assert kv_page_bytes(shape, "float32", block_size=32) == 2 * 32 * 1 * 64 * 4 == 16_384
+    e = engine_estimate(shape, dtype="float32", block_size=32, prompts=2, samples=4, prompt_len=40, max_new_tokens=25,
+                        max_model_len=2048, kv_cache_gib=1.0)
+    # 65 tokens -> 3 blocks of 32, x 8 sequences, x 2 layers x 16 KiB; shared: the one full prompt block
+    assert e.item("KV cache the batch needs").bytes == 8 * 3 * 2 * 16_384
+    assert e.item("KV cache the batch needs, prompt blocks shared").bytes == 2 * (1 + 4 * 2) * 2 * 16_384
+    assert e.item("engine weights").bytes == TINY_QWEN2_P * 4  # vocabulary 320 = 5 x 64, tied: counted once
+
+
 def test_cpu_offload_moves_the_sharded_state_to_the_host():
     e = qwen3_8b_estimate(workers=8, cpu_offload=True)
     for name in ("weights (sharded)", "gradients (sharded)", "AdamW moments (sharded)"):
