@@ -29,11 +29,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
-    "CHUNK_ELEMENTS", "CPU_BLOCK_SIZE", "DTYPE_BYTES", "END_OF_BACKWARD", "Estimate", "GPU", "GPU_BLOCK_SIZE",
-    "HOST", "INFO", "Item", "LORA_MODULES", "RESIDENT", "STEP", "VOCAB_PADDING", "LoraShape", "MicroBatchShape", "ModelShape", "TrainerSetup", "activation_bytes", "dtype_bytes",
-    "engine_estimate", "engine_weight_bytes", "kv_batch_blocks", "kv_blocks", "kv_heads_per_rank",
-    "kv_page_bytes", "layer_activation_bytes_per_token", "linear_shapes", "logits_bytes", "lora_parameters",
-    "parameter_count", "parameter_count_exact", "sharded_numel", "trainer_estimate",
+    "CHUNK_ELEMENTS", "CPU_BLOCK_SIZE", "DTYPE_BYTES", "END_OF_BACKWARD", "GPU", "GPU_BLOCK_SIZE", "HOST", "INFO",
+    "LORA_MODULES", "RESIDENT", "STEP", "VOCAB_PADDING", "activation_bytes", "dtype_bytes", "engine_estimate",
+    "engine_weight_bytes", "Estimate", "Item", "kv_batch_blocks", "kv_blocks", "kv_heads_per_rank", "kv_page_bytes",
+    "layer_activation_bytes_per_token", "linear_shapes", "logits_bytes", "lora_parameters", "LoraShape",
+    "MicroBatchShape", "ModelShape", "parameter_count", "parameter_count_exact", "sharded_numel",
+    "trainer_estimate", "TrainerSetup",
 ]
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
