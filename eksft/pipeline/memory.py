@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
-    "CHUNK_ELEMENTS", "CPU_BLOCK_SIZE", "DTYPE_BYTES", "END_OF_BACKWARD", "GPU", "GPU_BLOCK_SIZE", "HOST", "INFO",
+    "CHUNK_ELEMENTS", "CPU_BLOCK_SIZE", "DTYPE_BYTES", "END_OF_BACKWARD", "ENGINE_MAX_SEQS", "engine_step_bytes", "GPU", "GPU_BLOCK_SIZE", "HOST", "INFO",
     "LORA_MODULES", "RESIDENT", "STEP", "VOCAB_PADDING", "activation_bytes", "dtype_bytes", "engine_estimate",
     "engine_weight_bytes", "Estimate", "Item", "kv_batch_blocks", "kv_blocks", "kv_heads_per_rank", "kv_page_bytes",
     "layer_activation_bytes_per_token", "linear_shapes", "logits_bytes", "lora_parameters", "LoraShape",
@@ -599,13 +599,35 @@ def kv_batch_blocks(prompts: int, samples: int, prompt_len: int, max_new_tokens:
     return prompts * (shared + samples * (each - shared))
 
 
+ENGINE_MAX_SEQS = 256  # vLLM's max_num_seqs (sequences sampled per step) as the planner assumes it
+
+
+def engine_step_bytes(shape: ModelShape, dtype: str, tensor_parallel: int, batched_tokens: int,
+                      max_seqs: int = ENGINE_MAX_SEQS) -> int:
+    """One engine step's temporaries (an inference forward keeps nothing between layers): T = ``batched_tokens``
+    tokens through one layer at a time - the residual and the normalised hidden state (2 h), the q/k/v projection
+    (q + 2 kv), the gate/up output and the activation (3 i), the split ones divided over TP - in the engine dtype,
+    and the sampler's float32 logits with two temporaries (softmax, log-probs) for ``max_seqs`` sequences."""
+    tp = tensor_parallel
+    b = dtype_bytes(dtype)
+    q_rank = -(-shape.q_heads // tp) * shape.head_dim
+    kv_rank = kv_heads_per_rank(shape.kv_heads, tp) * shape.head_dim
+    per_token = 2 * shape.hidden + q_rank + 2 * kv_rank + 3 * -(-shape.intermediate // tp)
+    vocab_rank = -(-(-(-shape.vocab // VOCAB_PADDING) * VOCAB_PADDING) // tp)
+    return batched_tokens * b * per_token + max_seqs * 3 * 4 * vocab_rank
+
+
 def engine_estimate(shape: ModelShape, *, dtype: str, tensor_parallel: int = 1, block_size: int = GPU_BLOCK_SIZE,
                     prompts: int, samples: int, prompt_len: int, max_new_tokens: int, max_model_len: int,
-                    kv_cache_gib: float | None = None) -> Estimate:
+                    kv_cache_gib: float | None = None, batched_tokens: int | None = None,
+                    max_seqs: int = ENGINE_MAX_SEQS) -> Estimate:
     """One engine rank: its weights, the KV cache the recipe reserves (``rollout.kv_cache_gib`` per GPU, vLLM's
     ``kv_cache_memory_bytes``), and for comparison (info) what the batch needs at full length, with and without
     shared prompt blocks, and the least vLLM accepts (one ``max_model_len`` sequence). ``prompts``: this engine's
-    share of the batch's prompts."""
+    share of the batch's prompts.
+
+    ``batched_tokens``: the engine's step budget (``max_num_batched_tokens``); when given, the forward of one step
+    is counted too (`engine_step_bytes`): its largest layer temporaries and the sampler's float32 logits."""
     tp = tensor_parallel
     page = kv_page_bytes(shape, dtype, tp, block_size)
     per_block = shape.layers * page
@@ -629,6 +651,11 @@ def engine_estimate(shape: ModelShape, *, dtype: str, tensor_parallel: int = 1, 
     items.append(Item("KV cache the batch needs, prompt blocks shared", shared * per_block,
                       f"{prompts} x (floor({prompt_len} / {block_size}) + {samples} x (ceil({tokens} / {block_size})"
                       f" - floor({prompt_len} / {block_size}))) = {_n(shared)} blocks", INFO))
+    if batched_tokens:
+        step = engine_step_bytes(shape, dtype, tp, batched_tokens, max_seqs)
+        items.append(Item("forward of one step", step,
+                          f"{_n(batched_tokens)} tokens x {b} B x (2 h + (q + 2 kv + 3 i) / TP) + {max_seqs} seqs x "
+                          f"3 x 4 B x V / TP", STEP))
     least = kv_blocks(max_model_len, block_size)
     items.append(Item("KV cache vLLM requires (one max_model_len sequence)", least * per_block,
                       f"ceil({max_model_len} / {block_size}) = {_n(least)} blocks", INFO))
