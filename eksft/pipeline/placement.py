@@ -242,6 +242,9 @@ class Device:
     capacity: float | None  # bytes; None: not checked
     processes: list[Process] = field(default_factory=list)
     cpu_only: bool = False
+    node: int = 0
+    gpu: int | None = None  # None: host memory
+    missing: bool = False  # a GPU beyond the cluster's (the stage needs more than there are)
 
     @property
     def used(self) -> int:
@@ -292,8 +295,8 @@ class StagePlan:
             d = group[0]
             cap = "not checked" if d.capacity is None else f"of {d.capacity / GIB:.1f} GiB"
             state = f"{d.shortfall / GIB:.1f} GiB SHORT" if d.shortfall else "ok"
-            name = d.name if len(group) == 1 else (d.name.replace(" GPU ", " GPUs ") + "-"
-                                                   + group[-1].name.rsplit(" ", 1)[1] + ", each")
+            name = d.name if len(group) == 1 else f"node {d.node} GPUs {d.gpu}-{group[-1].gpu}" + (
+                " (not in the cluster)" if d.missing else "") + ", each"
             what = " + ".join(p.label for p in d.processes) if len(group) == 1 else \
                 f"{d.processes[0].label.rsplit(' ', 1)[0]}s {d.processes[0].label.rsplit(' ', 1)[1]}-" \
                 f"{group[-1].processes[0].label.rsplit(' ', 1)[1]}, one per GPU"
@@ -321,8 +324,8 @@ def _runs(devices: list[Device]) -> list[list[Device]]:
     out: list[list[Device]] = []
     for d in devices:
         prev = out[-1][-1] if out else None
-        same = (prev is not None and len(d.processes) == len(prev.processes) == 1 and " GPU " in d.name
-                and d.name.split(" GPU ")[0] == prev.name.split(" GPU ")[0]
+        same = (prev is not None and len(d.processes) == len(prev.processes) == 1 and d.gpu is not None
+                and prev.gpu is not None and d.node == prev.node and d.missing == prev.missing
                 and d.processes[0].estimate == prev.processes[0].estimate and d.used == prev.used
                 and d.processes[0].label.rsplit(" ", 1)[0] == prev.processes[0].label.rsplit(" ", 1)[0]
                 and d.processes[0].label.rsplit(" ", 1)[1].isdigit())
@@ -458,9 +461,10 @@ def plan_stage(recipe, shape: ModelShape, cluster: Cluster, kind: str, arm, prec
                 cap = cluster.host_memory_gib * GIB if cluster.host_memory_gib else None
                 devices[key] = Device(f"node {key.split(':')[1]} host memory", cap, cpu_only=True)
             else:
-                node, gpu = key.split(":")
-                missing = " (not in the cluster)" if int(gpu) >= cluster.gpus_per_node else ""
-                devices[key] = Device(f"node {node} GPU {gpu}{missing}", cluster.gpu_memory_gib * GIB)
+                node, gpu = map(int, key.split(":"))
+                missing = gpu >= cluster.gpus_per_node
+                devices[key] = Device(f"node {node} GPU {gpu}" + (" (not in the cluster)" if missing else ""),
+                                      cluster.gpu_memory_gib * GIB, node=node, gpu=gpu, missing=missing)
         return devices[key]
 
     slots = _Slots(cluster)
