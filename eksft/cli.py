@@ -155,6 +155,8 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodes", type=int, metavar="K", help="nodes of --gpus GPUs each (default 1)")
     p.add_argument("--cpu-memory", type=float, metavar="GIB",
                    help="host memory per node in GiB, for a CPU-only plan (default: this machine's)")
+    p.add_argument("--prompt-tokens", type=int, default=None, metavar="N",
+                   help="prompt length assumed for RL and evaluation (default 512: recipes do not bound it)")
     p.add_argument("--model-config", metavar="PATH",
                    help="the model's config.json (or a directory holding one), for a model this machine cannot "
                         "read (a hub id not in the HF cache)")
@@ -164,7 +166,10 @@ def _memory_plan(recipe, args: argparse.Namespace):
     from eksft.pipeline.placement import detect_cluster, plan_memory
 
     cluster = detect_cluster(args.gpus, args.gpu_memory, args.nodes, args.cpu_memory)
-    return plan_memory(recipe, cluster, model_config=args.model_config)
+    from eksft.pipeline.placement import PROMPT_TOKENS
+
+    return plan_memory(recipe, cluster, model_config=args.model_config,
+                       prompt_tokens=args.prompt_tokens or PROMPT_TOKENS)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

@@ -401,7 +401,8 @@ class _Slots:
         return out
 
 
-def _trainer_setup(recipe, kind: str, arm, precision: dict[str, str]) -> tuple[TrainerSetup, MicroBatchShape, int, str]:
+def _trainer_setup(recipe, kind: str, arm, precision: dict[str, str],
+                   prompt_tokens: int = PROMPT_TOKENS) -> tuple[TrainerSetup, MicroBatchShape, int, str]:
     """(setup, micro-batch, workers, what the numbers assume) of the trainer of an sft or rl stage of ``arm``."""
     if kind == "sft":
         from eksft.objectives import get_objective
@@ -423,12 +424,12 @@ def _trainer_setup(recipe, kind: str, arm, precision: dict[str, str]) -> tuple[T
     setup = TrainerSetup(workers=rl.workers, bf16=precision["rl"] == "bfloat16", weight_dtype="float32", lora=lora,
                          lora_base_dtype=rl.lora.base_dtype if lora else None, reference=reference,
                          activation_checkpointing=rl.activation_checkpointing, cpu_offload=rl.cpu_offload)
-    batch = MicroBatchShape(rl.micro_batch_size, PROMPT_TOKENS + rl.max_new_tokens, rl.max_new_tokens + 1)
-    return setup, batch, rl.workers, (f"rl.micro_batch_size {rl.micro_batch_size} x ({PROMPT_TOKENS} prompt tokens "
+    batch = MicroBatchShape(rl.micro_batch_size, prompt_tokens + rl.max_new_tokens, rl.max_new_tokens + 1)
+    return setup, batch, rl.workers, (f"rl.micro_batch_size {rl.micro_batch_size} x ({prompt_tokens} prompt tokens "
                                       f"assumed + rl.max_new_tokens {rl.max_new_tokens})")
 
 
-def _engine(recipe, shape: ModelShape, kind: str, arm, cluster: Cluster, dtype: str, on_gpu: bool) -> Estimate:
+def _engine(recipe, shape: ModelShape, kind: str, arm, dtype: str, on_gpu: bool, prompt_tokens: int) -> Estimate:
     ro = recipe.rollout
     tp = ro.tensor_parallel_size if on_gpu else 1
     block = GPU_BLOCK_SIZE if on_gpu else CPU_BLOCK_SIZE
@@ -441,11 +442,12 @@ def _engine(recipe, shape: ModelShape, kind: str, arm, cluster: Cluster, dtype: 
     # vLLM's step budget (rl.rollout.vllm_engine.make_llm on CPU; vLLM's offline default on GPU)
     batched = max(ro.max_model_len, 16384)
     return engine_estimate(shape, dtype=dtype, tensor_parallel=tp, block_size=block, prompts=prompts, samples=samples,
-                           prompt_len=PROMPT_TOKENS, max_new_tokens=new, max_model_len=ro.max_model_len,
+                           prompt_len=prompt_tokens, max_new_tokens=new, max_model_len=ro.max_model_len,
                            kv_cache_gib=ro.kv_cache_gib, batched_tokens=batched)
 
 
-def plan_stage(recipe, shape: ModelShape, cluster: Cluster, kind: str, arm, precision: dict[str, str]) -> StagePlan:
+def plan_stage(recipe, shape: ModelShape, cluster: Cluster, kind: str, arm, precision: dict[str, str],
+               prompt_tokens: int = PROMPT_TOKENS) -> StagePlan:
     """Place one stage of ``kind`` for ``arm`` (None for the evaluations) on ``cluster``; see the module docstring."""
     res = getattr(recipe.resources, kind)
     ro = recipe.rollout
@@ -476,7 +478,7 @@ def plan_stage(recipe, shape: ModelShape, cluster: Cluster, kind: str, arm, prec
     own_key = f"{own[0][0]}:{own[0][1]}" if own else "host:0"
 
     if kind in ("sft", "rl"):
-        setup, batch, workers, assumes = _trainer_setup(recipe, kind, arm, precision)
+        setup, batch, workers, assumes = _trainer_setup(recipe, kind, arm, precision, prompt_tokens)
         estimate = trainer_estimate(shape, setup, batch)
         stage.notes.append(f"trainer: {workers} rank{'s' if workers > 1 else ''}, micro-batch {assumes}")
         if workers == 1:
@@ -496,7 +498,7 @@ def plan_stage(recipe, shape: ModelShape, cluster: Cluster, kind: str, arm, prec
 
     if kind in ("rl", "eval"):
         on_gpu_engines = cluster.has_gpus and (ro.in_ray_actors and ro.num_gpus > 0 or not ro.in_ray_actors and own)
-        estimate = _engine(recipe, shape, kind, arm, cluster, precision["rollout"], bool(on_gpu_engines))
+        estimate = _engine(recipe, shape, kind, arm, precision["rollout"], bool(on_gpu_engines), prompt_tokens)
         if not ro.in_ray_actors:
             stage.notes.append(f"engine: one vLLM engine in the stage's process ({ro.placement}), on "
                                f"{device(own_key).name}")
@@ -551,14 +553,15 @@ def _stage_list(recipe) -> list[tuple[str, Any]]:
 
 
 def plan_memory(recipe, cluster: Cluster, *, model_config: str | Path | None = None, suggest: bool = True,
-                shape: ModelShape | None = None) -> MemoryPlan:
+                shape: ModelShape | None = None, prompt_tokens: int = PROMPT_TOKENS) -> MemoryPlan:
     """Every stage of ``recipe`` placed on ``cluster``; arms whose stage comes out identical are merged. Stages
-    that do not fit get ``suggestions``: the nearest settings (fewest changes) that fit, by re-planning."""
+    that do not fit get ``suggestions``: the nearest settings (fewest changes) that fit, by re-planning.
+    ``prompt_tokens``: the prompt length assumed for RL and evaluation (recipes do not bound it)."""
     shape = shape or model_shape(recipe.model.name, recipe.model.revision, model_config)
     _, precision = _precision(recipe, cluster)
     stages: list[StagePlan] = []
     for kind, arm in _stage_list(recipe):
-        stage = plan_stage(recipe, shape, cluster, kind, arm, precision)
+        stage = plan_stage(recipe, shape, cluster, kind, arm, precision, prompt_tokens)
         same = next((s for s in stages if s.kind == kind and s.signature == stage.signature), None)
         if same is not None:
             old = same.name
@@ -566,7 +569,7 @@ def plan_memory(recipe, cluster: Cluster, *, model_config: str | Path | None = N
             same.problems = [p.replace(old, same.name) for p in same.problems]
             continue
         if suggest and not stage.fits:
-            stage.suggestions = _suggestions(recipe, shape, cluster, kind, arm)
+            stage.suggestions = _suggestions(recipe, shape, cluster, kind, arm, prompt_tokens)
         stages.append(stage)
     return MemoryPlan(cluster, stages, recipe.model.name, precision)
 
@@ -641,7 +644,8 @@ def _sft_workers(cfg, w: int) -> list[str]:
                                    else [])
 
 
-def _suggestions(recipe, shape: ModelShape, cluster: Cluster, kind: str, arm, limit: int = 3) -> list[str]:
+def _suggestions(recipe, shape: ModelShape, cluster: Cluster, kind: str, arm, prompt_tokens: int = PROMPT_TOKENS,
+                 limit: int = 3) -> list[str]:
     from eksft.config import RecipeError, apply_override, validate_recipe
 
     raw = recipe.model_dump(mode="json")
@@ -660,7 +664,7 @@ def _suggestions(recipe, shape: ModelShape, cluster: Cluster, kind: str, arm, li
                 changed = validate_recipe(trial, "<suggestion>")
                 _, precision = _precision(changed, cluster)
                 arm2 = next((a for a in changed.arms if a.name == arm.name), None) if arm is not None else None
-                if plan_stage(changed, shape, cluster, kind, arm2, precision).fits:
+                if plan_stage(changed, shape, cluster, kind, arm2, precision, prompt_tokens).fits:
                     found.append(" ".join(f"--set {c}" for c in changes))
             except (RecipeError, ValueError, StopIteration):
                 continue
