@@ -275,10 +275,6 @@ class StagePlan:
     def fits(self) -> bool:
         return not self.problems and all(d.shortfall == 0 for d in self.devices)
 
-    def worst(self) -> Device | None:
-        short = [d for d in self.devices if d.shortfall]
-        return max(short, key=lambda d: d.shortfall) if short else None
-
     def refusal(self) -> str:
         lines = list(self.problems)
         for d in self.devices:
@@ -522,7 +518,7 @@ def plan_stage(recipe, shape: ModelShape, cluster: Cluster, kind: str, arm, prec
                                f"{ro.tensor_parallel_size} ({'; '.join(where)})")
         least = kv_blocks(ro.max_model_len, GPU_BLOCK_SIZE if on_gpu_engines else CPU_BLOCK_SIZE)
         need_item = next(i for i in estimate.items if i.name.startswith("KV cache vLLM requires"))
-        if ro.kv_cache_gib * GIB < need_item.bytes:
+        if ro.engine == "vllm" and ro.kv_cache_gib * GIB < need_item.bytes:
             stage.problems.append(f"{stage.name} stage: rollout.kv_cache_gib {ro.kv_cache_gib:g} holds less than one "
                                   f"rollout.max_model_len {ro.max_model_len} sequence ({least} blocks, "
                                   f"{need_item.bytes / GIB:.2f} GiB): vLLM refuses to start")
