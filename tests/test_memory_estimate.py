@@ -470,3 +470,22 @@ def test_worked_example_qwen3_8b_w8():
     assert on.peak() == state + step + 4_452_679_680
     assert round(off.peak() / GIB, 1) == 85.3 and round(on.peak() / GIB, 1) == 30.0
     assert math.isclose(off.peak() / 1e9, 91.6, abs_tol=0.05)  # does not fit an 80 GB GPU without checkpointing
+
+
+def test_engine_step_by_hand_for_the_three_shapes():
+    """One engine step: T tokens x b x (2 h + q + 2 kv + 3 i, split over TP) + 256 sequences x 3 float32 x V."""
+    from eksft.pipeline.memory import engine_step_bytes
+
+    qwen3 = ModelShape.from_hf_config(QWEN3_8B)
+    assert engine_step_bytes(qwen3, "bfloat16", 1, 16384) == \
+        16384 * 2 * (2 * 4096 + 4096 + 2 * 1024 + 3 * 12288) + 256 * 3 * 4 * 151936
+    smol = ModelShape.from_hf_config(SMOLLM2_135M)
+    assert engine_step_bytes(smol, "float32", 1, 16384) == \
+        16384 * 4 * (2 * 576 + 576 + 2 * 192 + 3 * 1536) + 256 * 3 * 4 * 49152 == 591_396_864
+    tiny = ModelShape.from_hf_config(tiny_config("qwen2"))
+    # TP 2: one of the 2 query heads, the single KV head replicated, half the MLP and of the 320-row vocabulary
+    assert engine_step_bytes(tiny, "float32", 2, 1024) == 1024 * 4 * (2 * 128 + 64 + 2 * 64 + 3 * 128) \
+        + 256 * 3 * 4 * 160 == 3_899_392
+    e = engine_estimate(smol, dtype="float32", block_size=32, prompts=8, samples=4, prompt_len=64, max_new_tokens=96,
+                        max_model_len=1024, kv_cache_gib=1.0, batched_tokens=16384)
+    assert e.peak() == SMOLLM2_P * 4 + GIB + 591_396_864
