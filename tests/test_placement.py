@@ -262,3 +262,28 @@ def test_run_warns_and_proceeds_when_the_model_cannot_be_read(tmp_path, capsys, 
     monkeypatch.setattr(eksft.pipeline, "run_pipeline", lambda *a, **k: calls.append((a, k)))
     assert main(["run", str(QUICKSTART), "--set", "model.name=someone/unknown", "--cpu-memory", "24"]) == 0
     assert "memory plan not checked" in capsys.readouterr().out and len(calls) == 1
+
+
+def test_the_ray_cluster_at_ray_address(monkeypatch):
+    """Without flags and with RAY_ADDRESS: the nodes Ray reports (connects, never starts a cluster)."""
+    import sys
+    import types
+
+    calls = []
+
+    def fake_ray(nodes):
+        return types.SimpleNamespace(is_initialized=lambda: False, init=lambda **k: calls.append(k),
+                                     nodes=lambda: nodes, shutdown=lambda: calls.append("shutdown"))
+
+    monkeypatch.setenv("RAY_ADDRESS", "head:6379")
+    cpu_nodes = [{"Alive": True, "Resources": {"CPU": 16, "memory": 48 * GIB}},
+                 {"Alive": True, "Resources": {"CPU": 16, "memory": 40 * GIB}}, {"Alive": False, "Resources": {}}]
+    monkeypatch.setitem(sys.modules, "ray", fake_ray(cpu_nodes))
+    assert detect_cluster() == Cluster.cpu(40, 2, "Ray at head:6379")
+    assert calls[0]["address"] == "head:6379" and calls[-1] == "shutdown"
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        gpu_nodes = [{"Alive": True, "Resources": {"CPU": 16, "GPU": 8, "memory": 48 * GIB}}]
+        monkeypatch.setitem(sys.modules, "ray", fake_ray(gpu_nodes))
+        with pytest.raises(ValueError, match="reports 8 GPUs but not their memory: give --gpus N --gpu-memory"):
+            detect_cluster()
