@@ -141,6 +141,14 @@ def test_separate_engines_with_tensor_parallelism_stay_on_one_node():
     assert report.fits, report.refusal()
 
 
+def test_an_engine_wider_than_a_node_is_refused():
+    recipe = load_recipe(PAPER, ["rl.workers=4", "resources.rl.num_gpus=0", "rollout.placement=separate",
+                                 "rollout.num_gpus=1", "rollout.tensor_parallel_size=4"])
+    report = plan_memory(recipe, Cluster.gpus(2, 2, 80), suggest=False)
+    assert "an engine takes 4 GPUs (rollout.num_gpus x tensor_parallel_size), more than a node has (2)" \
+        in report.refusal()
+
+
 def test_kv_cache_below_one_sequence_is_refused():
     report = plan_memory(load_recipe(PAPER, ["rollout.kv_cache_gib=1"]), Cluster.gpus(1, 8, 80))
     assert "rollout.kv_cache_gib 1 holds less than one rollout.max_model_len 16384 sequence (1024 blocks, 2.25 GiB)" \

@@ -506,6 +506,10 @@ def plan_stage(recipe, shape: ModelShape, cluster: Cluster, kind: str, arm, prec
         else:
             per_engine = math.ceil(ro.num_gpus) * ro.tensor_parallel_size
             needed += ro.num_engines * per_engine
+            if per_engine > cluster.gpus_per_node:
+                stage.problems.append(f"{stage.name} stage: an engine takes {per_engine} GPUs (rollout.num_gpus x "
+                                      f"tensor_parallel_size), more than a node has ({cluster.gpus_per_node}): "
+                                      "tensor parallelism stays within a node")
             where = []
             for e in range(ro.num_engines):
                 got = slots.take(per_engine, one_node=True)
