@@ -98,13 +98,32 @@ def test_memory_shortfall_names_the_gpu_and_the_gib():
     trainer = trainer_estimate(QWEN3_8B, TrainerSetup(workers=1, reference="copy"),
                                MicroBatchShape(4, PROMPT_TOKENS + 8192, 8193))
     engine = gpu0.processes[1].estimate
-    # both alive at once (no vLLM sleep mode): the two peaks add, plus the runtime of each process
-    used = trainer.peak() + engine.peak() + 2 * RUNTIME_GIB * GIB
+    assert gpu0.processes[1].sleeps_during_updates
+    # one process, in turns: the engine sleeps (level 2) while the trainer updates, the trainer's resident state stays
+    # while the engine generates; one process's runtime
+    resident = sum(i.bytes for i in trainer.items if i.phase == "resident" and i.device == "gpu")
+    used = max(trainer.peak(), resident + engine.peak()) + RUNTIME_GIB * GIB
+    assert used == trainer.peak() + RUNTIME_GIB * GIB  # here the update is the larger
     assert gpu0.used == used and gpu0.shortfall == used - 80 * GIB
     assert round(trainer.peak() / GIB) == 452
     assert f"rl (base, sft, eksft) stage: node 0 GPU 0 needs {used / GIB:.1f} GiB, has 80.0 GiB: " \
            f"{(used - 80 * GIB) / GIB:.1f} GiB short" in report.refusal()
     assert "--set rl.activation_checkpointing=true --set rl.workers=7" in rl.suggestions
+
+
+def test_an_engine_sharing_the_trainers_gpu_counts_in_turns_with_it():
+    """LoRA GRPO on one GPU (the recipe's own advice for fewer GPUs): the engine generates beside the trainer's
+    resident state, then sleeps while the trainer updates; the larger of the two phases is what the GPU needs."""
+    recipe = load_recipe(PAPER, ["rl.workers=1", "rl.lora.enabled=true", "rl.lora.base_dtype=bfloat16"])
+    gpu0 = device(stage(plan_memory(recipe, Cluster.gpus(1, 8, 80)), "rl"), "node 0 GPU 0")
+    trainer, engine = (p.estimate for p in gpu0.processes)
+    resident = sum(i.bytes for i in trainer.items if i.phase == "resident" and i.device == "gpu")
+    assert resident < trainer.peak()
+    assert gpu0.used == max(trainer.peak(), resident + engine.peak()) + RUNTIME_GIB * GIB
+    assert gpu0.used < trainer.peak() + engine.peak() + 2 * RUNTIME_GIB * GIB  # not both peaks at once
+    # an evaluation's engine has its GPU to itself: no sleeping there
+    ev = device(stage(plan_memory(recipe, Cluster.gpus(1, 8, 80)), "eval"), "node 0 GPU 0")
+    assert [p.sleeps_during_updates for p in ev.processes] == [False]
 
 
 def test_two_nodes():

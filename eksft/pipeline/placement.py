@@ -18,9 +18,12 @@ Placement, as the code places things (``eksft.pipeline.driver``, ``rl.workers``,
 * engines: one engine with ``placement: colocated`` (and not ``use_ray``) runs in the stage's own process, on
   its GPU; otherwise ``num_engines`` Ray actors of ``rollout.num_gpus x tensor_parallel_size`` GPUs each, all of
   an engine's GPUs on one node, after the trainer's. ``rollout.num_gpus: 0``: the engines run on the CPU.
-* a colocated engine and the trainer of the same process share its GPU *at the same time*: the code does not
-  put vLLM to sleep during updates (no ``enable_sleep_mode``), so the engine's weights and reserved KV cache stay
-  allocated while the trainer steps; both peaks are added.
+* a colocated engine and the trainer of an RL stage's own process (``rl.workers: 1``) share its GPU in turns: the
+  engine is made with vLLM's sleep mode and sleeps at level 2 (weights and KV cache dropped) while the trainer
+  updates (`rl.grpo.trainer.GRPOTrainer._update_and_sync`), while the trainer's resident state (sharded weights,
+  gradients, AdamW state, reference) stays allocated while the engine generates. That GPU needs the larger of
+  the trainer's peak and its resident state plus the engine's peak, and one process's runtime. An evaluation's
+  engine, and an engine in the controller's process beside Ray trainer workers, have their GPU to themselves.
 
 On a CPU-only cluster the one "GPU" is the node's host memory, and every process of the stage adds onto it.
 
@@ -46,6 +49,7 @@ from eksft.pipeline.memory import (
     GPU,
     GPU_BLOCK_SIZE,
     HOST,
+    RESIDENT,
     Estimate,
     LoraShape,
     MicroBatchShape,
@@ -230,6 +234,7 @@ class Process:
     label: str
     estimate: Estimate
     device: str
+    sleeps_during_updates: bool = False  # an engine that shares its process (and GPU) with trainer rank 0
 
     def bytes_on_device(self, cpu_only: bool) -> int:
         gpu = self.estimate.peak(GPU)
@@ -248,7 +253,17 @@ class Device:
 
     @property
     def used(self) -> int:
-        return sum(p.bytes_on_device(self.cpu_only) + int(RUNTIME_GIB * GIB) for p in self.processes)
+        runtime = int(RUNTIME_GIB * GIB)
+        engine = next((p for p in self.processes if p.sleeps_during_updates), None)
+        trainer = next((p for p in self.processes if p.label == "trainer rank 0"), None)
+        if engine is None or trainer is None or self.cpu_only:
+            return sum(p.bytes_on_device(self.cpu_only) + runtime for p in self.processes)
+        # one process, in turns: the engine asleep (nothing kept) during the update, the trainer's resident state
+        # kept while the engine generates
+        generating = trainer.estimate.phase_bytes(RESIDENT, GPU) + engine.bytes_on_device(False)
+        shared = max(trainer.bytes_on_device(False), generating) + runtime
+        return shared + sum(p.bytes_on_device(self.cpu_only) + runtime for p in self.processes
+                            if p is not engine and p is not trainer)
 
     @property
     def shortfall(self) -> int:
@@ -498,7 +513,10 @@ def plan_stage(recipe, shape: ModelShape, cluster: Cluster, kind: str, arm, prec
         if not ro.in_ray_actors:
             stage.notes.append(f"engine: one vLLM engine in the stage's process ({ro.placement}), on "
                                f"{device(own_key).name}")
-            device(own_key).processes.append(Process("engine", estimate, own_key))
+            # on a GPU, an RL stage's in-process engine sleeps while the trainer of this process updates
+            # (rl.rollout.from_config: trainer_shares_gpu)
+            sleeps = kind == "rl" and bool(own) and cluster.has_gpus
+            device(own_key).processes.append(Process("engine", estimate, own_key, sleeps_during_updates=sleeps))
         elif not on_gpu_engines:
             stage.notes.append(f"engines: {ro.num_engines} Ray actors on the CPU (rollout.num_gpus 0)")
             for e in range(ro.num_engines):
