@@ -149,10 +149,62 @@ def cmd_rl(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from eksft.pipeline import run_pipeline
+def _add_cluster_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gpus", type=int, metavar="N", help="GPUs per node (0: CPU only); with --gpu-memory")
+    p.add_argument("--gpu-memory", type=float, metavar="GIB", help="memory of each GPU in GiB (an \"80 GB\" GPU: 80)")
+    p.add_argument("--nodes", type=int, metavar="K", help="nodes of --gpus GPUs each (default 1)")
+    p.add_argument("--cpu-memory", type=float, metavar="GIB",
+                   help="host memory per node in GiB, for a CPU-only plan (default: this machine's)")
+    p.add_argument("--prompt-tokens", type=int, default=None, metavar="N",
+                   help="prompt length assumed for RL and evaluation (default 512: recipes do not bound it)")
+    p.add_argument("--model-config", metavar="PATH",
+                   help="the model's config.json (or a directory holding one), for a model this machine cannot "
+                        "read (a hub id not in the HF cache)")
+
+
+def _memory_plan(recipe, args: argparse.Namespace):
+    from eksft.pipeline.placement import detect_cluster, plan_memory
+
+    cluster = detect_cluster(args.gpus, args.gpu_memory, args.nodes, args.cpu_memory)
+    from eksft.pipeline.placement import PROMPT_TOKENS
+
+    return plan_memory(recipe, cluster, model_config=args.model_config,
+                       prompt_tokens=args.prompt_tokens or PROMPT_TOKENS)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from eksft.pipeline.placement import NOT_FIT_EXIT, ModelConfigError, refusal_message
 
     recipe = load_recipe(args.recipe_file, args.overrides)
+    try:
+        report = _memory_plan(recipe, args)
+    except (ModelConfigError, ValueError) as e:
+        print(f"plan error: {e}", file=sys.stderr)
+        return 2
+    print(report.format())
+    if not report.fits:
+        print("\n" + refusal_message(report), file=sys.stderr)
+        return NOT_FIT_EXIT
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from eksft.pipeline import run_pipeline
+    from eksft.pipeline.placement import NOT_FIT_EXIT, ModelConfigError, refusal_message
+
+    recipe = load_recipe(args.recipe_file, args.overrides)
+    if args.force:
+        print("[run] --force: the memory plan is not checked (`eksft plan` shows it)", flush=True)
+    else:
+        try:
+            report = _memory_plan(recipe, args)
+        except (ModelConfigError, ValueError) as e:  # an estimate must never block a run that would have worked
+            print(f"[run] WARNING: memory plan not checked: {e}", flush=True)
+        else:
+            if not report.fits:
+                print(refusal_message(report), file=sys.stderr)
+                return NOT_FIT_EXIT
+            print(f"[run] memory plan: every stage fits {report.cluster.describe()}", flush=True)
     run_pipeline(recipe, args.run_dir, local=args.local)
     return 0
 
@@ -289,7 +341,29 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a recipe key (repeatable)")
     run.add_argument("--run-dir", help="run directory (default: <output_dir>/<recipe name>)")
     run.add_argument("--local", action="store_true", help="run the stages in this process, without Ray")
+    run.add_argument("--force", action="store_true",
+                     help="run without checking the memory plan first (it is an estimate: see `eksft plan`)")
+    _add_cluster_args(run)
     run.set_defaults(func=cmd_run)
+
+    plan = sub.add_parser(
+        "plan",
+        help="where every stage runs and the memory per GPU, itemised; refuses what cannot fit",
+        description="Place every stage of RECIPE (trainer ranks, engines x tensor parallel, colocated or separate, "
+                    "on which node and GPU) and estimate the memory per GPU, itemised: sharded weights, gradients, "
+                    "AdamW state, reference, activations at the recipe's micro-batch and length with and without "
+                    "activation checkpointing, logits, engine weights and vLLM's KV cache blocks (docs/memory.md). "
+                    "Without --gpus/--gpu-memory it plans for the Ray cluster at RAY_ADDRESS, else for this machine "
+                    "(its GPUs, or its RAM on a CPU-only machine). Exits 0 when every stage fits, 3 when one does "
+                    "not (naming the stage, the GPU, the shortfall and the nearest settings that fit), 2 on a "
+                    "recipe error. `eksft run` makes the same check first.",
+        epilog=EPILOG,
+    )
+    plan.add_argument("recipe_file", metavar="RECIPE", help="YAML recipe, e.g. recipes/paper_qwen3_8b.yaml")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a recipe key (repeatable)")
+    _add_cluster_args(plan)
+    plan.set_defaults(func=cmd_plan)
 
     rl = sub.add_parser(
         "rl",
