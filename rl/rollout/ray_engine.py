@@ -49,12 +49,6 @@ class _EngineActor:
     def generate(self, prompt_ids, sampling, seeds):
         return self.engine.generate(prompt_ids, sampling, seeds)
 
-    def sleep(self, level: int):
-        self.engine.sleep(level)
-
-    def wake_up(self, tags=None):
-        self.engine.wake_up(tags)
-
     def dtype(self):
         return self.engine.dtype
 
@@ -95,7 +89,6 @@ class RayEngine:
         self._ray = ray
         self.weight_transfer = kwargs.get("weight_transfer")
         self.workers_per_engine = kwargs.get("tensor_parallel_size", 1)
-        self.sleeps = bool(kwargs.get("enable_sleep_mode"))
         if self.workers_per_engine > 1:
             kwargs.setdefault("distributed_executor_backend", "mp")  # the actor's own GPUs, not a Ray placement
         cpus, threads = (TOKEN_CPU, shared_threads(num_engines)) if num_cpus is None else (num_cpus, None)
@@ -139,15 +132,6 @@ class RayEngine:
                     sample.engine = engine
                 out[i] = group
         return out
-
-    def sleep(self, level: int = 1) -> None:
-        """Free the engines' GPU memory while the trainer updates (level 1: weights to host memory, KV cache
-        dropped; level 2: both dropped, the weights must be sent again). GPU only: vLLM refuses sleep mode on CPU."""
-        self._ray.get([actor.sleep.remote(level) for actor in self.actors])
-
-    def wake_up(self, tags: list[str] | None = None) -> None:
-        """Take back the memory (``tags``: ``["weights"]`` first, to receive an update, then ``["kv_cache"]``)."""
-        self._ray.get([actor.wake_up.remote(tags) for actor in self.actors])
 
     def transfer_target(self, bucket_bytes: int | None = None):
         """What the trainer's rank 0 needs to send weights through vLLM's API (None: engines made without it)."""
