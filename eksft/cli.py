@@ -14,10 +14,20 @@ from eksft.layout import RLStageDir, RunLayout, SFTStageDir
 EPILOG = "Recipes are YAML files validated against eksft.config.Recipe; override any key with --set a.b=value."
 
 
-def _add_recipe_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--recipe", "-r", help="YAML recipe (default: the built-in defaults)")
+def _add_set_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key, e.g. --set data.max_length=512 (repeatable)")
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", "-r", help="YAML recipe (default: the built-in defaults)")
+    _add_set_arg(p)
+
+
+def _add_recipe_file_args(p: argparse.ArgumentParser, example: str) -> None:
+    """A required RECIPE and its --set overrides (the whole-recipe commands: run, plan)."""
+    p.add_argument("recipe_file", metavar="RECIPE", help=f"YAML recipe, e.g. {example}")
+    _add_set_arg(p)
 
 
 ARM_HELP = ("the arm of the recipe's `arms` whose objective to use. Without --arm: --objective NAME picks the arm "
@@ -163,11 +173,9 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
 
 
 def _memory_plan(recipe, args: argparse.Namespace):
-    from eksft.pipeline.placement import detect_cluster, plan_memory
+    from eksft.pipeline.placement import PROMPT_TOKENS, detect_cluster, plan_memory
 
     cluster = detect_cluster(args.gpus, args.gpu_memory, args.nodes, args.cpu_memory)
-    from eksft.pipeline.placement import PROMPT_TOKENS
-
     return plan_memory(recipe, cluster, model_config=args.model_config,
                        prompt_tokens=args.prompt_tokens or PROMPT_TOKENS)
 
@@ -336,9 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "a changed setting affects, and resumes a killed run. Ends with the report and prints its table.",
         epilog=EPILOG,
     )
-    run.add_argument("recipe_file", metavar="RECIPE", help="YAML recipe, e.g. recipes/quickstart.yaml")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a recipe key (repeatable)")
+    _add_recipe_file_args(run, "recipes/quickstart.yaml")
     run.add_argument("--run-dir", help="run directory (default: <output_dir>/<recipe name>)")
     run.add_argument("--local", action="store_true", help="run the stages in this process, without Ray")
     run.add_argument("--force", action="store_true",
@@ -359,9 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "recipe error. `eksft run` makes the same check first.",
         epilog=EPILOG,
     )
-    plan.add_argument("recipe_file", metavar="RECIPE", help="YAML recipe, e.g. recipes/paper_qwen3_8b.yaml")
-    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a recipe key (repeatable)")
+    _add_recipe_file_args(plan, "recipes/paper_qwen3_8b.yaml")
     _add_cluster_args(plan)
     plan.set_defaults(func=cmd_plan)
 
