@@ -361,7 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "tasks with the CPU/GPU needs of the recipe's `resources` section (set RAY_ADDRESS to use a "
                     "cluster; arms run concurrently when resources allow). The base model is evaluated once. Each "
                     "stage writes DONE with a hash of its settings: rerunning skips finished stages, reruns only what "
-                    "a changed setting affects, and resumes a killed run. Ends with the report and prints its table.",
+                    "a changed setting affects, and resumes a killed run. A recipe with `seeds: [0, 1, 2]` runs every "
+                    "arm once per seed (<arm>/seed-<s>/, independent stages) and the report pools the seeds. Ends "
+                    "with the report and prints its table.",
         epilog=EPILOG,
     )
     _add_recipe_file_args(run, "recipes/quickstart.yaml")
