@@ -279,7 +279,7 @@ def test_two_seeds_run_resume_one_seed_alone_and_pool_in_the_report(tmp_path):
     # follows it are gone; seed 0 is finished
     rl1 = layout.arm("sft", 1).rl
     seed0 = {p: p.read_bytes() for p in tmp_path.glob("*/seed-0/**/DONE")}
-    assert len(seed0) == 1 + 2 * 2 + 1  # _base eval; per arm rl and after_rl; sft's sft and after_sft
+    assert len(seed0) == 1 + 4 + 2  # _base's evaluation; sft's sft, after_sft, rl, after_rl; base's rl, after_rl
     redone = {rl1.done_marker, layout.arm("sft", 1).eval("after_rl").done_marker}
     seed1_kept = {p: p.read_bytes() for p in tmp_path.glob("*/seed-1/**/DONE") if p not in redone}
     assert len(seed1_kept) == len(seed0) - 2
