@@ -133,7 +133,9 @@ def _run_ray(todo: list[Stage], recipe, recipe_json: dict, run_dir: Path) -> lis
     """
     import ray
 
-    remote_stage = ray.remote(_ray_stage)
+    # max_calls=1: each stage in a fresh worker process; a reused one kept the previous stage's heap (an RL stage
+    # after an SFT stage in one process held 11.9 GB, and Ray's OOM monitor killed the next stages)
+    remote_stage = ray.remote(max_calls=1)(_ray_stage)
     order = launch_order(todo)
     waiting = {s.name: s for s in todo}
     running: dict[object, Stage] = {}
@@ -169,10 +171,8 @@ def _run_ray(todo: list[Stage], recipe, recipe_json: dict, run_dir: Path) -> lis
             engine_cpus, engine_gpus = engine_needs(recipe, stage)
             own_cpus = cpus - engine_cpus
             threads = cpus if recipe.rollout.num_cpus is None else own_cpus  # shared engines: the stage's threads
-            # max_calls=1: each stage in a fresh worker process; a reused one kept the previous stage's heap (an
-            # RL stage after an SFT stage in one process held 11.9 GB, and Ray's OOM monitor killed the next stages)
             ref = remote_stage.options(num_cpus=own_cpus, num_gpus=gpus - engine_gpus, name=stage.name,
-                                       max_retries=0, max_calls=1).remote(stage, recipe_json, str(run_dir), threads)
+                                       max_retries=0).remote(stage, recipe_json, str(run_dir), threads)
             running[ref] = waiting.pop(stage.name)
             _status(stage, "started")
         if not running:
