@@ -118,7 +118,7 @@ def test_the_comparison_evaluates_problems_disjoint_from_its_training_rows():
     from eksft.data.sources import read_rows
 
     recipe = load_recipe(COMPARE)
-    assert recipe.seeds == [0, 1, 2] and [a.name for a in recipe.arms] == ["sft", "eksft", "base"]
+    assert recipe.seeds == [0, 1, 2] and [a.name for a in recipe.arms] == ["sft", "eksft"]
     sft, rl = ({r["problem"] for r in load_prompt_answer_rows(recipe.data, source)}
                for source in (recipe.data.sft, recipe.data.rl))
     assert len(sft) == recipe.data.sft.num_examples and len(rl) == recipe.data.rl.num_examples and not sft & rl
