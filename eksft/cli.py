@@ -40,6 +40,25 @@ def _run_layout(recipe) -> RunLayout:
     return RunLayout.of(recipe.output_dir, recipe.name)
 
 
+SEED_HELP = ("which of the recipe's `seeds` to run (its stages live in <arm>/seed-<S>/; default: the first); a recipe "
+             "without `seeds` has only `seed`")
+
+
+def _add_seed_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, metavar="S", help=SEED_HELP)
+
+
+def _recipe_at_seed(recipe, seed: int | None):
+    """(the recipe one seed of the run executes, that seed as the layout names it: None without ``seeds``)."""
+    if recipe.seeds is None:
+        if seed is not None and seed != recipe.seed:
+            raise RecipeError(f"--seed {seed}: the recipe has no `seeds` (it runs with seed {recipe.seed}); "
+                              f"use --set seed={seed}, or list them: --set 'seeds=[...]'")
+        return recipe, None
+    seed = recipe.seeds[0] if seed is None else seed
+    return recipe.for_seed(seed), seed
+
+
 def _add_arm_args(p: argparse.ArgumentParser) -> None:
     from eksft.objectives import objective_names
 
@@ -132,9 +151,9 @@ def _only(arms: list, which: str):
 def cmd_sft(args: argparse.Namespace) -> int:
     from eksft.stages import sft_stage
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe, seed = _recipe_at_seed(load_recipe(args.recipe, args.overrides), args.seed)
     arm = sft_arm(recipe, args.arm, args.objective)
-    out = SFTStageDir(Path(args.output)) if args.output else _run_layout(recipe).arm(arm.name).sft
+    out = SFTStageDir(Path(args.output)) if args.output else _run_layout(recipe).arm(arm.name, seed).sft
     print(f"[sft] arm {arm.name}: objective {arm.objective.model_dump(mode='json')}", flush=True)
     final = sft_stage(recipe, arm, out)
     print(f"[sft] checkpoint: {final}\n[sft] metrics: {out.metrics}")
@@ -144,9 +163,9 @@ def cmd_sft(args: argparse.Namespace) -> int:
 def cmd_rl(args: argparse.Namespace) -> int:
     from eksft.stages import arm_start_model, rl_stage
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe, seed = _recipe_at_seed(load_recipe(args.recipe, args.overrides), args.seed)
     arm = recipe.arm(args.arm) if args.arm else _only(recipe.arms, "arms")
-    arm_dir = _run_layout(recipe).arm(arm.name)
+    arm_dir = _run_layout(recipe).arm(arm.name, seed)
     start = getattr(args, "from") or arm_start_model(recipe, arm, arm_dir)
     if not getattr(args, "from") and arm.objective is not None and not arm_dir.sft.checkpoint.is_dir():
         print(f"arm {arm.name} starts from its SFT checkpoint {arm_dir.sft.checkpoint}, which does not exist: run "
@@ -330,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_recipe_args(sft)
     _add_arm_args(sft)
-    sft.add_argument("--output", "-o", help="stage directory (default: <output_dir>/<recipe name>/<arm>/sft)")
+    _add_seed_arg(sft)
+    sft.add_argument("--output", "-o", help="stage directory (default: <output_dir>/<recipe name>/<arm>[/seed-<S>]/sft)")
     sft.set_defaults(func=cmd_sft)
 
     run = sub.add_parser(
@@ -341,7 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "tasks with the CPU/GPU needs of the recipe's `resources` section (set RAY_ADDRESS to use a "
                     "cluster; arms run concurrently when resources allow). The base model is evaluated once. Each "
                     "stage writes DONE with a hash of its settings: rerunning skips finished stages, reruns only what "
-                    "a changed setting affects, and resumes a killed run. Ends with the report and prints its table.",
+                    "a changed setting affects, and resumes a killed run. A recipe with `seeds: [0, 1, 2]` runs every "
+                    "arm once per seed (<arm>/seed-<s>/, independent stages) and the report pools the seeds. Ends "
+                    "with the report and prints its table.",
         epilog=EPILOG,
     )
     _add_recipe_file_args(run, "recipes/quickstart.yaml")
@@ -387,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   "several, an error listing them); override its settings with --set arms.NAME.rl.KEY=V")
     rl.add_argument("--from", dest="from", metavar="CHECKPOINT_DIR",
                     help="model to start from (default: the arm's start, see above)")
-    rl.add_argument("--output", "-o", help="stage directory (default: <output_dir>/<recipe name>/<arm>/rl)")
+    _add_seed_arg(rl)
+    rl.add_argument("--output", "-o", help="stage directory (default: <output_dir>/<recipe name>/<arm>[/seed-<S>]/rl)")
     rl.set_defaults(func=cmd_rl)
 
     from eksft.eval.cli import add_eval_parser

@@ -170,6 +170,12 @@ DEFAULT_ARMS: list[dict[str, Any]] = [{"name": "sft", "objective": {"name": "sft
 class Recipe(Strict):
     name: str = "recipe"
     seed: int = Field(0, description="seed of the SFT stage (rl.seed and eval.seed seed the others)")
+    seeds: list[int] | None = Field(
+        None, min_length=1,
+        description="run every arm once per seed, e.g. [0, 1, 2] (unset: once, with `seed`). Seed s runs with "
+                    "seed = s and rl.seed, eval.seed shifted by s - seed: the SFT data order, the RL prompt order and "
+                    "sampling and the evaluation sampling change; the data and the evaluation problems do not, so "
+                    "results pair by problem. Each seed has its own directory (<arm>/seed-<s>/) and stages")
     output_dir: str = "runs"
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -197,6 +203,13 @@ class Recipe(Strict):
             except ValidationError as e:
                 bad = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
                 raise ValueError(f"arms.{i}.rl ({arm.name}): {bad} (allowed keys: {', '.join(sorted(GRPOConfig.model_fields))})") from None
+        if self.seeds is not None:
+            if len(set(self.seeds)) != len(self.seeds):
+                raise ValueError(f"seeds must be distinct, got {self.seeds}")
+            low = min(self.seeds) - self.seed + self.rl.seed
+            if low < 0:  # rl.seed must be >= 0
+                raise ValueError(f"seeds: seed {min(self.seeds)} would run with rl.seed {self.rl.seed} + "
+                                 f"({min(self.seeds)} - seed {self.seed}) = {low} < 0; raise rl.seed or lower seed")
         every = self.eval.every_rl_steps
         # Each arm saves RL checkpoints at its own rl.save_every (an arm may override it).
         for where, rl in [("", self.rl), *((f" of arm {a.name}", self.arm_rl(a)) for a in self.arms if a.rl)]:
@@ -204,6 +217,25 @@ class Recipe(Strict):
                 raise ValueError(f"eval.every_rl_steps ({every}) must be a multiple of rl.save_every{where} "
                                  f"({rl.save_every}): intermediate evaluations read the RL checkpoints")
         return self
+
+    @property
+    def run_seeds(self) -> list[int | None]:
+        """The seeds the arms run with, as the run directory names them: ``[None]`` when ``seeds`` is unset (one
+        run with ``seed``, no seed level in the layout), else ``seeds``."""
+        return [None] if self.seeds is None else list(self.seeds)
+
+    def for_seed(self, seed: int | None) -> Recipe:
+        """The recipe one seed of the run executes: ``seed`` = ``seed``, ``rl.seed`` and ``eval.seed`` shifted by
+        ``seed - self.seed`` (so ``seeds: [seed]`` runs exactly what the recipe without ``seeds`` runs). ``None``:
+        the recipe itself."""
+        if seed is None:
+            return self
+        if self.seeds is not None and seed not in self.seeds:
+            raise RecipeError(f"seed {seed} is not one of the recipe's seeds {self.seeds}")
+        shift = seed - self.seed
+        return self.model_copy(update={"seed": seed,
+                                       "rl": self.rl.model_copy(update={"seed": self.rl.seed + shift}),
+                                       "eval": self.eval.model_copy(update={"seed": self.eval.seed + shift})})
 
     def arm(self, name: str) -> ArmConfig:
         """The arm called ``name``; the error lists the recipe's arms."""

@@ -7,8 +7,10 @@
     <run_dir>/<arm>/eval/<point>/{<benchmark_filename(benchmark)>, STARTED, DONE}
     <run_dir>/_base/eval/before_sft/   the base model's evaluation, copied into every arm's eval/before_sft
 
-``RunLayout(run_dir).arm(name)`` is the one place that puts an arm in the run directory (a seed level under
-each arm is a change there). Evaluation points are ``EvalPoint`` values (``before_sft``, ``after_sft``,
+A recipe with ``seeds`` runs every arm once per seed, each in its own directory with the layout above:
+``<run_dir>/<arm>/seed-<s>/{sft,rl,eval}/`` and ``<run_dir>/_base/seed-<s>/eval/before_sft/``; a recipe without
+``seeds`` has no seed level. ``RunLayout(run_dir).arm(name, seed)`` is the one place that puts an arm (and a seed)
+in the run directory. Evaluation points are ``EvalPoint`` values (``before_sft``, ``after_sft``,
 ``rl_step_<N>`` carrying N, ``after_rl``); on the run's single timeline (SFT steps, then RL steps) they sit at
 :func:`point_step`. The trainers do not import this module: ``run_sft`` takes an ``SFTStageDir`` and the GRPO
 trainer an ``rl.grpo.outputs.GRPOOutputs`` built by :meth:`RLStageDir.trainer_outputs`.
@@ -36,6 +38,8 @@ SFT_DIR, RL_DIR, EVAL_DIR = "sft", "rl", "eval"  # an arm's subdirectories, one 
 CHECKPOINT_DIR = "checkpoint"  # a stage's final model
 CHECKPOINTS_DIR = "checkpoints"  # a stage's resumable checkpoints
 RL_STEP_PREFIX = "step"  # rl/checkpoints/step-N, rl/rollouts/step-N.jsonl
+SEED_PREFIX = "seed-"  # <arm>/seed-<s>/ when the recipe lists seeds
+_SEED_DIR = re.compile(r"^seed-(\d+)$")
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
@@ -231,13 +235,26 @@ class EvalPointDir(StageDir):
 # --------------------------------------------------------------------------- the run and its arms
 
 
+def seed_dir_name(seed: int) -> str:
+    """``seed_dir_name(2) == "seed-2"``."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"a seed must be an int, got {seed!r}")
+    return f"{SEED_PREFIX}{seed}"
+
+
+def parse_seed_dir(name: str) -> int | None:
+    """The seed of a directory named ``seed-<s>``, or None for any other name."""
+    m = _SEED_DIR.match(name)
+    return int(m.group(1)) if m else None
+
+
 @dataclass(frozen=True)
 class ArmDir:
-    root: Path
+    """One arm's directory at one seed (``<run_dir>/<arm>`` or ``<run_dir>/<arm>/seed-<s>``)."""
 
-    @property
-    def name(self) -> str:
-        return self.root.name
+    root: Path
+    name: str
+    seed: int | None = None
 
     @property
     def sft(self) -> SFTStageDir:
@@ -265,13 +282,22 @@ class RunLayout:
         """The default run directory of a recipe: ``<output_dir>/<recipe name>``."""
         return cls(Path(output_dir) / recipe_name)
 
-    def arm(self, name: str) -> ArmDir:
-        return ArmDir(self.run_dir / name)
+    def arm(self, name: str, seed: int | None = None) -> ArmDir:
+        """Arm ``name``'s directory; at ``seed`` (None: a run without seed level)."""
+        root = self.run_dir / name
+        return ArmDir(root if seed is None else root / seed_dir_name(seed), name, seed)
 
-    @property
-    def base(self) -> ArmDir:
-        """Where the starting model's evaluation (shared by the arms) is computed."""
-        return self.arm(BASE_EVAL)
+    def base(self, seed: int | None = None) -> ArmDir:
+        """Where the starting model's evaluation (shared by the arms) is computed, at ``seed``."""
+        return self.arm(BASE_EVAL, seed)
+
+    def seeds_on_disk(self) -> list[int | None]:
+        """The seeds found in the run directory (``seed-<s>`` under an arm or ``_base``), sorted; ``[None]`` when
+        there is no seed level."""
+        found = set()
+        for d in (p for p in self.run_dir.iterdir() if p.is_dir()) if self.run_dir.is_dir() else ():
+            found.update(s for s in (parse_seed_dir(c.name) for c in d.iterdir() if c.is_dir()) if s is not None)
+        return sorted(found) if found else [None]
 
     @property
     def run_json(self) -> Path:
@@ -292,6 +318,7 @@ class RunLayout:
         for d in sorted(p for p in self.run_dir.iterdir() if p.is_dir()):
             if d.name == REPORT_DIR or d.name.startswith((".", "_")):  # _base: shared, not an arm
                 continue
-            if any((d / sub).is_dir() for sub in (SFT_DIR, RL_DIR, EVAL_DIR)):
+            levels = [d, *(c for c in d.iterdir() if c.is_dir() and parse_seed_dir(c.name) is not None)]
+            if any((level / sub).is_dir() for level in levels for sub in (SFT_DIR, RL_DIR, EVAL_DIR)):
                 found.append(d.name)
         return found

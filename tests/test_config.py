@@ -50,7 +50,7 @@ def test_data_source_tags_and_selection_in_a_recipe(tmp_path):
 
 
 def test_unknown_top_level_key(tmp_path):
-    with pytest.raises(RecipeError, match=r"modle: unknown key \(allowed: arms, data, eval, model, name, output_dir, report, report_to, resources, rl, rollout, seed, sft\)"):
+    with pytest.raises(RecipeError, match=r"modle: unknown key \(allowed: arms, data, eval, model, name, output_dir, report, report_to, resources, rl, rollout, seed, seeds, sft\)"):
         load_recipe(write(tmp_path, "modle:\n  name: x\n"))
 
 

@@ -280,8 +280,8 @@ def test_csv(report):
 
     _, out = report
     rows = list(csv.DictReader(io.StringIO((out / "table.csv").read_text(encoding="utf-8"))))
-    assert list(rows[0]) == ["arm", "stage", "label", "point", "benchmark", "n", "num_problems", "metric", "estimate",
-                             "low", "high", "baseline", "delta", "delta_low", "delta_high", "p_value", "excludes_zero"]
+    assert list(rows[0]) == ["arm", "stage", "label", "point", "benchmark", "n", "num_problems", "seeds", "metric",
+                             "estimate", "low", "high", "baseline", "delta", "delta_low", "delta_high", "p_value", "excludes_zero"]
     by_key = {(r["arm"], r["stage"], r["benchmark"], r["metric"]): r for r in rows}
     metrics = ["avg@n", "pass@1", "pass@2", "pass@3", "pass@4", "maj@1", "maj@2", "maj@4", "coverage",
                "distinct_answers", "entropy_mean", "response_length_mean", "truncation_rate"]

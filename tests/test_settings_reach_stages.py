@@ -97,7 +97,7 @@ def test_the_eval_settings_reach_evaluate(spies, tmp_path, tiny_qwen2_dir):
         assert seen["cfg"] == recipe.eval and (seen["cfg"].n, seen["cfg"].temperature) == (3, 0.5)
         assert seen["rollout"] == recipe.rollout and seen["model"] == tiny_qwen2_dir
         assert seen["trust_remote_code"] is False
-    assert cli["out"] == pipeline["out"] == RunLayout(tmp_path / "run").base.eval("before_sft").root
+    assert cli["out"] == pipeline["out"] == RunLayout(tmp_path / "run").base().eval("before_sft").root
 
 
 def test_eksft_sft_needs_an_unambiguous_arm(spies, tmp_path, capsys):

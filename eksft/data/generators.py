@@ -8,6 +8,9 @@ ends in ``\\boxed{answer}``:
   * ``gsm``: GSM-style word problems (reasoning-gym's gsm_symbolic), whose chain of thought
     comes from the generator's metadata.
 ``mix`` interleaves the three.
+
+reasoning-gym seeds row i of seed s with s + i: seed 1's rows are seed 0's shifted by one, so sources meant to be
+disjoint need seeds further apart than their sizes.
 """
 
 from __future__ import annotations

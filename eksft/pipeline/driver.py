@@ -46,8 +46,9 @@ def run_pipeline(recipe, run_dir: str | Path | None = None, *, local: bool = Fal
     recipe_json = recipe.model_dump(mode="json")
     _write_run_json(recipe, run_dir, precision, provenance)
     todo = [s for s in stages if not s.done()]
+    seeds = "" if recipe.seeds is None else f", seeds: {', '.join(map(str, recipe.seeds))}"
     print(f"[run] {recipe.name}: {len(stages)} stages, {len(stages) - len(todo)} already done "
-          f"(arms: {', '.join(a.name for a in recipe.arms)}) -> {run_dir}", flush=True)
+          f"(arms: {', '.join(a.name for a in recipe.arms)}{seeds}) -> {run_dir}", flush=True)
     for kind, settings in precision.items():
         print(f"[run] {kind} precision: " + "; ".join(f"{k}={p['setting']} -> {p['dtype']}" for k, p in settings.items())
               + f" ({_hardware_line(next(iter(settings.values())))})", flush=True)
@@ -132,7 +133,9 @@ def _run_ray(todo: list[Stage], recipe, recipe_json: dict, run_dir: Path) -> lis
     """
     import ray
 
-    remote_stage = ray.remote(_ray_stage)
+    # max_calls=1: each stage in a fresh worker process; a reused one kept the previous stage's heap (an RL stage
+    # after an SFT stage in one process held 11.9 GB, and Ray's OOM monitor killed the next stages)
+    remote_stage = ray.remote(max_calls=1)(_ray_stage)
     order = launch_order(todo)
     waiting = {s.name: s for s in todo}
     running: dict[object, Stage] = {}
@@ -258,16 +261,17 @@ def _ray_stage(stage: Stage, recipe_json: dict, run_dir: str, num_cpus: float) -
 
 
 def _share_base_eval(recipe, run_dir: Path) -> None:
-    """Copy the base model's evaluation into every arm's eval/before_sft (one computation, one layout)."""
+    """Copy the base model's evaluation into every arm's eval/before_sft (one computation, one layout), per seed."""
     layout = RunLayout(run_dir)
-    src = layout.base.eval(BEFORE_SFT)
-    if not src.done_marker.is_file():
-        return
-    for arm in recipe.arms:
-        dst = layout.arm(arm.name).eval(BEFORE_SFT).root
-        dst.mkdir(parents=True, exist_ok=True)
-        for f in src.root.glob("*.json"):
-            shutil.copy2(f, dst / f.name)
+    for seed in recipe.run_seeds:
+        src = layout.base(seed).eval(BEFORE_SFT)
+        if not src.done_marker.is_file():
+            continue
+        for arm in recipe.arms:
+            dst = layout.arm(arm.name, seed).eval(BEFORE_SFT).root
+            dst.mkdir(parents=True, exist_ok=True)
+            for f in src.root.glob("*.json"):
+                shutil.copy2(f, dst / f.name)
 
 
 def _provenance(hub: dict, machines: dict) -> dict:
@@ -285,11 +289,13 @@ def _write_run_json(recipe, run_dir: Path, precision: dict, provenance: dict) ->
         "precision": precision,
         "recipe": recipe.name,
         "arms": [a.name for a in recipe.arms],
+        "seeds": recipe.seeds,  # null: one run, no seed level in the layout
         "benchmarks": list(recipe.eval.benchmarks),
         "eval_n": recipe.eval.n,
         "sft_global_batch": {"workers": recipe.sft.workers, "batch_size": recipe.sft.batch_size,
                              "grad_accum": recipe.sft.grad_accum, "global_batch": recipe.sft.sequences_per_step()},
-        "sft_steps": {a.name: layout.arm(a.name).sft.logged_steps() for a in recipe.arms},
+        "sft_steps": {a.name: max(layout.arm(a.name, seed).sft.logged_steps() for seed in recipe.run_seeds)
+                      for a in recipe.arms},
         "rl_steps": {a.name: recipe.arm_rl(a).steps for a in recipe.arms},
         "config": recipe.model_dump(mode="json"),
         "command": " ".join(sys.argv),

@@ -24,7 +24,7 @@ def run_stage(stage: Stage, recipe_json: dict, run_dir: str, *, num_threads: int
         torch.set_num_threads(max(1, int(num_threads)))
     if stage.done():
         return {"stage": stage.name, "status": "skipped"}
-    recipe = Recipe.model_validate(recipe_json)
+    recipe = Recipe.model_validate(recipe_json).for_seed(stage.seed)
     precision = _check_precision(stage, recipe)
     _prepare_dir(stage)
     started = time.time()
@@ -73,14 +73,14 @@ def _run_sft(stage: Stage, recipe, layout: RunLayout) -> None:
 def _run_rl(stage: Stage, recipe, layout: RunLayout) -> None:
     from eksft.stages import arm_start_model, rl_stage
 
-    arm, arm_dir = recipe.arm(stage.arm), layout.arm(stage.arm)
+    arm, arm_dir = recipe.arm(stage.arm), layout.arm(stage.arm, stage.seed)
     rl_stage(recipe, arm, arm_start_model(recipe, arm, arm_dir), stage.out, step_offset=arm_dir.sft.logged_steps())
 
 
 def _run_eval(stage: Stage, recipe, layout: RunLayout) -> None:
     from eksft.stages import eval_stage, model_at
 
-    model = model_at(recipe, _stage_arm(stage, recipe), layout.arm(stage.arm), stage.point)
+    model = model_at(recipe, _stage_arm(stage, recipe), layout.arm(stage.arm, stage.seed), stage.point)
     eval_stage(recipe, model, stage.out.root, stage.point.name)
 
 

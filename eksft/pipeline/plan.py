@@ -4,6 +4,9 @@ Per arm: ``sft`` (skipped for an arm without objective) -> ``eval:after_sft`` ->
 ``eval:rl_step_N`` ... -> ``eval:after_rl``. ``eval:before_sft`` of the base model is shared
 by all arms (it is the same model) and copied into each arm's directory.
 
+A recipe with ``seeds`` has these stages once per seed (``Recipe.for_seed``), named ``<arm>/seed-<s>/<stage>``:
+no stage of one seed depends on another seed's, so seeds run as independent chains and resume independently.
+
 Every stage has a *key*: a hash of the settings it reads plus the keys of the stages it
 depends on. A finished stage writes ``DONE`` holding its key; a stage whose ``DONE`` key
 matches is skipped, so a changed setting reruns exactly the stages that depend on it.
@@ -22,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from eksft.layout import AFTER_SFT, BASE_EVAL, BEFORE_SFT, EvalPoint, RunLayout, StageDir, eval_points
+from eksft.layout import AFTER_SFT, BASE_EVAL, BEFORE_SFT, EvalPoint, RunLayout, StageDir, eval_points, seed_dir_name
 
 
 @dataclass
@@ -35,6 +38,7 @@ class Stage:
     deps: list[str] = field(default_factory=list)
     key: str = ""
     point: EvalPoint | None = None  # eval stages: what they evaluate
+    seed: int | None = None  # the seed it runs at (``Recipe.for_seed``); None: a recipe without ``seeds``
 
     def done(self) -> bool:
         marker = self.out.done_marker
@@ -127,6 +131,17 @@ def plan(recipe, run_dir: Path, hardware: dict | None = None) -> list[Stage]:
     if len(set(per_arm.values())) > 1:
         raise RecipeError(f"the arms would train RL at different precisions ({', '.join(f'{a}: {d}' for a, d in per_arm.items())}): "
                           "a comparison needs one; set rl.bf16 in the recipe's rl section, not in an arm's rl overrides")
+    layout = RunLayout(Path(run_dir))
+    stages = [stage for seed in recipe.run_seeds for stage in _seed_stages(recipe.for_seed(seed), seed, layout, precision)]
+    by_name = {s.name: s for s in stages}
+    for s in stages:  # in dependency order, so upstream keys exist
+        s.key = stable_hash({"settings": s.settings, "deps": [by_name[d].key for d in s.deps]})
+    return stages
+
+
+def _seed_stages(recipe, seed: int | None, layout: RunLayout, precision) -> list[Stage]:
+    """The stages of every arm at one seed (``recipe``: ``Recipe.for_seed(seed)``, whose seeds enter the keys)."""
+    prefix = "" if seed is None else f"{seed_dir_name(seed)}/"  # stage names: <arm>/[seed-<s>/]<stage>
     base = {
         "model": _dump(recipe.model),
         "seed": recipe.seed,
@@ -134,32 +149,30 @@ def plan(recipe, run_dir: Path, hardware: dict | None = None) -> list[Stage]:
                             "chat_template_kwargs": recipe.data.chat_template_kwargs}),
     }
     evaluation = {"eval": _dump(recipe.eval), "rollout": _rollout_section(recipe.rollout), **base}
-    layout = RunLayout(Path(run_dir))
 
     def eval_stage(arm_name: str, point: EvalPoint, deps: list[str], arm=None) -> Stage:
-        return Stage(f"{arm_name}/eval:{point.name}", arm_name, "eval", layout.arm(arm_name).eval(point),
-                     {**evaluation, "point": point.name, "precision": precision(arm, "eval")}, deps=deps, point=point)
+        return Stage(f"{arm_name}/{prefix}eval:{point.name}", arm_name, "eval", layout.arm(arm_name, seed).eval(point),
+                     {**evaluation, "point": point.name, "precision": precision(arm, "eval")}, seed=seed, deps=deps,
+                     point=point)
 
     stages: list[Stage] = [eval_stage(BASE_EVAL, BEFORE_SFT, [])]
     for arm in recipe.arms:
-        arm_dir = layout.arm(arm.name)
+        arm_dir = layout.arm(arm.name, seed)
         start_dep = stages[0].name
         if arm.objective is not None:
             sft_settings = {**base, "data": _dump(recipe.data),
                             "sft": {**_sft_section(recipe.sft), "objective": arm.objective.model_dump(mode="json")},
                             "precision": precision(arm, "sft")}
-            stages.append(Stage(f"{arm.name}/sft", arm.name, "sft", arm_dir.sft, sft_settings))
-            stages.append(eval_stage(arm.name, AFTER_SFT, [f"{arm.name}/sft"], arm))
-            start_dep = f"{arm.name}/sft"
+            stages.append(Stage(f"{arm.name}/{prefix}sft", arm.name, "sft", arm_dir.sft, sft_settings, seed=seed))
+            stages.append(eval_stage(arm.name, AFTER_SFT, [stages[-1].name], arm))
+            start_dep = stages[-2].name
         rl_cfg = recipe.arm_rl(arm)
-        stages.append(Stage(f"{arm.name}/rl", arm.name, "rl", arm_dir.rl,
+        stages.append(Stage(f"{arm.name}/{prefix}rl", arm.name, "rl", arm_dir.rl,
                             {**base, "data_rl": _dump(recipe.data.rl),
                              "rl": rl_cfg.model_dump(mode="json"), "rollout": _rollout_section(recipe.rollout),
                              "precision": precision(arm, "rl")},
-                            deps=[start_dep]))
+                            seed=seed, deps=[start_dep]))
+        rl_stage = stages[-1].name
         for point in eval_points(rl_cfg.steps, recipe.eval.every_rl_steps):
-            stages.append(eval_stage(arm.name, point, [f"{arm.name}/rl"], arm))
-    by_name = {s.name: s for s in stages}
-    for s in stages:  # in dependency order, so upstream keys exist
-        s.key = stable_hash({"settings": s.settings, "deps": [by_name[d].key for d in s.deps]})
+            stages.append(eval_stage(arm.name, point, [rl_stage], arm))
     return stages

@@ -36,6 +36,27 @@ class RunData:
     rl_steps_by_arm: dict[str, int] = field(default_factory=dict)  # when run.json gives rl_steps per arm
     base_evals: dict[str, dict] = field(default_factory=dict)  # the starting model: benchmark -> record
     base_eval_files: dict[str, Path] = field(default_factory=dict)
+    # A run with seeds: the fields above hold the first seed's metrics and evaluations (what links and timelines
+    # read); ``per_seed`` holds every seed's (this object first), which the table's and curves' statistics pool.
+    seed: int | None = None  # the seed of this view (None: a run without seed level)
+    per_seed: list[RunData] = field(default_factory=list, repr=False, compare=False)
+
+    @property
+    def seeds(self) -> list[int | None]:
+        """The run's seeds (``[None]`` for a run without seed level)."""
+        return [r.seed for r in self.per_seed] or [self.seed]
+
+    @property
+    def num_seeds(self) -> int:
+        return len(self.per_seed) or 1
+
+    def seed_records(self, arm: str, point: str, benchmark: str) -> list[dict | None]:
+        """The evaluation record of (arm, point, benchmark) at every seed, in seed order (None where missing)."""
+        return [r.eval_record(arm, point, benchmark) for r in (self.per_seed or [self])]
+
+    def seed_base_records(self, benchmark: str) -> list[dict | None]:
+        """The starting model's record of ``benchmark`` at every seed (its sampling follows the seed too)."""
+        return [r.base_evals.get(benchmark) for r in (self.per_seed or [self])]
 
     @property
     def baseline_arm(self) -> str | None:
@@ -146,26 +167,48 @@ def _load_evals(arm_dir: layout.ArmDir, benchmarks: list[str]):
 
 
 def load_run(run_dir: str | Path) -> RunData:
-    """Load ``run_dir`` (``runs/<recipe>/``). Raises FileNotFoundError if it is not a directory."""
+    """Load ``run_dir`` (``runs/<recipe>/``), every seed of it. Raises FileNotFoundError if it is not a directory."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory not found: {run_dir}")
     run = layout.RunLayout(run_dir)
     meta = _read_json(run.run_json) or {}
+    seeds = meta.get("seeds") or run.seeds_on_disk()
+    views = [_load_seed(run, meta, seed) for seed in seeds]
+    arms = list(views[0].arms)
+    for view in views[1:]:  # an arm present at one seed only still shows
+        arms += [a for a in view.arms if a not in arms]
+    benchmarks = list(views[0].benchmarks)
+    for view in views[1:]:
+        benchmarks += [b for b in view.benchmarks if b not in benchmarks]
+    for view in views:
+        view.arms, view.benchmarks = arms, benchmarks
+        for a in arms:
+            view.sft_metrics.setdefault(a, [])
+            view.rl_metrics.setdefault(a, [])
+            view.evals.setdefault(a, {})
+            view.eval_files.setdefault(a, {})
+            view.sft_steps.setdefault(a, 0)
+        view.per_seed = views
+    return views[0]
+
+
+def _load_seed(run: layout.RunLayout, meta: dict, seed: int | None) -> RunData:
     arms = list(meta.get("arms") or run.arms_on_disk())
     for extra in run.arms_on_disk():  # an arm on disk but not (yet) in run.json still shows
         if extra not in arms:
             arms.append(extra)
     benchmarks = list(meta.get("benchmarks") or [])
 
-    sft_metrics = {a: [r for r in read_jsonl(run.arm(a).sft.metrics) if r.get("phase", "sft") == "sft"] for a in arms}
-    rl_metrics = {a: [r for r in read_jsonl(run.arm(a).rl.metrics) if r.get("phase", "rl") == "rl"] for a in arms}
+    sft_metrics = {a: [r for r in read_jsonl(run.arm(a, seed).sft.metrics) if r.get("phase", "sft") == "sft"]
+                   for a in arms}
+    rl_metrics = {a: [r for r in read_jsonl(run.arm(a, seed).rl.metrics) if r.get("phase", "rl") == "rl"] for a in arms}
 
     evals, eval_files = {}, {}
     for a in arms:
-        evals[a], eval_files[a] = _load_evals(run.arm(a), benchmarks)
+        evals[a], eval_files[a] = _load_evals(run.arm(a, seed), benchmarks)
     # The starting model is evaluated once (_base) and copied into every arm's before_sft.
-    base_points, base_files = _load_evals(run.base, benchmarks)
+    base_points, base_files = _load_evals(run.base(seed), benchmarks)
     base_evals = base_points.get(layout.BEFORE_SFT.name, {})
     base_eval_files = base_files.get(layout.BEFORE_SFT.name, {})
     for a in arms:
@@ -198,8 +241,8 @@ def load_run(run_dir: str | Path) -> RunData:
         rl_by_arm = {a: int(v) for a, v in rl_steps.items() if v is not None}
         rl_steps = None
     return RunData(
-        run_dir=run_dir,
-        recipe=str(meta.get("recipe") or run_dir.resolve().name),
+        run_dir=run.run_dir,
+        recipe=str(meta.get("recipe") or run.run_dir.resolve().name),
         arms=arms,
         benchmarks=benchmarks,
         eval_n=int(eval_n) if eval_n is not None else None,
@@ -213,4 +256,5 @@ def load_run(run_dir: str | Path) -> RunData:
         rl_steps_by_arm=rl_by_arm,
         base_evals=base_evals,
         base_eval_files=base_eval_files,
+        seed=seed,
     )

@@ -59,18 +59,21 @@ def _done(path: Path) -> str:
 
 def _progress(run: RunData, colours: dict[str, str]) -> str:
     e = html.escape
-    out = ["<table><thead><tr><th>Arm</th><th>SFT steps logged / planned</th><th>SFT</th>"
-           "<th>RL steps logged / planned</th><th>RL</th><th>Evaluations (benchmarks present)</th></tr></thead><tbody>"]
-    for arm in run.arms:
-        sft_logged = max((int(r["step"]) for r in run.sft_metrics.get(arm, []) if "step" in r), default=0)
-        rl_logged = max((int(r["step"]) for r in run.rl_metrics.get(arm, []) if "step" in r), default=0)
+    seeded = run.seeds != [None]
+    out = ["<table><thead><tr><th>Arm</th>" + ("<th>Seed</th>" if seeded else "") + "<th>SFT steps logged / planned</th>"
+           "<th>SFT</th><th>RL steps logged / planned</th><th>RL</th><th>Evaluations (benchmarks present)</th></tr>"
+           "</thead><tbody>"]
+    for arm, view in ((a, v) for a in run.arms for v in (run.per_seed or [run])):
+        sft_logged = max((int(r["step"]) for r in view.sft_metrics.get(arm, []) if "step" in r), default=0)
+        rl_logged = max((int(r["step"]) for r in view.rl_metrics.get(arm, []) if "step" in r), default=0)
         planned_rl = run.arm_rl_steps(arm)
-        arm_dir = layout.RunLayout(run.run_dir).arm(arm)
+        arm_dir = layout.RunLayout(run.run_dir).arm(arm, view.seed)
         sft_cell = "no SFT" if run.sft_steps.get(arm, 0) == 0 else _done(arm_dir.sft.done_marker)
-        pts = run.evals.get(arm, {})
+        pts = view.evals.get(arm, {})
         evals = ", ".join(f"{e(p)} ({len(pts[p])}/{len(run.benchmarks)})"
                           for p in sorted(pts, key=layout.point_sort_key)) or '<span class="absent">none yet</span>'
         out.append(f'<tr><td class="arm"><span class="swatch" style="background:{colours[arm]}"></span>{e(arm)}</td>'
+                   + (f'<td class="num">{view.seed}</td>' if seeded else "") +
                    f'<td class="num">{sft_logged} / {run.sft_steps.get(arm, 0)}</td><td>{sft_cell}</td>'
                    f'<td class="num">{rl_logged} / {"?" if planned_rl is None else planned_rl}</td>'
                    f'<td>{_done(arm_dir.rl.done_marker)}</td><td>{evals}</td></tr>')
@@ -79,9 +82,16 @@ def _progress(run: RunData, colours: dict[str, str]) -> str:
 
 
 def _arm_files(run: RunData, arm: str) -> str:
+    """The arm's files: every seed's (a heading per seed when the run has seeds)."""
+    if run.seeds == [None]:
+        return _arm_seed_files(run, arm)
+    return "\n".join(_arm_seed_files(view, arm, f"{arm}, seed {view.seed}") for view in run.per_seed)
+
+
+def _arm_seed_files(run: RunData, arm: str, title: str | None = None) -> str:
     e = html.escape
     items = []
-    arm_dir = layout.RunLayout(run.run_dir).arm(arm)
+    arm_dir = layout.RunLayout(run.run_dir).arm(arm, run.seed)
     masks = arm_dir.sft.masks
     if masks.exists():
         items.append(f"<li><b>token-mask inspection</b>: {_link(run, masks)}</li>")
@@ -94,7 +104,7 @@ def _arm_files(run: RunData, arm: str) -> str:
         items.append(f"<li>eval <code>{e(point)}</code>: {links}</li>")
     if not items:
         items.append('<li class="absent">no files yet</li>')
-    return f"<h3>{e(arm)}</h3>\n<ul class=\"files\">\n" + "\n".join(items) + "\n</ul>"
+    return f"<h3>{e(title or arm)}</h3>\n<ul class=\"files\">\n" + "\n".join(items) + "\n</ul>"
 
 
 def _md_inline(text: str) -> str:
@@ -111,7 +121,8 @@ def _curve_figures(plots: dict[str, Path]) -> list[tuple[str, str]]:
     """(file name, caption) of each benchmark's pass@k-against-k plot."""
     prefix = "pass_at_k_curves:"
     return [(path.name, f"pass@k against k on {key[len(prefix):]}: the starting model, after SFT and after RL, per arm, "
-                        "with interval bands (bootstrap over problems).")
+                        "with interval bands (bootstrap over problems; over seeds, then problems, when the run has "
+                        "seeds).")
             for key, path in plots.items() if key.startswith(prefix)]
 
 
@@ -120,7 +131,8 @@ def render_index(run: RunData, comparison: Comparison, plots: dict[str, Path], c
     run_json = layout.RunLayout(run.run_dir).run_json
     steps = ", ".join(f"{e(a)} {run.sft_steps.get(a, 0)}" for a in run.arms)
     meta = (f'<p class="meta">Arms: {e(", ".join(run.arms))} &middot; benchmarks: {e(", ".join(run.benchmarks))} '
-            f'&middot; n = {run.eval_n if run.eval_n is not None else "?"} samples per problem &middot; SFT steps: '
+            + (f' &middot; seeds: {e(", ".join(map(str, run.seeds)))}' if run.seeds != [None] else "") +
+            f' &middot; n = {run.eval_n if run.eval_n is not None else "?"} samples per problem &middot; SFT steps: '
             f'{steps} &middot; RL steps: {run.rl_steps if run.rl_steps is not None else "per arm / unknown"}'
             + (f" &middot; {_link(run, run_json, 'run.json')}" if run_json.exists() else "") + "</p>")
     plot_html = []

@@ -6,6 +6,9 @@ Timeline plots: SFT steps then RL steps on one x axis, one line per arm. RL step
 pass@k curves: per benchmark, pass@k against k = 1..n (log2 axis), one panel per arm with the starting
 model, after SFT and after RL, each with a percentile bootstrap band over problems.
 
+A run with several seeds: timelines and evaluation points show the mean over the seeds that have the value; the
+pass@k curves pool the seeds (two-level bootstrap: seeds, then problems), as the table does.
+
 Rendering uses matplotlib's object API with the Agg canvas (no pyplot, no display, no global backend switch).
 """
 
@@ -16,9 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from eksft import layout
-from eksft.eval.runner import problem_values
 from eksft.eval.stats import bootstrap_ci
-from eksft.report.table import SEED
+from eksft.report.table import SEED, seed_values
 from eksft.report.data import RunData, number
 
 DPI = 120
@@ -61,25 +63,33 @@ def timeline_series(run: RunData, sft_key: str | None, rl_key: str | None) -> di
     Rows without the key (or with a non-finite value) are left out. Arms with no points are omitted.
     """
     out = {}
+    views = run.per_seed or [run]
     for arm in run.arms:
         s = Series(arm)
         offset = run.sft_steps.get(arm, 0)
         if sft_key:
-            for r in sorted(run.sft_metrics.get(arm, []), key=lambda r: r.get("step", 0)):
-                v, step = number(r.get(sft_key)), number(r.get("step"))
-                if v is not None and step is not None:
-                    s.x.append(step)
-                    s.y.append(v)
+            for step, v in _seed_mean([view.sft_metrics.get(arm, []) for view in views], sft_key):
+                s.x.append(step)
+                s.y.append(v)
         s.n_sft = len(s)
         if rl_key:
-            for r in sorted(run.rl_metrics.get(arm, []), key=lambda r: r.get("step", 0)):
-                v, step = number(r.get(rl_key)), number(r.get("step"))
-                if v is not None and step is not None:
-                    s.x.append(offset + step)
-                    s.y.append(v)
+            for step, v in _seed_mean([view.rl_metrics.get(arm, []) for view in views], rl_key):
+                s.x.append(offset + step)
+                s.y.append(v)
         if len(s):
             out[arm] = s
     return out
+
+
+def _seed_mean(rows_per_seed: list[list[dict]], key: str) -> list[tuple[float, float]]:
+    """(step, mean of ``key`` over the seeds that logged it at that step), by step; one seed: its own rows."""
+    by_step: dict[float, list[float]] = {}
+    for rows in rows_per_seed:
+        for r in rows:
+            v, step = number(r.get(key)), number(r.get("step"))
+            if v is not None and step is not None:
+                by_step.setdefault(step, []).append(v)
+    return [(step, sum(vs) / len(vs)) for step, vs in sorted(by_step.items())]
 
 
 def _pass_value(rec: dict, k: int) -> float | None:
@@ -96,20 +106,27 @@ def eval_series(run: RunData, k: int) -> dict[str, Series]:
     share an x (e.g. rl_step_N with N = rl_steps, and after_rl) the later one in time order wins.
     """
     out = {}
+    views = run.per_seed or [run]
     for arm in run.arms:
         by_x: dict[float, tuple[str, float]] = {}
-        pts = run.evals.get(arm, {})
-        for point in sorted(pts, key=layout.point_sort_key):
+        points = {p for view in views for p in view.evals.get(arm, {})}
+        for point in sorted(points, key=layout.point_sort_key):
             if not layout.is_point(point):
                 continue
-            vals = [_pass_value(pts[point][b], k) if b in pts[point] else None for b in run.benchmarks]
-            if not vals or any(v is None for v in vals):
+            # the mean over the seeds whose evaluation has every benchmark (a partial average would jump)
+            per_seed = []
+            for view in views:
+                got = view.evals.get(arm, {}).get(point, {})
+                vals = [_pass_value(got[b], k) if b in got else None for b in run.benchmarks]
+                if vals and all(v is not None for v in vals):
+                    per_seed.append(sum(vals) / len(vals))
+            if not per_seed:
                 continue
             rl_steps = run.arm_rl_steps(arm)
             if point == layout.AFTER_RL.name and rl_steps is None:
                 continue
             x = layout.point_step(point, run.sft_steps.get(arm, 0), rl_steps)
-            by_x[x] = (point, sum(vals) / len(vals))
+            by_x[x] = (point, sum(per_seed) / len(per_seed))
         if by_x:
             s = Series(arm)
             for x in sorted(by_x):
@@ -133,14 +150,15 @@ class Curve:
     high: list[float] = field(default_factory=list)
 
 
-def _curve(run: RunData, label: str, point: str, record: dict | None) -> Curve | None:
-    """pass@1..pass@n of ``record``, or None when it is missing or has no per-problem samples."""
-    values = problem_values(record, "pass@1") if record is not None else None
+def _curve(run: RunData, label: str, point: str, records: list[dict | None]) -> Curve | None:
+    """pass@1..pass@n of an evaluation at every seed (``[S, P]``: the two-level bootstrap), or None when a seed's
+    record is missing or has no per-problem samples."""
+    values = seed_values(records, "pass@1")
     if values is None:
         return None
-    c = Curve(label, point, num_problems=len(values))
-    for k in range(1, record["n"] + 1):  # problem_values checked that n is an int matching the samples
-        est, low, high = bootstrap_ci(problem_values(record, f"pass@{k}"), level=run.level, n_boot=run.n_boot,
+    c = Curve(label, point, num_problems=len(values[0]))
+    for k in range(1, records[0]["n"] + 1):  # problem_values checked that n is an int matching the samples
+        est, low, high = bootstrap_ci(seed_values(records, f"pass@{k}"), level=run.level, n_boot=run.n_boot,
                                       seed=SEED)
         c.ks.append(k)
         c.estimate.append(est)
@@ -154,15 +172,15 @@ def pass_at_k_curves(run: RunData, benchmark: str) -> dict[str, list[Curve]]:
     curves of ``benchmark``. Curves without a record or per-problem samples are left out, and so are arms
     without any curve."""
     # the starting model is the same for every arm: bootstrap it once
-    start = _curve(run, "starting model", layout.BEFORE_SFT.name, run.base_evals.get(benchmark))
+    start = _curve(run, "starting model", layout.BEFORE_SFT.name, run.seed_base_records(benchmark))
     out = {}
     for arm in run.arms:
         curves = [start]
         if run.sft_steps.get(arm, 0) > 0:
             curves.append(_curve(run, "after SFT", layout.AFTER_SFT.name,
-                                 run.eval_record(arm, layout.AFTER_SFT.name, benchmark)))
+                                 run.seed_records(arm, layout.AFTER_SFT.name, benchmark)))
         curves.append(_curve(run, "after RL", layout.AFTER_RL.name,
-                             run.eval_record(arm, layout.AFTER_RL.name, benchmark)))
+                             run.seed_records(arm, layout.AFTER_RL.name, benchmark)))
         curves = [c for c in curves if c is not None]
         if curves:
             out[arm] = curves
@@ -234,6 +252,8 @@ def plot_timeline(run: RunData, sft_key: str | None, rl_key: str | None, path: P
                 label = "_nolegend_"
     _boundaries(ax, run, colours, list(series) or run.arms)
     ax.set_xlim(left=0)
+    if run.num_seeds > 1:
+        subtitle = "; ".join(x for x in (subtitle, f"mean over {run.num_seeds} seeds") if x)
     return _finish(fig, ax, title, ylabel, subtitle, path, empty=not series)
 
 
@@ -262,7 +282,8 @@ def plot_pass_at_k(run: RunData, path: Path, colours: dict[str, str] | None = No
         handles.append(Line2D([], [], color="black", linestyle="--", marker="s", label=f"pass@{k}"))
     ax.set_xlim(left=-0.5)
     benches = ", ".join(run.benchmarks) or "the benchmarks"
-    subtitle = f"mean over {benches}; points: before_sft, after_sft, rl_step_N, after_rl"
+    seeds = f" and {run.num_seeds} seeds" if run.num_seeds > 1 else ""
+    subtitle = f"mean over {benches}{seeds}; points: before_sft, after_sft, rl_step_N, after_rl"
     title = (f"pass@1 (solid) and pass@{k} (dashed), n = {run.eval_n or k} samples" if run.k
              else "pass@1 and pass@n")
     return _finish(fig, ax, title, "percent", subtitle, path, empty=not arms, handles=handles)
@@ -323,8 +344,9 @@ def plot_pass_at_k_curves(run: RunData, benchmark: str, path: Path, colours: dic
         ns = "/".join(str(n) for n in sorted({max(c.ks) for c in all_curves}))
         problems = "/".join(str(p) for p in sorted({c.num_problems for c in all_curves}))
         detail = f" (n = {ns} samples, {problems} problems)"
+    over = f"{run.num_seeds} seeds, then problems" if run.num_seeds > 1 else "problems"
     fig.suptitle(f"pass@k against k: {benchmark}{detail}\nbands: {100 * run.level:g}% percentile bootstrap over "
-                 "problems", fontsize=11)
+                 f"{over}", fontsize=11)
     fig.savefig(path, dpi=DPI)
     return path
 

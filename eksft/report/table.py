@@ -7,7 +7,8 @@ Rows: the starting model (evaluated once before any training, ``_base``), then e
 Every number is computed from the per-problem values of the evaluation JSON (``eksft.eval.runner.problem_values``)
 with ``eksft.eval.stats``: a cell is the mean over problems with its percentile bootstrap interval; the average
 resamples each benchmark's problems within the benchmark; Δ pairs the two arms' scores on the same problems
-(bootstrap interval, sign-flip permutation p-value). Results written before per-problem values existed show
+(bootstrap interval, sign-flip permutation p-value). A run with several seeds pools them: each cell is ``[S, P]``
+(seeds x problems), the grand mean with the two-level bootstrap (seeds, then problems), and Δ pairs by seed too. Results written before per-problem values existed show
 their number without an interval. Markdown, CSV (long format: one row per arm x stage x benchmark x metric,
 with ``low``/``high``) and HTML renderings.
 """
@@ -76,7 +77,8 @@ class TableRow:
     stage: str                      # "before_training", "after_sft" or "after_rl"
     label: str                      # what the Stage column shows
     point: str                      # the evaluation point the row reads
-    records: dict[str, dict | None] = field(default_factory=dict)  # benchmark -> evaluation JSON
+    records: dict[str, dict | None] = field(default_factory=dict)  # benchmark -> evaluation JSON (the first seed's)
+    seed_records: dict[str, list[dict | None]] = field(default_factory=dict)  # benchmark -> one per seed
 
     @property
     def is_starting_model(self) -> bool:
@@ -143,14 +145,26 @@ def same_problems(a: dict, b: dict) -> bool:
 
 def table_rows(run: RunData) -> list[TableRow]:
     rows = [TableRow(layout.BASE_EVAL, BEFORE_TRAINING, "before training", layout.BEFORE_SFT.name,
-                     {b: run.base_evals.get(b) for b in run.benchmarks})]
+                     {b: run.base_evals.get(b) for b in run.benchmarks},
+                     {b: run.seed_base_records(b) for b in run.benchmarks})]
     for arm in run.arms:
         for stage in STAGES:
             if stage == layout.AFTER_SFT.name and run.sft_steps.get(arm, 0) == 0:
                 continue
             label = "after SFT" if stage == layout.AFTER_SFT.name else "after RL"
-            rows.append(TableRow(arm, stage, label, stage, {b: run.eval_record(arm, stage, b) for b in run.benchmarks}))
+            rows.append(TableRow(arm, stage, label, stage, {b: run.eval_record(arm, stage, b) for b in run.benchmarks},
+                                 {b: run.seed_records(arm, stage, b) for b in run.benchmarks}))
     return rows
+
+
+def seed_values(records: list[dict | None], metric: str) -> list[list[float]] | None:
+    """``[S][P]`` per-problem values of ``metric`` at each seed (``eksft.eval.stats``' two-level input), or None when
+    a seed has no record or no per-problem values, or the seeds did not evaluate the same problems in the same
+    order (they must: the seeds change the sampling, not the problems)."""
+    if not records or any(r is None for r in records) or not all(same_problems(records[0], r) for r in records[1:]):
+        return None
+    values = [problem_values(r, metric) for r in records]
+    return None if any(v is None for v in values) else values
 
 
 class Comparison:
@@ -163,11 +177,11 @@ class Comparison:
         self._values: dict[tuple[int, str, str], list[float] | None] = {}
         self._memo: dict[tuple, Estimate | Delta | None] = {}  # the Markdown, CSV and HTML read the same numbers
 
-    def values(self, row: TableRow, metric: str, benchmark: str) -> list[float] | None:
+    def values(self, row: TableRow, metric: str, benchmark: str) -> list[list[float]] | None:
+        """``[S][P]``: the row's per-problem values at each seed (``seed_values``)."""
         key = (id(row), metric, benchmark)
         if key not in self._values:
-            record = row.records.get(benchmark)
-            self._values[key] = problem_values(record, metric) if record else None
+            self._values[key] = seed_values(row.seed_records.get(benchmark) or [], metric)
         return self._values[key]
 
     def estimate(self, row: TableRow, metric: str, benchmark: str | None = None) -> Estimate:
@@ -185,7 +199,8 @@ class Comparison:
         if all(v is not None for v in values):
             est, low, high = stratified_bootstrap_ci(values, level=self.run.level, n_boot=self.run.n_boot, seed=SEED)
             return Estimate(est, _interval(low), _interval(high))
-        stated = [record_number(row.records[b], metric) if row.records.get(b) else None for b in benchmarks]
+        # results without per-problem values: the mean of their stated numbers over seeds and benchmarks
+        stated = [record_number(r, metric) if r else None for b in benchmarks for r in row.seed_records.get(b) or [None]]
         if any(v is None for v in stated):  # a partial average would mislead
             return Estimate()
         return Estimate(sum(stated) / len(stated))
@@ -265,14 +280,28 @@ def header_note(run: RunData, baseline: str | None = None) -> str:
     if n is None and run.k is None:
         return "No evaluations yet. Each cell will show **avg@n** and **pass@n** in percent with 95% intervals."
     level = f"{100 * run.level:g}%"
-    size = ", ".join(x for x in (f"n = {n if n is not None else '?'} samples per problem", _num_problems(run)) if x)
-    note = (f"{size}. Numbers in percent; in brackets the {level} interval (percentile bootstrap over the problems, "
-            f"{run.n_boot} resamples; the average resamples each benchmark's problems within it).")
+    size = ", ".join(x for x in (f"n = {n if n is not None else '?'} samples per problem", _num_problems(run),
+                                 _seeds_text(run)) if x)
+    if run.num_seeds > 1:
+        note = (f"{size}. Numbers in percent: the mean over seeds and problems; in brackets the {level} interval "
+                f"(two-level percentile bootstrap, {run.n_boot} resamples: the seeds, then the problems; the average "
+                "resamples each benchmark's problems within it).")
+    else:
+        note = (f"{size}. Numbers in percent; in brackets the {level} interval (percentile bootstrap over the "
+                f"problems, {run.n_boot} resamples; the average resamples each benchmark's problems within it).")
     if baseline is not None:
+        paired = "the same problems and seeds" if run.num_seeds > 1 else "the same problems"
         note += (f" **Δ vs {baseline}**: the arm's average minus {baseline}'s at the same stage, in points, paired "
-                 f"over the same problems, with its {level} interval and the p-value of a two-sided sign-flip "
+                 f"over {paired}, with its {level} interval and the p-value of a two-sided sign-flip "
                  "permutation test; **bold** when the interval excludes 0.")
     return note
+
+
+def _seeds_text(run: RunData) -> str:
+    """``"3 seeds (0, 1, 2)"``; empty for a run without seeds."""
+    if run.seeds == [None]:
+        return ""
+    return f"{run.num_seeds} seed{'s' if run.num_seeds > 1 else ''} ({', '.join(map(str, run.seeds))})"
 
 
 def markdown_table(run: RunData, metric: str = "avg@n", comparison: Comparison | None = None) -> str:
@@ -315,7 +344,7 @@ def noise_sentence(run: RunData, comparison: Comparison) -> str:
                 borderline.append(f"{what} ({d.text()})")
             else:
                 unclear.append(f"{what} ({d.text()})")
-    size = _num_problems(run) or "these sizes"
+    size = ", ".join(x for x in (_num_problems(run), _seeds_text(run)) if x) or "these sizes"
     parts = [f"**Against {comparison.baseline}, at {size} and n = {run.eval_n or '?'}:**",
              "distinguishable from noise (the interval excludes 0 and p < "
              f"{1 - run.level:.2g}): " + ("; ".join(clear) or "none") + "."]
@@ -359,7 +388,7 @@ def format_table(run_dir_or_run, comparison: Comparison | None = None) -> str:
 # ----------------------------------------------------------------------------- CSV
 
 
-CSV_HEADER = ["arm", "stage", "label", "point", "benchmark", "n", "num_problems", "metric", "estimate", "low", "high",
+CSV_HEADER = ["arm", "stage", "label", "point", "benchmark", "n", "num_problems", "seeds", "metric", "estimate", "low", "high",
               "baseline", "delta", "delta_low", "delta_high", "p_value", "excludes_zero"]
 STATED_ONLY = ("entropy_mean", "response_length_mean", "truncation_rate")  # no per-problem interval
 
@@ -400,7 +429,8 @@ def csv_text(run: RunData, comparison: Comparison | None = None) -> str:
                     est, d = comparison.estimate(r, metric, b), comparison.delta(r, metric, b)
                 delta = [_csv_num(d.diff), _csv_num(d.low), _csv_num(d.high), _csv_num(d.p_value),
                          str(d.excludes_zero).lower()] if d else [""] * 5
-                w.writerow([r.arm, r.stage, r.label, r.point, b if b is not None else AVERAGE, n, problems, metric,
+                w.writerow([r.arm, r.stage, r.label, r.point, b if b is not None else AVERAGE, n, problems,
+                            run.num_seeds, metric,
                             _csv_num(est.value), _csv_num(est.low), _csv_num(est.high),
                             base.arm if base is not None else "", *delta])
     return buf.getvalue()
