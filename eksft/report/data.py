@@ -42,21 +42,26 @@ class RunData:
     per_seed: list[RunData] = field(default_factory=list, repr=False, compare=False)
 
     @property
+    def views(self) -> list[RunData]:
+        """Every seed's data, in seed order (this object alone when it was not loaded by `load_run`)."""
+        return self.per_seed or [self]
+
+    @property
     def seeds(self) -> list[int | None]:
         """The run's seeds (``[None]`` for a run without seed level)."""
-        return [r.seed for r in self.per_seed] or [self.seed]
+        return [r.seed for r in self.views]
 
     @property
     def num_seeds(self) -> int:
-        return len(self.per_seed) or 1
+        return len(self.views)
 
     def seed_records(self, arm: str, point: str, benchmark: str) -> list[dict | None]:
         """The evaluation record of (arm, point, benchmark) at every seed, in seed order (None where missing)."""
-        return [r.eval_record(arm, point, benchmark) for r in (self.per_seed or [self])]
+        return [r.eval_record(arm, point, benchmark) for r in self.views]
 
     def seed_base_records(self, benchmark: str) -> list[dict | None]:
         """The starting model's record of ``benchmark`` at every seed (its sampling follows the seed too)."""
-        return [r.base_evals.get(benchmark) for r in (self.per_seed or [self])]
+        return [r.base_evals.get(benchmark) for r in self.views]
 
     @property
     def baseline_arm(self) -> str | None:
@@ -173,31 +178,19 @@ def load_run(run_dir: str | Path) -> RunData:
         raise FileNotFoundError(f"run directory not found: {run_dir}")
     run = layout.RunLayout(run_dir)
     meta = _read_json(run.run_json) or {}
+    arms = list(meta.get("arms") or [])
+    arms += [a for a in run.arms_on_disk() if a not in arms]  # an arm on disk but not (yet) in run.json still shows
     seeds = meta.get("seeds") or run.seeds_on_disk()
-    views = [_load_seed(run, meta, seed) for seed in seeds]
-    arms = list(views[0].arms)
-    for view in views[1:]:  # an arm present at one seed only still shows
-        arms += [a for a in view.arms if a not in arms]
-    benchmarks = list(views[0].benchmarks)
+    views = [_load_seed(run, meta, arms, seed) for seed in seeds]
+    benchmarks = list(views[0].benchmarks)  # each seed's files may name benchmarks run.json does not
     for view in views[1:]:
         benchmarks += [b for b in view.benchmarks if b not in benchmarks]
     for view in views:
-        view.arms, view.benchmarks = arms, benchmarks
-        for a in arms:
-            view.sft_metrics.setdefault(a, [])
-            view.rl_metrics.setdefault(a, [])
-            view.evals.setdefault(a, {})
-            view.eval_files.setdefault(a, {})
-            view.sft_steps.setdefault(a, 0)
-        view.per_seed = views
+        view.benchmarks, view.per_seed = benchmarks, views
     return views[0]
 
 
-def _load_seed(run: layout.RunLayout, meta: dict, seed: int | None) -> RunData:
-    arms = list(meta.get("arms") or run.arms_on_disk())
-    for extra in run.arms_on_disk():  # an arm on disk but not (yet) in run.json still shows
-        if extra not in arms:
-            arms.append(extra)
+def _load_seed(run: layout.RunLayout, meta: dict, arms: list[str], seed: int | None) -> RunData:
     benchmarks = list(meta.get("benchmarks") or [])
 
     sft_metrics = {a: [r for r in read_jsonl(run.arm(a, seed).sft.metrics) if r.get("phase", "sft") == "sft"]

@@ -63,7 +63,7 @@ def _progress(run: RunData, colours: dict[str, str]) -> str:
     out = ["<table><thead><tr><th>Arm</th>" + ("<th>Seed</th>" if seeded else "") + "<th>SFT steps logged / planned</th>"
            "<th>SFT</th><th>RL steps logged / planned</th><th>RL</th><th>Evaluations (benchmarks present)</th></tr>"
            "</thead><tbody>"]
-    for arm, view in ((a, v) for a in run.arms for v in (run.per_seed or [run])):
+    for arm, view in ((a, v) for a in run.arms for v in run.views):
         sft_logged = max((int(r["step"]) for r in view.sft_metrics.get(arm, []) if "step" in r), default=0)
         rl_logged = max((int(r["step"]) for r in view.rl_metrics.get(arm, []) if "step" in r), default=0)
         planned_rl = run.arm_rl_steps(arm)
@@ -85,7 +85,7 @@ def _arm_files(run: RunData, arm: str) -> str:
     """The arm's files: every seed's (a heading per seed when the run has seeds)."""
     if run.seeds == [None]:
         return _arm_seed_files(run, arm)
-    return "\n".join(_arm_seed_files(view, arm, f"{arm}, seed {view.seed}") for view in run.per_seed)
+    return "\n".join(_arm_seed_files(view, arm, f"{arm}, seed {view.seed}") for view in run.views)
 
 
 def _arm_seed_files(run: RunData, arm: str, title: str | None = None) -> str:

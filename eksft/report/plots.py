@@ -63,7 +63,7 @@ def timeline_series(run: RunData, sft_key: str | None, rl_key: str | None) -> di
     Rows without the key (or with a non-finite value) are left out. Arms with no points are omitted.
     """
     out = {}
-    views = run.per_seed or [run]
+    views = run.views
     for arm in run.arms:
         s = Series(arm)
         offset = run.sft_steps.get(arm, 0)
@@ -106,7 +106,7 @@ def eval_series(run: RunData, k: int) -> dict[str, Series]:
     share an x (e.g. rl_step_N with N = rl_steps, and after_rl) the later one in time order wins.
     """
     out = {}
-    views = run.per_seed or [run]
+    views = run.views
     for arm in run.arms:
         by_x: dict[float, tuple[str, float]] = {}
         points = {p for view in views for p in view.evals.get(arm, {})}

@@ -77,8 +77,12 @@ class TableRow:
     stage: str                      # "before_training", "after_sft" or "after_rl"
     label: str                      # what the Stage column shows
     point: str                      # the evaluation point the row reads
-    records: dict[str, dict | None] = field(default_factory=dict)  # benchmark -> evaluation JSON (the first seed's)
-    seed_records: dict[str, list[dict | None]] = field(default_factory=dict)  # benchmark -> one per seed
+    seed_records: dict[str, list[dict | None]] = field(default_factory=dict)  # benchmark -> evaluation JSON per seed
+
+    @property
+    def records(self) -> dict[str, dict | None]:
+        """benchmark -> the first seed's evaluation JSON (what links, n and problem counts read)."""
+        return {b: records[0] if records else None for b, records in self.seed_records.items()}
 
     @property
     def is_starting_model(self) -> bool:
@@ -145,15 +149,13 @@ def same_problems(a: dict, b: dict) -> bool:
 
 def table_rows(run: RunData) -> list[TableRow]:
     rows = [TableRow(layout.BASE_EVAL, BEFORE_TRAINING, "before training", layout.BEFORE_SFT.name,
-                     {b: run.base_evals.get(b) for b in run.benchmarks},
                      {b: run.seed_base_records(b) for b in run.benchmarks})]
     for arm in run.arms:
         for stage in STAGES:
             if stage == layout.AFTER_SFT.name and run.sft_steps.get(arm, 0) == 0:
                 continue
             label = "after SFT" if stage == layout.AFTER_SFT.name else "after RL"
-            rows.append(TableRow(arm, stage, label, stage, {b: run.eval_record(arm, stage, b) for b in run.benchmarks},
-                                 {b: run.seed_records(arm, stage, b) for b in run.benchmarks}))
+            rows.append(TableRow(arm, stage, label, stage, {b: run.seed_records(arm, stage, b) for b in run.benchmarks}))
     return rows
 
 
