@@ -14,7 +14,11 @@ math-verify, so it uses the pure pieces of ``rl`` rather than the GRPO trainer:
   what `rl.grpo.trainer.GRPOTrainer._update` does for one on-policy mini-batch (without importing
   the trainer module, which needs the rollout stack). Precision modes (``--modes``): ``autocast`` = float32 weights and AdamW +
   bf16 autocast (what GRPOTrainer does), ``bf16`` = bf16 weights, gradients and AdamW state.
-  Reports the median step time, completion tokens/s, peak memory.
+  Reports the median step time, completion tokens/s, peak memory. ``--layouts`` chooses how a micro-batch's
+  forward is laid out: ``prompt-cache`` (`completion_logprobs` as above), ``padded`` (the trainer worker's
+  `rl.workers.batch.sequence_logprobs`: one left-padded row per sequence) and ``packed`` (its
+  `packed_sequence_logprobs`: each group's completions in one packed row behind one copy of the prompt,
+  `rl.common.packing`); micro-batches hold whole groups in every layout.
 * **generate**: `rl.rollout.hf_engine.HFEngine` (transformers ``generate``, one call per prompt with
   n samples) on ``--gen-prompts`` prompts x ``--group`` samples x ``--gen-tokens`` new tokens, and,
   for comparison, ONE batched ``model.generate`` over all prompts x samples. A random model almost
@@ -34,6 +38,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -65,16 +70,20 @@ def import_rl() -> dict[str, Any]:
         from rl.grpo.core import group_advantages, policy_loss
         from rl.grpo.logprobs import completion_logprobs
 
-        how = "package imports (rl.grpo.core, rl.grpo.logprobs)"
+        from rl.workers.batch import packed_sequence_logprobs, sequence_logprobs
+
+        how = "package imports (rl.grpo.core, rl.grpo.logprobs, rl.workers.batch)"
     except ImportError as e:  # no pydantic: load the pure modules without rl.grpo/__init__ (which imports config)
         if "pydantic" not in str(e):
             raise
-        for pkg in ("rl", "rl.common", "rl.grpo"):
+        for pkg in ("rl", "rl.common", "rl.grpo", "rl.workers"):
             stub = types.ModuleType(pkg)
             stub.__path__ = [str(REPO_ROOT / pkg.replace(".", "/"))]
             sys.modules[pkg] = stub
-        for name in ("labels", "token_stats"):  # rl.grpo.logprobs imports token_stats, which imports labels
+        for name in ("labels", "token_stats", "packing"):  # what rl.grpo.logprobs and rl.workers.batch import
             load_module_file(f"rl.common.{name}", REPO_ROOT / "rl" / "common" / f"{name}.py")
+        batch = load_module_file("rl.workers.batch", REPO_ROOT / "rl" / "workers" / "batch.py")
+        sequence_logprobs, packed_sequence_logprobs = batch.sequence_logprobs, batch.packed_sequence_logprobs
         logprobs = load_module_file("rl.grpo.logprobs", REPO_ROOT / "rl" / "grpo" / "logprobs.py")
         loss = load_module_file("rl.grpo.loss", REPO_ROOT / "rl" / "grpo" / "loss.py")
         advantages = load_module_file("rl.grpo.advantages", REPO_ROOT / "rl" / "grpo" / "advantages.py")
@@ -82,7 +91,8 @@ def import_rl() -> dict[str, Any]:
         completion_logprobs = logprobs.completion_logprobs
         how = f"module files without package __init__ ({e})"
     return {"policy_loss": policy_loss, "group_advantages": group_advantages,
-            "completion_logprobs": completion_logprobs, "how": how}
+            "completion_logprobs": completion_logprobs, "sequence_logprobs": sequence_logprobs,
+            "packed_sequence_logprobs": packed_sequence_logprobs, "how": how}
 
 
 def import_hf_engine():
@@ -130,14 +140,43 @@ def synthetic_batch(args, vocab: int) -> list[dict]:
     return rows
 
 
-def grpo_update(rl, model, optimizer, rows, advantages, args, device, autocast_dtype) -> dict[str, float]:
+def micro_batch_logprobs(rl, layout: str, model, chunk, autocast_dtype):
+    """(logp, entropy, mask) of one micro-batch in the given layout."""
+    if layout == "prompt-cache":
+        return rl["completion_logprobs"](model, chunk, 1.0, with_entropy=True, autocast_dtype=autocast_dtype)
+    compute = rl["packed_sequence_logprobs"] if layout == "packed" else rl["sequence_logprobs"]
+    device_type = next(model.parameters()).device.type
+    amp = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    with amp:
+        return compute(model, [c.prompt_ids for c in chunk], [c.completion_ids for c in chunk], 1.0,
+                       with_entropy=True)
+
+
+def positions_computed(layout: str, rows: list[dict], micro: int) -> int:
+    """Positions the forwards of one update compute in ``layout`` (the LM head aside)."""
+    from rl.common.packing import packed_length
+
+    total = 0
+    for start in range(0, len(rows), micro):
+        chunk = rows[start:start + micro]
+        if layout == "packed":
+            total += packed_length([r["prompt_ids"] for r in chunk], [r["completion_ids"] for r in chunk])
+        elif layout == "padded":
+            total += len(chunk) * max(len(r["prompt_ids"]) + len(r["completion_ids"]) for r in chunk)
+        else:  # each distinct prompt once, then the completions but their last token (padded per bucket: ignored)
+            prompts = {tuple(r["prompt_ids"]) for r in chunk}
+            total += sum(map(len, prompts)) + sum(max(len(r["completion_ids"]) - 1, 0) for r in chunk)
+    return total
+
+
+def grpo_update(rl, model, optimizer, rows, advantages, args, device, autocast_dtype,
+                layout: str = "prompt-cache") -> dict[str, float]:
     n_tokens = sum(len(r["completion_ids"]) for r in rows)
     optimizer.zero_grad(set_to_none=True)
     metrics: dict[str, float] = {}
     for start in range(0, len(rows), args.micro_batch):
         chunk = [types.SimpleNamespace(**r) for r in rows[start:start + args.micro_batch]]  # .prompt_ids, ...
-        logp, entropy, mask = rl["completion_logprobs"](model, chunk, 1.0, with_entropy=True,
-                                                        autocast_dtype=autocast_dtype)
+        logp, entropy, mask = micro_batch_logprobs(rl, layout, model, chunk, autocast_dtype)
         loss, m = rl["policy_loss"](logp, logp.detach(), advantages[start:start + len(chunk)].to(device), mask,
                                     eps_low=0.2, eps_high=0.2, entropy=entropy, aggregation="token-mean",
                                     max_response_len=args.max_completion, num_tokens=n_tokens, num_seqs=len(rows))
@@ -149,7 +188,7 @@ def grpo_update(rl, model, optimizer, rows, advantages, args, device, autocast_d
     return metrics
 
 
-def run_train(args, device: torch.device, rl, mode: str) -> dict[str, Any]:
+def run_train(args, device: torch.device, rl, mode: str, layout: str = "prompt-cache") -> dict[str, Any]:
     weights = torch.bfloat16 if mode == "bf16" else torch.float32
     autocast_dtype = torch.bfloat16 if mode == "autocast" else None
     if device.type == "cpu" and mode == "autocast":
@@ -173,17 +212,18 @@ def run_train(args, device: torch.device, rl, mode: str) -> dict[str, Any]:
     for i in range(args.warmup + args.steps):
         sync(device)
         t = time.perf_counter()
-        last = grpo_update(rl, model, optimizer, rows, advantages, args, device, autocast_dtype)
+        last = grpo_update(rl, model, optimizer, rows, advantages, args, device, autocast_dtype, layout)
         sync(device)
         dt = time.perf_counter() - t
         if i >= args.warmup:
             times.append(dt)
-        print(f"[train/{mode}] step {i + 1}: {dt:.3f}s loss {last['loss']:.4g} grad_norm {last['grad_norm']:.3g}",
+        print(f"[train/{mode}/{layout}] step {i + 1}: {dt:.3f}s loss {last['loss']:.4g} grad_norm {last['grad_norm']:.3g}",
               flush=True)
     n_tokens = sum(len(r["completion_ids"]) for r in rows)
     total_tokens = sum(len(r["prompt_ids"]) + len(r["completion_ids"]) for r in rows)
     out = {
-        "mode": mode, "status": "ok",
+        "mode": mode, "layout": layout, "status": "ok",
+        "positions_computed": positions_computed(layout, rows, args.micro_batch),
         "weights": str(weights).replace("torch.", ""), "autocast": str(autocast_dtype).replace("torch.", ""),
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "sequences": len(rows), "completion_tokens": n_tokens, "total_tokens": total_tokens,
@@ -278,14 +318,17 @@ def markdown(result: dict[str, Any]) -> str:
              f"GRPO update: {c['prompts']} prompts x {c['group']} samples, prompt {c['prompt_len']} tokens, "
              f"completions {c['min_completion']}-{c['max_completion']} tokens, micro-batch {c['micro_batch']}, "
              f"{c['steps']} timed steps after {c['warmup']} warm-up.", "",
-             "| mode | step s (median) | completion tokens/s | peak MiB | peak delta MiB |", "|---|---|---|---|---|"]
+             "| mode | layout | step s (median) | completion tokens/s | positions computed | peak MiB | peak delta MiB |",
+             "|---|---|---|---|---|---|---|"]
     for r in result["train"]:
+        layout = r.get("layout", "prompt-cache")
         if r.get("status") != "ok":
-            lines.append(f"| {r['mode']} | {r.get('status')}: {r.get('error', '')[:80]} | | | |")
+            lines.append(f"| {r['mode']} | {layout} | {r.get('status')}: {r.get('error', '')[:80]} | | | | |")
             continue
         pk = r.get("peak_mem_mb")
         dl = r.get("peak_mem_delta_mb")
-        lines.append(f"| {r['mode']} | {r['step_time_s']:.3f} | {r['completion_tokens_per_s']:.0f} | "
+        lines.append(f"| {r['mode']} | {layout} | {r['step_time_s']:.3f} | {r['completion_tokens_per_s']:.0f} | "
+                     f"{r.get('positions_computed', '-')} | "
                      f"{'-' if pk is None else f'{pk:.0f}'} | {'-' if dl is None else f'{dl:.0f}'} |")
     g = result.get("generate") or {}
     if g.get("status") == "ok":
@@ -307,6 +350,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager, flash_attention_2)")
     p.add_argument("--modes", default="autocast,bf16", help="precision modes of the update: autocast, bf16, fp32")
+    p.add_argument("--layouts", default="prompt-cache,padded,packed",
+                   help="forward layouts of the update: prompt-cache, padded, packed (see the module docstring)")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=256)
@@ -345,13 +390,15 @@ def main(argv=None) -> int:
         "rl_import": rl["how"], "train": [], "generate": None,
     }
     ok = True
-    for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
+    layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
+    for mode, layout in [(m.strip(), x) for m in args.modes.split(",") if m.strip() for x in layouts]:
         try:
-            result["train"].append(run_train(args, device, rl, mode))
+            result["train"].append(run_train(args, device, rl, mode, layout))
         except Exception as e:  # an OOM in one mode is a result, not the end of the run
             ok = False
             traceback.print_exc()
-            result["train"].append({"mode": mode, "status": "oom" if "out of memory" in str(e) else "failed",
+            result["train"].append({"mode": mode, "layout": layout,
+                                    "status": "oom" if "out of memory" in str(e) else "failed",
                                     "error": f"{type(e).__name__}: {e}"[:2000]})
             if device.type == "cuda":
                 torch.cuda.empty_cache()

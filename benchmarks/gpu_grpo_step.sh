@@ -2,7 +2,8 @@
 # The one prepared GPU run of benchmarks/gpu_grpo_step.py: a random-initialised Qwen2 of real 0.5B shape (no
 # weights needed); one GRPO update (forward + rl.common.token_stats.token_statistics + rl.grpo.core.policy_loss + backward
 # + AdamW) on 8 prompts x 8 samples (prompt 256 tokens, completions 128-1024 tokens), micro-batch 8, in two
-# precisions (fp32 weights + bf16 autocast as GRPOTrainer does; bf16 weights), then rollouts with
+# precisions (fp32 weights + bf16 autocast as GRPOTrainer does; bf16 weights), each in three forward layouts
+# (prompt-cache; padded rows; packed rows, one prompt per group: rl.common.packing), then rollouts with
 # rl.rollout.hf_engine.HFEngine (bf16, 8 prompts x 8 samples x 256 tokens) vs one batched generate.
 # About 2-4 minutes on an H100. No vLLM / Ray / datasets / math-verify needed.
 #

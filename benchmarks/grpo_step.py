@@ -18,6 +18,9 @@ One run, one model, the same prompts x group size x max new tokens x steps for e
   function calls this project's `rl.reward.math_reward`, so rewards cost the same. Step time =
   ``on_step_begin`` -> ``on_step_end`` of a TrainerCallback; the split comes from timing wrappers
   around ``_generate_single_turn`` (generation) and ``_calculate_rewards`` (reward).
+* ``trl-vllm`` - ``trl`` in TRL's fastest configuration: ``use_vllm=True``, ``vllm_mode="colocate"`` (vLLM in the
+  trainer's process; ``--trl-vllm-memory`` is its ``vllm_gpu_memory_utilization``, on a CPU the share of RAM for
+  the KV cache). Where it fails on the machine, its row records the error.
 * ``engine`` - rollout throughput in one process, after warm-up: this project's
   `rl.rollout.vllm_engine.VLLMEngine.generate` vs plain ``vllm.LLM.generate`` on the SAME ``LLM``
   object (same prompts as token ids, same ``SamplingParams`` n / temperature / max_tokens /
@@ -43,6 +46,11 @@ precision), then replicas of the update before ``rl.workers`` (each prompt compu
 timings (forward: model body vs LM head, token statistics, loss, backward, clip + AdamW) for micro-batches of
 whole groups vs in random order, other micro-batch sizes, float32 vs bf16, and flushed denormals; plus the
 share of padding and of completion tokens among the computed positions for each micro-batch size.
+
+``ours-padded`` is ``ours`` with ``rl.packing: off`` (every sequence its own left-padded row, the prompt computed
+once per completion); ``ours`` runs ``packing: auto``, which `rl.common.packing.PACKING_BY_DEVICE` resolves for the
+device. ``--profile`` also times the trainer's own update on the last step's rollouts with packing off and on
+(alternating, ``--packing-reps`` each) and counts the positions the forwards compute (``update_by_packing``).
 
 ``ours-workers2`` is ``ours`` with ``rl.workers: 2`` (two FSDP2 ranks as Ray actors inside the same CPU budget,
 one thread each): with ``ours`` it gives the scaling row, step time and per-worker memory: the bytes each rank
@@ -82,8 +90,8 @@ import _child  # benchmarks/_child.py: run one phase in a fresh subprocess of th
 import _precision  # benchmarks/_precision.py: --bf16 / --rollout-dtype resolved as the trainers do
 import _results  # benchmarks/_results.py: the JSON record and its markdown table
 
-SYSTEMS = ("ours", "trl", "engine")  # also: ours-workers2, ours-engines2 (scaling rows), ours-reload,
-# ours-engines2-reload (sync rows), plain-default
+SYSTEMS = ("ours", "ours-padded", "trl", "trl-vllm", "engine")  # also: ours-workers2, ours-engines2 (scaling rows),
+# ours-reload, ours-engines2-reload (sync rows), plain-default
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,7 +205,7 @@ def summarise(system: str, steps: list[dict], warmup: int, extra: dict | None = 
 
 
 def run_ours(args: argparse.Namespace, workers: int = 1, engines: int = 1, weight_sync: str = "transfer",
-             system: str | None = None) -> dict[str, Any]:
+             system: str | None = None, packing: str = "auto") -> dict[str, Any]:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     import torch
 
@@ -211,7 +219,7 @@ def run_ours(args: argparse.Namespace, workers: int = 1, engines: int = 1, weigh
     cfg = GRPOConfig(bf16=args.bf16, group_size=args.group, prompts_per_step=args.prompts,
                      max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0, beta_kl=0.0,
                      learning_rate=args.lr, micro_batch_size=args.micro_batch, steps=total,
-                     save_every=10**6, seed=args.seed, workers=workers)
+                     save_every=10**6, seed=args.seed, workers=workers, packing=packing)
     rollout = RolloutConfig(engine="vllm", dtype=args.rollout_dtype, max_model_len=args.max_model_len,
                             kv_cache_gib=args.kv_cache_gib, num_engines=engines, weight_sync=weight_sync)
     # engine actors (engines > 1) share this run's CPUs: rollout.num_cpus unset
@@ -258,7 +266,8 @@ def run_ours(args: argparse.Namespace, workers: int = 1, engines: int = 1, weigh
             memory = worker_memory(trainer.workers)
             controller_peak_rss = peak_rss_bytes(os.getpid())
             # the profile's replicas train the in-process rank's model: workers 1 only
-            profile = profile_update(trainer, captured["groups"], args) if args.profile and workers == 1 else None
+            profile = (profile_update(trainer, captured["groups"], args)
+                       if args.profile and workers == 1 and engines == 1 and packing == "auto" else None)
         finally:
             trainer.engine.shutdown()
             trainer.workers.shutdown()
@@ -270,7 +279,8 @@ def run_ours(args: argparse.Namespace, workers: int = 1, engines: int = 1, weigh
                      "rollout_dtype": args.rollout_dtype,
                      "trainer_precision": "bf16 (FSDP2 mixed precision)" if args.bf16 else "float32",
                      "micro_batch_size": args.micro_batch, "beta_kl": 0.0, "kl_metric": False,
-                     "aggregation": cfg.aggregation},
+                     "aggregation": cfg.aggregation, "packing": packing,
+                     "packing_resolved": trainer.packing},
         "profile": profile,
     })
 
@@ -393,6 +403,59 @@ def timed_update(trainer, samples, advantages, *, micro: int, order: list[int], 
             "backward_s": t_bwd, "clip_and_optimizer_s": t_opt, **_padding(samples, micro, order)}
 
 
+def update_by_packing(trainer, groups, reps: int) -> dict[str, Any]:
+    """The trainer's own update (`GRPOTrainer._update`, the worker's forwards and backwards, AdamW) on the same
+    rollouts with packing off, shared_prompt and padding_free, in alternating order, ``reps`` times each; and the
+    positions its forwards compute: rows x longest (prompt + completion) per padded micro-batch, the packed row's
+    length per packed one."""
+    import dataclasses
+
+    from rl.common.packing import packed_length
+    from rl.grpo.trainer import GRPOTrainer
+
+    worker = trainer.workers.worker  # rl.workers: 1, in this process
+    settings, packing_before = worker.settings, trainer.packing
+    counted = {"positions": 0, "forwards": 0}
+    original = worker._sequence_logprobs
+
+    def counting(model, mb, with_entropy):
+        if worker.packing != "off":
+            counted["positions"] += packed_length(mb.prompt_ids, mb.completion_ids, worker.packing == "shared_prompt")
+        else:
+            counted["positions"] += len(mb) * max(len(p) + len(c) for p, c in zip(mb.prompt_ids, mb.completion_ids))
+        counted["forwards"] += 1
+        return original(model, mb, with_entropy)
+
+    worker._sequence_logprobs = counting
+    layouts = ("off", "shared_prompt", "padding_free")
+    out: dict[str, Any] = {k: {"seconds": []} for k in layouts}
+    try:
+        for rep in range(reps):
+            for packing in (layouts if rep % 2 == 0 else tuple(reversed(layouts))):
+                worker.settings = dataclasses.replace(settings, packing=packing)
+                trainer.packing = packing
+                counted.update(positions=0, forwards=0)
+                meter = CpuMeter().start()
+                t = time.perf_counter()
+                GRPOTrainer._update(trainer, groups)
+                out[packing]["seconds"].append(time.perf_counter() - t)
+                out[packing].update(positions=counted["positions"], forwards=counted["forwards"],
+                                    others_cpu_share=meter.stop().get("others_cpu_share"))
+                print(f"[ours/profile] update, packing {packing}: {out[packing]['seconds'][-1]:.2f}s, "
+                      f"{counted['positions']} positions in {counted['forwards']} forwards", flush=True)
+    finally:
+        worker._sequence_logprobs = original
+        worker.settings, trainer.packing = settings, packing_before
+    for v in out.values():
+        v["median_s"] = median(v["seconds"])
+    out["completion_tokens"] = sum(len(s.completion_ids) for g in groups for s in g.samples)
+    out["positions_packed_over_padded"] = out["shared_prompt"]["positions"] / out["off"]["positions"]
+    out["time_packed_over_padded"] = out["shared_prompt"]["median_s"] / out["off"]["median_s"]
+    out["positions_padding_free_over_padded"] = out["padding_free"]["positions"] / out["off"]["positions"]
+    out["time_padding_free_over_padded"] = out["padding_free"]["median_s"] / out["off"]["median_s"]
+    return out
+
+
 def profile_update(trainer, groups, args: argparse.Namespace) -> dict[str, Any]:
     """Where the update's time goes, on the last step's rollouts (weights keep training; timing only)."""
     import torch
@@ -451,6 +514,9 @@ def profile_update(trainer, groups, args: argparse.Namespace) -> dict[str, Any]:
     out["trainer_update_s"] = time.perf_counter() - t
     out["trainer_update_cpu"] = meter.stop()
     print(f"[ours/profile] GRPOTrainer._update: {out['trainer_update_s']:.2f}s", flush=True)
+    out["update_by_packing"] = update_by_packing(trainer, groups, args.packing_reps)
+    if not args.profile_replicas:
+        return out
     micro = args.micro_batch
     prec = "bf16" if bf16 else "fp32"
     record(f"pre-worker replica: micro {micro}, whole groups, {prec}", micro=micro, order=by_group,
@@ -481,7 +547,7 @@ def profile_update(trainer, groups, args: argparse.Namespace) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def run_trl(args: argparse.Namespace) -> dict[str, Any]:
+def run_trl(args: argparse.Namespace, use_vllm: bool = False) -> dict[str, Any]:
     import datasets
     import torch
     import transformers
@@ -509,6 +575,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
         return [r.score for r in results]
 
     total = args.warmup + args.steps
+    system = "trl-vllm" if use_vllm else "trl"
     with tempfile.TemporaryDirectory(prefix="grpo_step_trl_") as tmp:
         config = TRLGRPOConfig(
             output_dir=tmp, use_cpu=True, bf16=args.bf16, fp16=False, report_to="none", logging_strategy="no",
@@ -516,9 +583,11 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
             lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
             per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=per_step // args.micro_batch,
             num_generations=args.group, max_completion_length=args.max_new_tokens, temperature=1.0, top_p=1.0,
-            top_k=0, use_vllm=False, beta=0.0, num_iterations=1, epsilon=0.2, loss_type="dapo",
+            top_k=0, beta=0.0, num_iterations=1, epsilon=0.2, loss_type="dapo",
             scale_rewards="group", gradient_checkpointing=False, dataloader_num_workers=0,
             model_init_kwargs={"dtype": "float32"},
+            **(dict(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=args.trl_vllm_memory,
+                    vllm_max_model_length=args.max_model_len) if use_vllm else dict(use_vllm=False)),
         )
         marks: dict[str, list[float]] = {"begin": [], "end": [], "generate": [], "reward": []}
         loads: list[dict] = []
@@ -534,7 +603,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
                 loads.append(meters[-1].stop())
                 i = len(marks["end"])
                 wall = marks["end"][-1] - marks["begin"][-1]
-                print(f"[trl] step {i}/{total} wall {wall:.1f}s others_cpu={loads[-1].get('others_cpu_share')}",
+                print(f"[{system}] step {i}/{total} wall {wall:.1f}s others_cpu={loads[-1].get('others_cpu_share')}",
                       flush=True)
 
         t0 = time.perf_counter()
@@ -567,10 +636,12 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
                       "sequences": c["completions"], "distinct_prompts": c["distinct_prompts"],
                       "response_length_mean": c["completion_tokens"] / c["completions"],
                       "reward_mean": c["reward_mean"], **(loads[i] if i < len(loads) else {})})
-    return summarise("trl", steps, args.warmup, {
+    return summarise(system, steps, args.warmup, {
         "init_s": init_s, "torch_threads": torch.get_num_threads(),
         "versions": {"trl": trl.__version__, "transformers": transformers.__version__},
-        "settings": {"engine": "transformers generate (use_vllm=False)", "bf16": config.bf16,
+        "settings": {"engine": (f"vLLM colocated in the trainer's process (use_vllm=True, vllm_mode=colocate, "
+                               f"vllm_gpu_memory_utilization={args.trl_vllm_memory})" if use_vllm
+                               else "transformers generate (use_vllm=False)"), "bf16": config.bf16,
                      "per_device_train_batch_size": config.per_device_train_batch_size,
                      "gradient_accumulation_steps": config.gradient_accumulation_steps,
                      "generation_batch_size": config.generation_batch_size,
@@ -683,6 +754,8 @@ def run_plain_default(args: argparse.Namespace) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 CHILDREN = {"ours": run_ours, "ours-workers2": lambda args: run_ours(args, workers=2),
+            "ours-padded": lambda args: run_ours(args, packing="off", system="ours-padded"),
+            "trl-vllm": lambda args: run_trl(args, use_vllm=True),
             "ours-reload": lambda args: run_ours(args, weight_sync="reload", system="ours-reload"),
             "ours-engines2": lambda args: run_ours(args, engines=2, system="ours-engines2"),
             "ours-engines2-reload": lambda args: run_ours(args, engines=2, weight_sync="reload",
@@ -708,7 +781,7 @@ def _get(rows, system):
 
 def compute_ratios(rows: list[dict]) -> dict[str, float | None]:
     ours, trl, engine, plain = _get(rows, "ours"), _get(rows, "trl"), _get(rows, "engine"), _get(rows, "plain-default")
-    ours2 = _get(rows, "ours-workers2")
+    ours2, padded, trl_vllm = _get(rows, "ours-workers2"), _get(rows, "ours-padded"), _get(rows, "trl-vllm")
     engines2, engines2_store = _get(rows, "ours-engines2"), _get(rows, "ours-engines2-reload")
 
     def ratio(a, b):
@@ -717,6 +790,10 @@ def compute_ratios(rows: list[dict]) -> dict[str, float | None]:
     split = lambda r, k: (r or {}).get("time_split_s", {}).get(k)  # noqa: E731
     return {
         "ours_steps_per_s_over_trl": ratio((trl or {}).get("step_time_s"), (ours or {}).get("step_time_s")),
+        "ours_steps_per_s_over_trl_vllm": ratio((trl_vllm or {}).get("step_time_s"), (ours or {}).get("step_time_s")),
+        "ours_steps_per_s_over_padded": ratio((padded or {}).get("step_time_s"), (ours or {}).get("step_time_s")),
+        "ours_train_time_over_padded": ratio(split(ours, "train"), split(padded, "train")),
+        "padded_steps_per_s_over_trl": ratio((trl or {}).get("step_time_s"), (padded or {}).get("step_time_s")),
         "ours_steps_per_s_over_trl_min_step": ratio((trl or {}).get("step_time_s_min"),
                                                     (ours or {}).get("step_time_s_min")),
         "ours_over_trl_per_completion_token": ratio((trl or {}).get("s_per_1k_completion_tokens"),
@@ -757,10 +834,12 @@ def markdown(result: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        if r.get("system") not in ("ours", "ours-workers2", "ours-engines2", "ours-reload", "ours-engines2-reload", "trl"):
+        if r.get("system") not in ("ours", "ours-padded", "ours-workers2", "ours-engines2", "ours-reload",
+                                   "ours-engines2-reload", "trl", "trl-vllm"):
             continue
         if r.get("status") != "ok":
-            lines.append(f"| {r['system']} | {r.get('status')} | | | | | | | | | | | |")
+            error = " ".join(str(r.get("error", "")).split())[-300:].replace("|", "/")
+            lines.append(f"| {r['system']} | {r.get('status')}: {error} | | | | | | | | | | | |")
             continue
         s = r["time_split_s"]
         others = ", ".join(_f(x) for x in r.get("others_cpu_share_per_step", []))
@@ -798,7 +877,21 @@ def markdown(result: dict[str, Any]) -> str:
     lines += [f"| {k} | {_f(v)} |" for k, v in ratios.items()]
     ours = _get(rows, "ours")
     prof = (ours or {}).get("profile")
-    if prof:
+    packing = (prof or {}).get("update_by_packing")
+    if packing:
+        lines += ["", f"The trainer's update (`GRPOTrainer._update`: forwards, backwards, AdamW) on the last step's "
+                      f"rollouts ({packing['completion_tokens']} completion tokens) in each packing layout, in "
+                      f"alternating order:", "",
+                  "| packing | update s (median) | runs s | positions computed | forwards |", "|---|---|---|---|---|"]
+        for k in ("off", "shared_prompt", "padding_free"):
+            v = packing[k]
+            lines.append(f"| {k} | {_f(v['median_s'])} | {', '.join(_f(x) for x in v['seconds'])} | {v['positions']} | "
+                         f"{v['forwards']} |")
+        lines += ["", f"shared_prompt / off: positions {_f(packing['positions_packed_over_padded'], 3)}, update time "
+                      f"{_f(packing['time_packed_over_padded'], 3)}; padding_free / off: positions "
+                      f"{_f(packing['positions_padding_free_over_padded'], 3)}, update time "
+                      f"{_f(packing['time_padding_free_over_padded'], 3)}."]
+    if prof and prof["updates"]:
         lines += ["", f"Profile of our update on the last step's {prof['sequences']} sequences "
                       f"({prof['completion_tokens']} completion tokens; the trainer's own `_update`: "
                       f"{_f(prof['trainer_update_s'])} s; weight sync {_f(prof.get('sync_s'))} s):", "",
@@ -810,7 +903,7 @@ def markdown(result: dict[str, Any]) -> str:
                          f"{_f(u['forward_lm_head_s'])} | {_f(u['token_statistics_s'])} | {_f(u['loss_s'])} | "
                          f"{_f(u['backward_s'])} | {_f(u['clip_and_optimizer_s'])} | {_f(u['padding_share'])} | "
                          f"{_f(u['completion_share_of_computed'])} |")
-    if prof:
+    if prof and prof["updates"]:
         rnd = prof.get("padding_share_random_mean", {})
         grp = prof.get("padding_whole_groups", {})
         lines += ["", "Padding share of the positions the forwards compute, by micro-batch size: "
@@ -877,13 +970,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--kv-cache-gib", type=float, default=1.0)
     p.add_argument("--systems", default=",".join(SYSTEMS),
-                   help="comma list of ours, ours-workers2 (rl.workers: 2, the scaling row), trl, engine, plain-default")
+                   help="comma list of ours, ours-padded (rl.packing: off), ours-workers2 (rl.workers: 2, the scaling "
+                        "row), ours-engines2, ours-reload, ours-engines2-reload, trl, trl-vllm, engine, plain-default")
     p.add_argument("--plain-default", action="store_true", help="also time a fresh vllm.LLM with vLLM's defaults")
     p.add_argument("--engine-reps", type=int, default=2)
     p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
                    help="profile our update on the last rollout batch (ours child)")
     p.add_argument("--profile-micro", type=lambda s: [int(x) for x in s.split(",")], default=[4, 16, 32],
-                   help="extra micro-batch sizes timed by --profile (whole groups)")
+                   help="extra micro-batch sizes timed by --profile-replicas (whole groups)")
+    p.add_argument("--profile-replicas", action=argparse.BooleanOptionalAction, default=False,
+                   help="with --profile, also time replicas of the update before rl.workers, by phase")
+    p.add_argument("--packing-reps", type=int, default=2, help="updates per packing setting timed by --profile")
+    p.add_argument("--trl-vllm-memory", type=float, default=0.05,
+                   help="trl-vllm: vllm_gpu_memory_utilization (on a CPU, the share of RAM for vLLM's KV cache)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-seed", type=int, default=1)
     p.add_argument("--child-timeout", type=float, default=1800)

@@ -8,6 +8,10 @@ One run, one model, one batch; each variant is a full training step
 * ``eksft`` - this project: policy forward with grad + ONE no-grad forward of a frozen reference
   copy + the ``eksft`` objective (entropy / KL / log p(label) chunked, taken detached from the same
   policy forward for the selection, with gradient for the regularisers).
+* ``eksft-padded`` / ``eksft-packed`` - ``eksft`` through the trainer's own forward
+  (`eksft.sft.forward.causal_lm_logits`, the LM head from the first labelled position on) on the padded batch vs
+  on one packed row without padding (``packed``; `rl.common.packing`): what packing saves on
+  variable-length rows (``--min-length`` sets how variable). The check asserts that the two losses are equal.
 * ``naive`` - BASELINE, the authors' formulation, implemented in this file only (`naive_loss`): an
   EXTRA no-grad policy forward just for the statistics, a no-grad reference forward, full-vocabulary
   float32 [B, T, V] softmax / log-softmax tensors, torch.topk over the flattened valid tokens, then
@@ -90,7 +94,7 @@ from eksft.objectives import IGNORE_INDEX, EKSFTSettings, SFTSettings, get_objec
 from rl.common.precision import detect_hardware, resolve_bf16  # noqa: E402
 from eksft.objectives import tokens_to_select  # noqa: E402
 
-VARIANTS = ("sft", "eksft", "naive")
+VARIANTS = ("sft", "eksft", "naive", "eksft-padded", "eksft-packed")
 
 # Random-initialised models of real shapes (no weights needed).
 RANDOM_MODELS: dict[str, dict[str, Any]] = {
@@ -196,17 +200,17 @@ def make_reference(policy: torch.nn.Module, noise: float, seed: int) -> torch.nn
     return ref
 
 
-def make_batch(vocab: int, batch: int, seq: int, seed: int, device: torch.device):
+def make_batch(vocab: int, batch: int, seq: int, seed: int, device: torch.device, min_length: float = 0.75):
     """Random token ids with a realistic label mask.
 
-    Sequence b has length L_b ~ U[0.75 T, T] (the first one is T), then right padding; its prompt
+    Sequence b has length L_b ~ U[min_length T, T] (the first one is T), then right padding; its prompt
     is the first P_b ~ U[0.1, 0.4] * L_b tokens. Labels are the response tokens; prompt and padding
     are IGNORE_INDEX. Returns input_ids [B, T], attention_mask [B, T] and labels [B, T-1] aligned
     with logits[:, :-1].
     """
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, seq), generator=gen)
-    lengths = torch.randint(int(0.75 * seq), seq + 1, (batch,), generator=gen)
+    lengths = torch.randint(max(2, int(min_length * seq)), seq + 1, (batch,), generator=gen)
     lengths[0] = seq
     prompt = (lengths * (0.1 + 0.3 * torch.rand(batch, generator=gen))).long().clamp(min=1)
     pos = torch.arange(seq)[None, :]
@@ -227,7 +231,7 @@ def build_setup(args: argparse.Namespace, need_ref: bool, need_optimizer: bool =
         # The authors' settings: lr 1e-5, betas (0.9, 0.95), weight decay 0.1 (grad clip 1.0 in train_step).
         optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1)
     vocab = policy.get_output_embeddings().weight.shape[0]
-    input_ids, attention_mask, labels = make_batch(vocab, args.batch, args.seq, args.seed, device)
+    input_ids, attention_mask, labels = make_batch(vocab, args.batch, args.seq, args.seed, device, args.min_length)
     objective = objective_config(args)
     return Setup(policy, ref, optimizer, input_ids, attention_mask, labels, objective, device, use_autocast)
 
@@ -319,7 +323,25 @@ def naive_loss(s: Setup, details: bool = False):
     return loss
 
 
-LOSSES: dict[str, Callable[[Setup], torch.Tensor]] = {"sft": sft_loss, "eksft": eksft_loss, "naive": naive_loss}
+def trainer_eksft_loss(s: Setup, packed: bool) -> torch.Tensor:
+    """`eksft` with the cold start's forward (`eksft.sft.forward.causal_lm_logits`): logits from the first labelled
+    position on, on the padded batch or on one packed row (``packed``)."""
+    from eksft.sft.forward import causal_lm_logits
+
+    valid = s.labels != IGNORE_INDEX
+    first = int(valid.any(0).nonzero()[0])  # logits[:, j] predict labels[:, j]
+    with torch.no_grad(), s.amp():
+        ref_logits = causal_lm_logits(s.ref, s.input_ids, s.attention_mask, first, packed=packed)[:, :-1]
+    with s.amp():
+        logits = causal_lm_logits(s.policy, s.input_ids, s.attention_mask, first, packed=packed)[:, :-1]
+        return get_objective("eksft").parts(logits, s.labels[:, first:], ref_logits, s.objective).reduce()
+
+
+LOSSES: dict[str, Callable[[Setup], torch.Tensor]] = {
+    "sft": sft_loss, "eksft": eksft_loss, "naive": naive_loss,
+    "eksft-padded": lambda s: trainer_eksft_loss(s, packed=False),
+    "eksft-packed": lambda s: trainer_eksft_loss(s, packed=True),
+}
 
 
 def train_step(s: Setup, variant: str, after_backward: Callable[[], None] | None = None) -> float:
@@ -365,12 +387,17 @@ def compare_losses(s: Setup) -> dict[str, Any]:
             ref_logits = _logits(s.ref, s)
         chosen = select_eksft_tokens(logits, s.labels, ref_logits, s.objective)
         stats, s_h, s_kl = chosen.stats, chosen.s_entropy, chosen.s_kl
+        padded_value = float(trainer_eksft_loss(s, packed=False))
+        packed_value = float(trainer_eksft_loss(s, packed=True))
     diff = abs(eksft_value - naive_value)
     ok = math.isclose(eksft_value, naive_value, rel_tol=LOSS_RTOL, abs_tol=LOSS_ATOL)
+    ok = ok and all(math.isclose(v, eksft_value, rel_tol=LOSS_RTOL, abs_tol=LOSS_ATOL) for v in (padded_value, packed_value))
     return {
         "status": "ok" if ok else "mismatch",
         "eksft_loss": eksft_value,
         "naive_loss": naive_value,
+        "trainer_padded_loss": padded_value,
+        "trainer_packed_loss": packed_value,
         "abs_diff": diff,
         "rtol": LOSS_RTOL,
         "atol": LOSS_ATOL,
@@ -609,6 +636,8 @@ def compute_ratios(rows: list[dict[str, Any]]) -> dict[str, float | None]:
     return {
         "eksft_over_sft_time": _ratio(by, "eksft", "sft", "step_time_s_median"),
         "naive_over_eksft_time": _ratio(by, "naive", "eksft", "step_time_s_median"),
+        "eksft_packed_over_padded_time": _ratio(by, "eksft-packed", "eksft-padded", "step_time_s_median"),
+        "eksft_packed_over_padded_mem": _ratio(by, "eksft-packed", "eksft-padded", "peak_mem_mb"),
         # min step times: background load only ever adds time, so on a shared CPU these are the robust ones
         "eksft_over_sft_time_min": _ratio(by, "eksft", "sft", "step_time_s_min"),
         "naive_over_eksft_time_min": _ratio(by, "naive", "eksft", "step_time_s_min"),
@@ -782,7 +811,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="embedded:smollm2-135m-instruct",
                    help=f"eksft model name (embedded:..., tiny:..., a directory) or one of {', '.join(RANDOM_MODELS)}")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=160, help="tokens per sequence (the longest; others are 75-100%%)")
+    p.add_argument("--seq", type=int, default=160, help="tokens per sequence (the longest; others --min-length-100%%)")
+    p.add_argument("--min-length", type=float, default=0.75,
+                   help="the shortest sequence as a fraction of --seq (lengths uniform in between)")
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
     _precision.add_precision_args(p, rollout=False)  # --bf16 / --no-bf16 (CPU: autocast; CUDA: bf16 weights); auto

@@ -14,7 +14,7 @@ from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from eksft.data.config import DataConfig
 from eksft.eval.config import EvalConfig
@@ -69,6 +69,10 @@ class SFTConfig(Strict):
     # bf16 autocast (weights and AdamW stay in model.dtype); auto: bf16 where the device computes it natively
     # (rl.common.precision), float32 elsewhere.
     bf16: Literal["auto"] | bool = "auto"
+    packing: Literal["auto", "on", "off"] = Field(
+        "auto", description="on: each micro-batch as one packed row without padding, the prompt every sequence shares "
+                            "computed once (same loss and gradients; rl.common.packing); off: padded rows; auto: as "
+                            "rl.packing decides for the device kind (rl.common.packing.PACKING_BY_DEVICE)")
     gradient_checkpointing: bool = Field(False, description="recompute each decoder layer's activations in the "
                                                             "backward (less memory, ~1/3 more compute)")
     # Objectives that need no reference (sft, dft) still log KL to the starting model every N steps (0: never).
@@ -87,6 +91,11 @@ class SFTConfig(Strict):
     # The recipe's statement of its global batch (sequences per optimizer step), checked against
     # workers x batch_size x grad_accum.
     global_batch: int | None = Field(None, gt=0)
+
+    @field_validator("packing", mode="before")
+    @classmethod
+    def _packing(cls, v):
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v  # YAML reads on / off as booleans
 
     @model_validator(mode="before")
     @classmethod

@@ -67,6 +67,22 @@ def test_naive_baseline_matches_eksft_loss_and_gradients(bench, args):
         torch.testing.assert_close(g_naive[name], g_eksft[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_trainer_forward_padded_and_packed_match_eksft(bench, args):
+    """The packed variant computes the same loss and gradients as the padded one (and as plain `eksft`)."""
+    s = bench.build_setup(args, need_ref=True)
+    assert len(set(s.attention_mask.sum(1).tolist())) > 1  # rows of different lengths: padding to remove
+    check = bench.compare_losses(s)
+    assert check["status"] == "ok", check
+    grads = {}
+    for packed in (False, True):
+        s.policy.zero_grad(set_to_none=True)
+        bench.trainer_eksft_loss(s, packed=packed).backward()
+        grads[packed] = _grads(s)
+    assert grads[False].keys() == grads[True].keys() and grads[False]
+    for name in grads[False]:
+        torch.testing.assert_close(grads[True][name], grads[False][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_naive_matches_eksft_under_bf16_autocast(bench, tiny_qwen2_dir):
     args = bench.parse_args(["--model", "tiny:qwen2", "--batch", "2", "--seq", "40", "--bf16", "--device", "cpu"])
     s = bench.build_setup(args, need_ref=True, need_optimizer=False)

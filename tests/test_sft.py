@@ -58,11 +58,13 @@ def test_two_accumulation_steps_of_one_equal_one_batch_of_two(tmp_path, objectiv
     assert m_b2["grad_norm"] == pytest.approx(m_a2["grad_norm"], rel=1e-4)
 
 
-@pytest.mark.parametrize("objective", ["eksft", "sft", "dft"])
-def test_shared_prefix_and_lm_head_on_labelled_positions_are_exact(objective, monkeypatch):
-    """The common prefix (system prompt) is computed once (one packed row) and the head runs from the first labelled
-    position on: loss, gradients and metrics equal one plain full-logits forward per batch, on prompts of
-    different lengths."""
+@pytest.mark.parametrize("prefix", ["shared", "none"])
+@pytest.mark.parametrize("objective", ["eksft", "eksft-batch", "sft", "dft"])
+def test_packed_rows_and_lm_head_on_labelled_positions_are_exact(objective, prefix, monkeypatch):
+    """The batch runs as one packed row without padding, the common prefix (system prompt) computed once, and the
+    head runs from the first labelled position on: loss, gradients and metrics (the EKSFT statistics, selection
+    by sequence and by batch, and loss) equal one plain full-logits forward per batch, on prompts of different
+    lengths; with ``prefix`` none, rows that share no prefix at all (plain padding-free packing)."""
     import eksft.sft.forward as forward
     import eksft.sft.step as step
     from eksft.data import build_sft_dataset
@@ -79,10 +81,14 @@ def test_shared_prefix_and_lm_head_on_labelled_positions_are_exact(objective, mo
     examples, _ = build_sft_dataset(recipe, tokenizer)
     batch = forward.pad_collate(tokenizer.pad_token_id)(examples[:4])
     ids, attention, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    if prefix == "none":  # every row starts with a different token: nothing in common
+        ids[:, 0] = torch.tensor([11, 12, 13, 14])
     firsts = {int((row != -100).nonzero()[0]) for row in labels}
     assert len(firsts) > 1 and min(firsts) > 10  # prompts of different lengths, a long prefix to skip
     assert len(set(attention.sum(1).tolist())) > 1  # and of different total lengths (padding)
-    settings = get_objective(objective).settings(**({"ratio": 0.3} if objective == "eksft" else {}))
+    name = objective.removesuffix("-batch")
+    options = {"ratio": 0.3, "scope": "batch" if objective.endswith("-batch") else "sequence"}
+    settings = get_objective(name).settings(**(options if name == "eksft" else {}))
     results = []
     for fast in (True, False):
         monkeypatch.setattr(forward, "takes_logits_to_keep", lambda m, keep=fast: keep)
@@ -92,10 +98,10 @@ def test_shared_prefix_and_lm_head_on_labelled_positions_are_exact(objective, mo
                  model.lm_head.register_forward_hook(lambda m, i, o: seen.append(("head", *o.shape[:2])))]
         model.zero_grad()
         first = step.first_predicting_position(model, labels)
-        logits = forward.causal_lm_logits(model, ids, attention, first, share_prefix=fast)
+        logits = forward.causal_lm_logits(model, ids, attention, first, packed=fast)
         with torch.no_grad():
-            ref_logits = forward.causal_lm_logits(reference, ids, attention, first, share_prefix=fast)[:, :-1]
-        parts = get_objective(objective).parts(logits[:, :-1], labels[:, first + 1:], ref_logits, settings)
+            ref_logits = forward.causal_lm_logits(reference, ids, attention, first, packed=fast)[:, :-1]
+        parts = get_objective(name).parts(logits[:, :-1], labels[:, first + 1:], ref_logits, settings)
         loss = parts.reduce()
         loss.backward()
         for hook in hooks:
@@ -105,10 +111,16 @@ def test_shared_prefix_and_lm_head_on_labelled_positions_are_exact(objective, mo
     (loss_k, grad_k, metrics_k, seen_k), (loss_f, grad_f, metrics_f, seen_f) = results
     B, T = labels.shape
     shared = forward.common_prefix_length(ids, attention)
-    assert 10 < shared < min(firsts)  # the system prompt and chat-template header
+    if prefix == "shared":
+        assert 10 < shared < min(firsts)  # the system prompt and chat-template header
+    else:
+        assert shared == 0
     first = min(firsts) - 1
     lengths = attention.sum(1).tolist()
-    packed = shared + sum(n - shared for n in lengths)
+    # the prefix but its last token once, then each row's rest behind a copy of that token: no padding
+    prefix_length = max(shared, 1)
+    packed = prefix_length - 1 + sum(n - prefix_length + 1 for n in lengths)
+    assert packed < B * T
     wanted = sum(n - first for n in lengths)  # each row's positions from `first` to its end
     assert seen_k[:2] == [("body", 1, packed), ("head", 1, wanted)]
     assert seen_f[:2] == [("body", B, T), ("head", B, T)]

@@ -54,7 +54,10 @@ def stable_hash(obj: Any) -> str:
 ADDED_KEY_DEFAULTS = {"revision": None, "revisions": {}, "selection": "first", "tags": None, "chat_template_kwargs": {},
                       "global_batch": None, "workers": 1, "worker_cpus": None, "worker_timeout_s": 3600.0,
                       "activation_checkpointing": False, "cpu_offload": False, "num_engines": 1,
-                      "tensor_parallel_size": 1, "placement": "colocated", "weight_sync": "transfer", "bucket_mb": 64.0}
+                      "tensor_parallel_size": 1, "placement": "colocated", "weight_sync": "transfer", "bucket_mb": 64.0,
+                      "packing": "auto"}
+# The ``rl`` section is hashed whole (it predates ADDED_KEY_DEFAULTS): only the keys added since are left out.
+RL_ADDED_KEY_DEFAULTS = {"packing": "auto", "micro_batch_tokens": None}
 
 
 def _dump(section) -> dict:
@@ -65,6 +68,12 @@ def _dump(section) -> dict:
         return obj
 
     return strip(section if isinstance(section, dict) else section.model_dump(mode="json"))
+
+
+def _rl_section(rl) -> dict:
+    """The ``rl`` section as hashed: every key, but those of `RL_ADDED_KEY_DEFAULTS` at their defaults."""
+    return {k: v for k, v in rl.model_dump(mode="json").items()
+            if not (k in RL_ADDED_KEY_DEFAULTS and v == RL_ADDED_KEY_DEFAULTS[k])}
 
 
 def _sft_section(sft) -> dict:
@@ -169,7 +178,7 @@ def _seed_stages(recipe, seed: int | None, layout: RunLayout, precision) -> list
         rl_cfg = recipe.arm_rl(arm)
         stages.append(Stage(f"{arm.name}/{prefix}rl", arm.name, "rl", arm_dir.rl,
                             {**base, "data_rl": _dump(recipe.data.rl),
-                             "rl": rl_cfg.model_dump(mode="json"), "rollout": _rollout_section(recipe.rollout),
+                             "rl": _rl_section(rl_cfg), "rollout": _rollout_section(recipe.rollout),
                              "precision": precision(arm, "rl")},
                             seed=seed, deps=[start_dep]))
         rl_stage = stages[-1].name

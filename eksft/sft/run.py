@@ -50,6 +50,7 @@ def run_sft(recipe, objective, out: SFTStageDir, *, on_step: Callable[[int, dict
     from eksft.sft.plan import StepPlan, learning_rate_at, warmup_steps
     from eksft.sft.step import ObjectiveStepLoss, SFTMicroBatch
     from eksft.tracking import make_trackers
+    from rl.common.packing import sft_packed
     from rl.common.precision import resolve_bf16, slow_bf16_warning
     from rl.common.resume import latest_complete_checkpoint, truncate_metrics
     from rl.workers import make_worker_group, worker_resources, workers_device
@@ -69,7 +70,9 @@ def run_sft(recipe, objective, out: SFTStageDir, *, on_step: Callable[[int, dict
                                      "grad_accum": cfg.grad_accum, "global_batch": cfg.sequences_per_step()}))
     device = workers_device(cfg.workers)
     precision = resolve_bf16(cfg.bf16, device)
-    print(f"[sft] compute: {precision.describe()}, {cfg.workers} worker(s)", flush=True)
+    packed = sft_packed(cfg.packing, device)
+    print(f"[sft] compute: {precision.describe()}, {cfg.workers} worker(s), packing {'on' if packed else 'off'}",
+          flush=True)
     if warning := slow_bf16_warning(precision, "sft.bf16"):
         print(f"[sft] WARNING: {warning}", flush=True)
     if recipe.model.dtype != "float32" and not cfg.lora.enabled:
@@ -81,7 +84,7 @@ def run_sft(recipe, objective, out: SFTStageDir, *, on_step: Callable[[int, dict
     wants_reference = needs_reference or cfg.kl_metric_every > 0
     settings = worker_settings(recipe, model_dir, wants_reference)
     # Two losses, built once: the reference forward runs on every step, or (sft, dft) on KL-metric steps only.
-    losses = {with_ref: ObjectiveStepLoss(objective, tokenizer.pad_token_id, with_ref)
+    losses = {with_ref: ObjectiveStepLoss(objective, tokenizer.pad_token_id, with_ref, packed=packed)
               for with_ref in {needs_reference, wants_reference}}
 
     def loss_of(step: int) -> ObjectiveStepLoss:  # ``step``: optimizer steps done before this one

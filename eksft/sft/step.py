@@ -45,14 +45,15 @@ class ObjectiveStepLoss:
     """The objective of one cold-start step on a worker (see the module docstring for the normalisation).
 
     ``with_reference``: run the reference forward (the objective needs it, or this is a KL-metric step).
-    ``share_prefix``: compute the positions that every sequence of a micro-batch shares (the system prompt) once
-    (`eksft.sft.forward.causal_lm_logits`: still one forward per micro-batch, as FSDP needs on every rank).
+    ``packed``: run each micro-batch as one packed row without padding, the positions every sequence shares (the
+    system prompt) computed once (`eksft.sft.forward.causal_lm_logits`: still one forward per micro-batch, as FSDP
+    needs on every rank); ``sft.packing``.
     """
 
     objective: ObjectiveConfig
     pad_token_id: int
     with_reference: bool
-    share_prefix: bool = True
+    packed: bool = True
     metric_names: tuple[str, ...] = field(default=())
 
     def __post_init__(self):
@@ -72,12 +73,11 @@ class ObjectiveStepLoss:
         batch = pad_collate(self.pad_token_id)([{"input_ids": i, "labels": lab} for i, lab in zip(mb.input_ids, mb.labels)])
         ids, attention, labels = (batch[k].to(worker.device) for k in ("input_ids", "attention_mask", "labels"))
         first = first_predicting_position(worker.model, labels)
-        share = self.share_prefix
         ref_logits = None
         if self.with_reference:
             with worker.reference_model() as reference:
-                ref_logits = causal_lm_logits(reference, ids, attention, first, share_prefix=share)[:, :-1]
-        logits = causal_lm_logits(worker.model, ids, attention, first, share_prefix=share)
+                ref_logits = causal_lm_logits(reference, ids, attention, first, packed=self.packed)[:, :-1]
+        logits = causal_lm_logits(worker.model, ids, attention, first, packed=self.packed)
         # logits[:, t] predicts token t+1: shift once here, the objectives take aligned tensors.
         parts = get_objective(self.objective.name).parts(logits[:, :-1], labels[:, first + 1:], ref_logits,
                                                          self.objective)

@@ -10,6 +10,13 @@ Batch units: ``prompts_per_step`` prompts x ``group_size`` completions make one 
 batch of ``prompts_per_step * group_size`` sequences; ``mini_batch_size`` (sequences) splits
 it into optimizer steps, repeated ``ppo_epochs`` times; ``micro_batch_size`` (sequences) is
 the forward/backward chunk inside a mini-batch (gradient accumulation).
+
+Packing (``packing``, `rl.common.packing`): a group's completions run as one packed row behind ONE copy of
+their prompt, with the same log-probs and gradients as the padded rows. Mini-batches and micro-batches are then
+made of whole groups (the groups are shuffled into mini-batches instead of the sequences): the order of the
+updates within a step changes, what GRPO estimates does not. ``padding_free`` packs the sequences without
+sharing prompts (no mask: the layout varlen flash attention runs). ``micro_batch_tokens`` then bounds a
+micro-batch by its packed positions instead of by ``micro_batch_size``.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from rl.common.lora import LoraSettings
+from rl.common.packing import MAX_PACKED_LENGTH, Packing
 from rl.grpo.loss import Aggregation
 
 __all__ = ["GRPOConfig", "GRPOLoraConfig"]
@@ -64,7 +72,18 @@ class GRPOConfig(BaseModel):
     # Updates
     ppo_epochs: int = Field(1, ge=1, description="passes over each rollout batch")
     mini_batch_size: int | None = Field(None, ge=1, description="sequences per optimizer step; None = whole batch")
-    micro_batch_size: int = Field(4, ge=1, description="sequences per forward/backward (gradient accumulation)")
+    micro_batch_size: int = Field(4, ge=1, description="sequences per forward/backward (gradient accumulation); "
+                                                        "with packing rounded up to whole groups")
+    packing: Packing = Field(
+        "auto", description="shared_prompt: each group's completions in one packed row behind one copy of the prompt "
+                            "(same log-probs and gradients; mini- and micro-batches of whole groups); padding_free: "
+                            "the sequences in one row without padding, separated by position ids (varlen flash "
+                            "attention on a GPU); off: padded rows; auto: the device kind's choice "
+                            "(rl.common.packing.PACKING_BY_DEVICE)")
+    micro_batch_tokens: int | None = Field(
+        None, ge=1, le=MAX_PACKED_LENGTH,
+        description="with packing: whole groups (padding_free: sequences) per forward/backward up to this many "
+                    "packed positions (a longer one runs alone) instead of micro_batch_size")
 
     # Precision: bf16 autocast for the trainer's forward passes (weights and optimizer stay float32)
     bf16: Literal["auto"] | bool = Field(
@@ -115,6 +134,16 @@ class GRPOConfig(BaseModel):
             )
         return v
 
+    @field_validator("packing", mode="before")
+    @classmethod
+    def _packing(cls, v: Any) -> Any:
+        # YAML reads a bare `off` as false
+        if v is False:
+            return "off"
+        if v is True:
+            raise ValueError("packing: true is ambiguous: use auto, shared_prompt or padding_free")
+        return v
+
     @field_validator("adam_betas")
     @classmethod
     def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
@@ -130,6 +159,15 @@ class GRPOConfig(BaseModel):
                 f"mini_batch_size ({self.mini_batch_size}) must be <= prompts_per_step * group_size "
                 f"({self.rollout_batch_size} sequences per rollout batch)"
             )
+        if self.packing in ("auto", "shared_prompt") and self.mini_batch_size is not None and \
+                self.mini_batch_size % self.group_size:
+            raise ValueError(
+                f"mini_batch_size ({self.mini_batch_size}) must be a multiple of group_size ({self.group_size}) with "
+                f"packing: {self.packing} (mini-batches of whole groups); set packing: off or padding_free for any size"
+            )
+        if self.micro_batch_tokens is not None and self.packing == "off":
+            raise ValueError("micro_batch_tokens bounds packed micro-batches: it needs packing auto, shared_prompt or "
+                             "padding_free")
         return self
 
     @property

@@ -43,6 +43,7 @@ from rl.grpo.config import GRPOConfig
 from rl.grpo.core import fill_groups, group_advantages, minibatches, zero_variance_groups
 from rl.grpo.outputs import GRPOOutputs
 from rl.metrics import pass_at_k_groups, power_of_two_ks
+from rl.common.packing import resolve_packing
 from rl.common.precision import resolve_bf16, slow_bf16_warning, stage_device
 from rl.common.resume import latest_complete_checkpoint, truncate_metrics
 from rl.rollout import RolloutConfig, Sample, SamplingConfig, engine_from_config, prompt_token_ids
@@ -113,7 +114,11 @@ class GRPOTrainer:
             raise ValueError(f"rl.cpu_offload moves the sharded state between GPU and CPU memory; this stage runs on "
                              f"{self.device}, where it already lives in CPU memory: set rl.cpu_offload: false")
         self.precision = resolve_bf16(config.bf16, self.device)
-        print(f"[rl] trainer compute: {self.precision.describe()}, {config.workers} worker(s)", flush=True)
+        # Packing (rl.common.packing) fixes how mini- and micro-batches are cut here and how the workers lay out
+        # their forwards: resolved once, for this stage's device kind, and passed to the workers as resolved.
+        self.packing = packing = resolve_packing(config.packing, self.device)
+        print(f"[rl] trainer compute: {self.precision.describe()}, {config.workers} worker(s), packing {packing}",
+              flush=True)
         if warning := slow_bf16_warning(self.precision, "rl.bf16"):
             print(f"[rl] WARNING: {warning}", flush=True)
         self.tokenizer = AutoTokenizer.from_pretrained(start_dir, trust_remote_code=trust_remote_code)
@@ -134,7 +139,7 @@ class GRPOTrainer:
         # The workers always load the starting model (with LoRA: the base) and a resumed run then reads the
         # sharded checkpoint over it.
         settings = WorkerSettings.from_grpo(config, model_dir=model_dir, reference_dir=reference,
-                                            trust_remote_code=trust_remote_code)
+                                            trust_remote_code=trust_remote_code, packing=packing)
         try:
             self.workers = make_worker_group(settings, config.workers, **_ray_options(config, self.device))
         except BaseException:
@@ -285,12 +290,11 @@ class GRPOTrainer:
         group_length = [len(g.prompt_ids) + max(len(s.completion_ids) for s in g.samples) for g in groups]
         # Overlong masking and empty completions: out of the loss and of every count.
         trained = [bool(s.completion_ids) and not (cfg.mask_truncated and s.truncated) for s in samples]
-        n, micro = len(samples), cfg.micro_batch_size
+        n = len(samples)
         on_policy = cfg.ppo_epochs == 1 and (cfg.mini_batch_size is None or cfg.mini_batch_size >= n)
         num_engines = getattr(self.engine, "num_engines", 1)
 
         def micro_batches(indices: list[int], old=None, ref=None, engine: bool = False) -> list[MicroBatch]:
-            chunks = [indices[k : k + micro] for k in range(0, len(indices), micro)]
             return [MicroBatch([samples[i].prompt_ids for i in idx], [samples[i].completion_ids for i in idx],
                                [advantages[i] for i in idx],
                                None if old is None else [old[i] for i in idx],
@@ -298,7 +302,7 @@ class GRPOTrainer:
                                [trained[i] for i in idx],
                                [samples[i].logprobs for i in idx] if engine else None,
                                [samples[i].engine for i in idx] if engine else None, num_engines)
-                    for idx in chunks]
+                    for idx in self._micro_batch_chunks(indices, samples)]
 
         # old log-probs: the same weights that generated (sync after every update). With one update per
         # batch they equal the detached log-probs of the training forward (rho = 1), so no extra forward.
@@ -316,10 +320,10 @@ class GRPOTrainer:
         grad_norms = []
         generator = torch.Generator().manual_seed(cfg.seed * 7919 + self.step)
         for _epoch in range(cfg.ppo_epochs):
-            for mb in minibatches(n, cfg.mini_batch_size or n, generator):
-                # Micro-batches of whole groups, groups of similar length together to cut padding (the loss
-                # uses global counts, so the order does not change it).
-                mb = sorted(mb.tolist(), key=lambda i: (group_length[i // G], i // G, i))
+            for mb in self._minibatches(len(groups), generator):
+                # Groups of similar length together to cut padding (the loss uses global counts, so the order
+                # does not change it).
+                mb = sorted(mb, key=lambda i: (group_length[i // G], i // G, i))
                 m = self.workers.update(micro_batches(mb, old, ref, engine=on_policy), cfg.policy_loss_kwargs())
                 grad_norms.append(m.pop("grad_norm"))
                 for k, v in m.items():
@@ -331,6 +335,45 @@ class GRPOTrainer:
             # Mean |trainer - engine| log-prob over the sampled tokens, before any update of this step.
             out.update(gap)
         return out
+
+    def _minibatches(self, num_groups: int, generator: torch.Generator) -> list[list[int]]:
+        """Sequence indices of each mini-batch of one epoch: shuffled sequences, or with ``shared_prompt`` packing
+        shuffled whole groups (a packed row shares a group's prompt, so a group must not be split)."""
+        cfg, G = self.cfg, self.cfg.group_size
+        n = num_groups * G
+        if self.packing != "shared_prompt":
+            return [mb.tolist() for mb in minibatches(n, cfg.mini_batch_size or n, generator)]
+        per_minibatch = (cfg.mini_batch_size or n) // G
+        return [[g * G + j for g in mb.tolist() for j in range(G)]
+                for mb in minibatches(num_groups, per_minibatch, generator)]
+
+    def _micro_batch_chunks(self, indices: list[int], samples: list[Sample]) -> list[list[int]]:
+        """``indices`` cut into micro-batches, in the order given: ``micro_batch_size`` sequences (with
+        ``shared_prompt`` packing rounded up to whole groups), or with packing and ``micro_batch_tokens`` as many
+        units (groups, or sequences for ``padding_free``) as that many packed positions hold (a longer one alone)."""
+        from rl.common.packing import packed_length
+
+        cfg = self.cfg
+        if self.packing == "off":
+            return [indices[k : k + cfg.micro_batch_size] for k in range(0, len(indices), cfg.micro_batch_size)]
+        share = self.packing == "shared_prompt"
+        size = cfg.group_size if share else 1
+        units = [indices[k : k + size] for k in range(0, len(indices), size)]
+        if cfg.micro_batch_tokens is None:
+            per_micro = -(-cfg.micro_batch_size // size)
+            return [sum(units[k : k + per_micro], []) for k in range(0, len(units), per_micro)]
+        chunks: list[list[int]] = []
+        used = 0
+        for unit in units:
+            length = packed_length([samples[i].prompt_ids for i in unit], [samples[i].completion_ids for i in unit],
+                                   share)
+            if chunks and used + length <= cfg.micro_batch_tokens:
+                chunks[-1] += unit
+                used += length
+            else:
+                chunks.append(list(unit))
+                used = length
+        return chunks
 
     # ------------------------------------------------------------------ metrics and logs
     def _rollout_metrics(self, groups: list[Group]) -> dict:

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from rl.common.network import free_port
 from rl.grpo.loss import policy_loss
-from rl.workers.batch import MicroBatch, dense_rows, sequence_logprobs
+from rl.workers.batch import MicroBatch, dense_rows, packed_sequence_logprobs, sequence_logprobs
 
 __all__ = ["TrainerWorker", "WorkerSettings", "default_process_group_timeout_s", "free_port"]
 
@@ -71,6 +71,10 @@ class WorkerSettings:
     # cold start follows model.dtype). With LoRA the frozen base takes ``lora.base_dtype`` when the settings have
     # one, else this.
     dtype: str = "float32"
+    # How the GRPO forwards lay out a micro-batch (`rl.common.packing`): "shared_prompt" packs each group's
+    # completions behind one copy of its prompt, "padding_free" packs the sequences without a mask (varlen flash
+    # attention), "off" runs padded rows, "auto" is the device kind's choice.
+    packing: str = "auto"
 
     @classmethod
     def from_grpo(cls, config, model_dir: str, reference_dir: str | None = None, **overrides) -> WorkerSettings:
@@ -80,7 +84,7 @@ class WorkerSettings:
                    max_grad_norm=config.max_grad_norm, bf16=config.bf16, temperature=config.temperature,
                    lora=config.lora if config.lora.enabled else None, seed=config.seed,
                    activation_checkpointing=config.activation_checkpointing, cpu_offload=config.cpu_offload,
-                   **overrides)
+                   **{"packing": config.packing, **overrides})
 
 
 class TrainerWorker:
@@ -140,6 +144,20 @@ class TrainerWorker:
         self.mesh = init_device_mesh(self.device.type, (self.world_size,))
         self.precision = resolve_bf16(s.bf16, self.device.type)
         self.load_models()
+
+    @property
+    def packing(self) -> str:
+        """The layout of this rank's GRPO forwards: ``settings.packing`` with ``auto`` resolved for its device."""
+        from rl.common.packing import resolve_packing
+
+        return resolve_packing(self.settings.packing, self.device.type)
+
+    def _sequence_logprobs(self, model, mb: MicroBatch, with_entropy: bool):
+        if self.packing == "off":
+            return sequence_logprobs(model, mb.prompt_ids, mb.completion_ids, self.settings.temperature,
+                                     with_entropy=with_entropy)
+        return packed_sequence_logprobs(model, mb.prompt_ids, mb.completion_ids, self.settings.temperature,
+                                        with_entropy=with_entropy, layout=self.packing)
 
     def load_models(self, model_dir: str | None = None) -> None:
         """Load and shard the policy (from ``model_dir``, default the settings') with a fresh AdamW, and the
@@ -260,8 +278,7 @@ class TrainerWorker:
         with self._policy_or_reference(reference) as model:
             out = []
             for mb in micro_batches:
-                logp, _, mask = sequence_logprobs(model, mb.prompt_ids, mb.completion_ids, self.settings.temperature,
-                                                  with_entropy=False)
+                logp, _, mask = self._sequence_logprobs(model, mb, with_entropy=False)
                 out.append([row[m].float().cpu().tolist() for row, m in zip(logp, mask)])
         release_free_memory()
         return out
@@ -343,8 +360,7 @@ class TrainerWorker:
         gap, gap_tokens = [0.0] * engines, [0.0] * engines
         ratio_min, ratio_max = float("inf"), float("-inf")
         for mb in micro_batches:
-            logp, entropy, mask = sequence_logprobs(self.model, mb.prompt_ids, mb.completion_ids, s.temperature,
-                                                    with_entropy=True)
+            logp, entropy, mask = self._sequence_logprobs(self.model, mb, with_entropy=True)
             trained = torch.tensor(mb.trained_mask(), device=mask.device)
             mask = mask & trained[:, None]
             old = logp.detach() if mb.old_logprobs is None else dense_rows(mb.old_logprobs, logp)
