@@ -981,8 +981,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile-replicas", action=argparse.BooleanOptionalAction, default=False,
                    help="with --profile, also time replicas of the update before rl.workers, by phase")
     p.add_argument("--packing-reps", type=int, default=2, help="updates per packing setting timed by --profile")
-    p.add_argument("--trl-vllm-memory", type=float, default=0.05,
-                   help="trl-vllm: vllm_gpu_memory_utilization (on a CPU, the share of RAM for vLLM's KV cache)")
+    p.add_argument("--trl-vllm-memory", type=float, default=0.3,
+                   help="trl-vllm: vllm_gpu_memory_utilization (TRL's default 0.3; vLLM-CPU counts the memory the "
+                        "trainer's process already holds against it: 0.05 failed with the embedded model)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-seed", type=int, default=1)
     p.add_argument("--child-timeout", type=float, default=1800)
