@@ -118,6 +118,8 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--packing", default="auto", choices=["auto", "off", "shared_prompt", "padding_free"],
+                   help="rl.packing of the worker's forwards (rl.common.packing)")
     p.add_argument("--sft", action=argparse.BooleanOptionalAction, default=True, help="the cold-start step too")
     p.add_argument("--sft-sequences", type=int, default=8)
     p.add_argument("--sft-micro-batch", type=int, default=1)
@@ -154,12 +156,13 @@ def main(argv=None) -> dict:
     tmp = tmp_dir.name
     result["parameters"] = write_model(shape, Path(tmp), seed=0)
     settings = WorkerSettings(model_dir=tmp, bf16=args.bf16, learning_rate=1e-6,
-                              activation_checkpointing=args.activation_checkpointing)
+                              activation_checkpointing=args.activation_checkpointing, packing=args.packing)
     worker = TrainerWorker(settings, 0, 1)
     t = time.perf_counter()
     worker.setup("127.0.0.1", free_port())
     result["setup_s"] = time.perf_counter() - t
     result["precision"] = worker.precision.describe()
+    result["packing"] = worker.packing  # rl.packing as the worker resolved it for its device
     mbs = micro_batches(MicroBatch, args, shape["vocab_size"], seed=1)
     loss = dict(aggregation="token-mean", eps_low=0.2, eps_high=0.28, beta=0.0)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -185,7 +188,7 @@ def main(argv=None) -> dict:
     peak = "n/a (CPU)" if result["peak_memory_gib"] is None else f"{result['peak_memory_gib']:.2f} GiB"
     summary = (f"gpu_fsdp_update: {result['model']} ({result['parameters'] / 1e6:.0f}M params) on {device} "
                f"[{result['precision']}], {args.sequences} x ({args.prompt_len}+{args.completion_len}) tokens, "
-               f"micro-batch {args.micro_batch}: update {result['update_s_median']:.3f} s (median of "
+               f"micro-batch {args.micro_batch}, packing {result['packing']}: update {result['update_s_median']:.3f} s (median of "
                f"{args.steps}), {result['tokens_per_s']:.0f} completion tokens/s, peak memory {peak}")
     out.with_suffix(".txt").write_text(summary + "\n")
     if isinstance(result["sft"], dict):

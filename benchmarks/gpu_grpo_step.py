@@ -16,9 +16,12 @@ math-verify, so it uses the pure pieces of ``rl`` rather than the GRPO trainer:
   bf16 autocast (what GRPOTrainer does), ``bf16`` = bf16 weights, gradients and AdamW state.
   Reports the median step time, completion tokens/s, peak memory. ``--layouts`` chooses how a micro-batch's
   forward is laid out: ``prompt-cache`` (`completion_logprobs` as above), ``padded`` (the trainer worker's
-  `rl.workers.batch.sequence_logprobs`: one left-padded row per sequence) and ``packed`` (its
+  `rl.workers.batch.sequence_logprobs`: one left-padded row per sequence), ``packed`` (its
   `packed_sequence_logprobs`: each group's completions in one packed row behind one copy of the prompt,
-  `rl.common.packing`); micro-batches hold whole groups in every layout.
+  `rl.common.packing`) and ``padding-free`` (the sequences one after another, no mask: transformers separates them
+  by position ids, varlen with flash attention); micro-batches are cut in order, so they hold whole groups (or
+  halves) in every layout. A packed micro-batch over `MAX_PACKED_LENGTH` runs padded: ``packed_fallbacks`` counts
+  them. Each layout starts from the same weights and batch, so the first step's loss and grad norm must agree.
 * **generate**: `rl.rollout.hf_engine.HFEngine` (transformers ``generate``, one call per prompt with
   n samples) on ``--gen-prompts`` prompts x ``--group`` samples x ``--gen-tokens`` new tokens, and,
   for comparison, ONE batched ``model.generate`` over all prompts x samples. A random model almost
@@ -144,29 +147,36 @@ def micro_batch_logprobs(rl, layout: str, model, chunk, autocast_dtype):
     """(logp, entropy, mask) of one micro-batch in the given layout."""
     if layout == "prompt-cache":
         return rl["completion_logprobs"](model, chunk, 1.0, with_entropy=True, autocast_dtype=autocast_dtype)
-    compute = rl["packed_sequence_logprobs"] if layout == "packed" else rl["sequence_logprobs"]
     device_type = next(model.parameters()).device.type
     amp = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    prompts, completions = [c.prompt_ids for c in chunk], [c.completion_ids for c in chunk]
     with amp:
-        return compute(model, [c.prompt_ids for c in chunk], [c.completion_ids for c in chunk], 1.0,
-                       with_entropy=True)
+        if layout == "padded":
+            return rl["sequence_logprobs"](model, prompts, completions, 1.0, with_entropy=True)
+        return rl["packed_sequence_logprobs"](model, prompts, completions, 1.0, with_entropy=True,
+                                              layout="padding_free" if layout == "padding-free" else "shared_prompt")
 
 
-def positions_computed(layout: str, rows: list[dict], micro: int) -> int:
-    """Positions the forwards of one update compute in ``layout`` (the LM head aside)."""
-    from rl.common.packing import packed_length
+def positions_computed(layout: str, rows: list[dict], micro: int) -> tuple[int, int]:
+    """(positions the forwards of one update compute in ``layout``, the LM head aside; packed micro-batches that ran
+    padded because they exceed MAX_PACKED_LENGTH)."""
+    from rl.common.packing import MAX_PACKED_LENGTH, packed_length
 
-    total = 0
+    total = fallbacks = 0
     for start in range(0, len(rows), micro):
         chunk = rows[start:start + micro]
-        if layout == "packed":
-            total += packed_length([r["prompt_ids"] for r in chunk], [r["completion_ids"] for r in chunk])
+        padded = len(chunk) * max(len(r["prompt_ids"]) + len(r["completion_ids"]) for r in chunk)
+        if layout in ("packed", "padding-free"):
+            length = packed_length([r["prompt_ids"] for r in chunk], [r["completion_ids"] for r in chunk],
+                                   layout == "packed")
+            fallbacks += length > MAX_PACKED_LENGTH
+            total += padded if length > MAX_PACKED_LENGTH else length
         elif layout == "padded":
             total += len(chunk) * max(len(r["prompt_ids"]) + len(r["completion_ids"]) for r in chunk)
         else:  # each distinct prompt once, then the completions but their last token (padded per bucket: ignored)
             prompts = {tuple(r["prompt_ids"]) for r in chunk}
             total += sum(map(len, prompts)) + sum(max(len(r["completion_ids"]) - 1, 0) for r in chunk)
-    return total
+    return total, fallbacks
 
 
 def grpo_update(rl, model, optimizer, rows, advantages, args, device, autocast_dtype,
@@ -208,11 +218,12 @@ def run_train(args, device: torch.device, rl, mode: str, layout: str = "prompt-c
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base_mem = torch.cuda.memory_allocated(device)
-    times, last = [], {}
+    times, last, first = [], {}, None
     for i in range(args.warmup + args.steps):
         sync(device)
         t = time.perf_counter()
         last = grpo_update(rl, model, optimizer, rows, advantages, args, device, autocast_dtype, layout)
+        first = first or dict(last)
         sync(device)
         dt = time.perf_counter() - t
         if i >= args.warmup:
@@ -223,7 +234,9 @@ def run_train(args, device: torch.device, rl, mode: str, layout: str = "prompt-c
     total_tokens = sum(len(r["prompt_ids"]) + len(r["completion_ids"]) for r in rows)
     out = {
         "mode": mode, "layout": layout, "status": "ok",
-        "positions_computed": positions_computed(layout, rows, args.micro_batch),
+        "positions_computed": positions_computed(layout, rows, args.micro_batch)[0],
+        "packed_fallbacks": positions_computed(layout, rows, args.micro_batch)[1],
+        "first_step_metrics": first,
         "weights": str(weights).replace("torch.", ""), "autocast": str(autocast_dtype).replace("torch.", ""),
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "sequences": len(rows), "completion_tokens": n_tokens, "total_tokens": total_tokens,
@@ -311,6 +324,11 @@ def run_generate(args, device: torch.device) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
+def _first(r: dict) -> str:
+    m = r.get("first_step_metrics") or {}
+    return f"{m['loss']:.6g}, {m['grad_norm']:.6g}" if "loss" in m else "-"
+
+
 def markdown(result: dict[str, Any]) -> str:
     c = result["config"]
     lines = [f"### gpu_grpo_step: random Qwen2 {'tiny' if c['tiny'] else '0.5B shape'}, {result['device']}, "
@@ -318,17 +336,19 @@ def markdown(result: dict[str, Any]) -> str:
              f"GRPO update: {c['prompts']} prompts x {c['group']} samples, prompt {c['prompt_len']} tokens, "
              f"completions {c['min_completion']}-{c['max_completion']} tokens, micro-batch {c['micro_batch']}, "
              f"{c['steps']} timed steps after {c['warmup']} warm-up.", "",
-             "| mode | layout | step s (median) | completion tokens/s | positions computed | peak MiB | peak delta MiB |",
-             "|---|---|---|---|---|---|---|"]
+             "| mode | layout | step s (median) | completion tokens/s | positions computed | first step loss, grad norm "
+             "| peak MiB | peak delta MiB |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in result["train"]:
         layout = r.get("layout", "prompt-cache")
         if r.get("status") != "ok":
-            lines.append(f"| {r['mode']} | {layout} | {r.get('status')}: {r.get('error', '')[:80]} | | | | |")
+            lines.append(f"| {r['mode']} | {layout} | {r.get('status')}: {r.get('error', '')[:80]} | | | | | |")
             continue
         pk = r.get("peak_mem_mb")
         dl = r.get("peak_mem_delta_mb")
         lines.append(f"| {r['mode']} | {layout} | {r['step_time_s']:.3f} | {r['completion_tokens_per_s']:.0f} | "
-                     f"{r.get('positions_computed', '-')} | "
+                     f"{r.get('positions_computed', '-')} ({r.get('packed_fallbacks', 0)} ran padded) | "
+                     f"{_first(r)} | "
                      f"{'-' if pk is None else f'{pk:.0f}'} | {'-' if dl is None else f'{dl:.0f}'} |")
     g = result.get("generate") or {}
     if g.get("status") == "ok":
@@ -350,8 +370,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager, flash_attention_2)")
     p.add_argument("--modes", default="autocast,bf16", help="precision modes of the update: autocast, bf16, fp32")
-    p.add_argument("--layouts", default="prompt-cache,padded,packed",
-                   help="forward layouts of the update: prompt-cache, padded, packed (see the module docstring)")
+    p.add_argument("--layouts", default="prompt-cache,padded,packed,padding-free",
+                   help="forward layouts of the update: prompt-cache, padded, packed, padding-free (module docstring)")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=256)

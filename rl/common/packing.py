@@ -43,9 +43,11 @@ MAX_PACKED_LENGTH = 4096
 Packing = Literal["auto", "off", "shared_prompt", "padding_free"]
 LAYOUTS = ("off", "shared_prompt", "padding_free")
 
-# What `auto` means per device kind, chosen from the committed benchmark (`benchmarks/results/grpo_step*.md`):
-# on a CPU the shared prompt computes ~40% fewer positions and the update is faster; on a GPU a dense [L, L]
-# mask rules out flash attention, and nothing has been measured there yet, so packing stays off.
+# What `auto` means per device kind, chosen from the committed benchmarks (benchmarks/results/): on a CPU
+# (`grpo_step_cpu-avx2.md`) the trainer's update with the shared prompt computes 0.41x the positions in 0.50x the
+# time of padded rows (padding_free: 0.64x, 0.81x). On an H200 it is no clear win: the update alone with
+# completions of 128-1024 tokens took 0.93x the time (`gpu_grpo_step_h200.md`), the FSDP2 worker's update with
+# equal lengths 1.07x (`gpu_fsdp_update_h200.md`: the mask keeps SDPA off its flash kernel), so it stays off.
 PACKING_BY_DEVICE = {"cpu": "shared_prompt", "cuda": "off"}
 
 
