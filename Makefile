@@ -15,4 +15,4 @@ quickstart: install
 	$(BIN)/eksft run $(RECIPE)
 
 test:
-	$(BIN)/python -m pytest -q --timeout 900 tests
+	$(BIN)/python -m pytest -q --timeout 900 --durations=40 tests

@@ -254,9 +254,10 @@ def test_the_default_process_group_timeout_on_cpu_is_two_minutes():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("packing", ["off", "shared_prompt"])
 @pytest.mark.parametrize("bf16", [False, True], ids=["float32-compute", "bf16-compute"])
 def test_lora_on_a_bf16_base_trains_float32_adapters_alike_on_one_and_two_ranks(ray_cluster, tiny_qwen2_dir, bf16,
-                                                                                tmp_path):
+                                                                                tmp_path, packing):
     """rl.lora.base_dtype: bfloat16 (a frozen bf16 base, float32 adapters and AdamW state; the reference is the
     base with adapters off): two GRPO updates with the k3 KL term on one rank and on two. The base stays bf16
     and unchanged, the adapters float32 and moved; N=2 agrees with N=1 closely (bf16 base compute); the merged
@@ -266,7 +267,8 @@ def test_lora_on_a_bf16_base_trains_float32_adapters_alike_on_one_and_two_ranks(
     from rl.grpo import GRPOLoraConfig
 
     lora = GRPOLoraConfig(enabled=True, r=4, alpha=8, base_dtype="bfloat16")
-    settings = WorkerSettings(model_dir=tiny_qwen2_dir, bf16=bf16, learning_rate=1e-2, temperature=0.9, lora=lora)
+    settings = WorkerSettings(model_dir=tiny_qwen2_dir, bf16=bf16, learning_rate=1e-2, temperature=0.9, lora=lora,
+                              packing=packing)
     one = WorkerGroup(settings, 1, num_cpus=0.5, call_timeout_s=300)
     two = WorkerGroup(settings, 2, num_cpus=0.5, call_timeout_s=300)
     try:
@@ -305,7 +307,13 @@ def test_lora_on_a_bf16_base_trains_float32_adapters_alike_on_one_and_two_ranks(
         # a CPU that emulates bf16 rounds differently for different batch shapes (N=1 runs all four micro-batches,
         # each of N=2 two): measured 8.9e-5 / 5.1e-4 (parameters / update) with ONEDNN_MAX_CPU_ISA=AVX2
         # ATEN_CPU_CAPABILITY=avx2, 1.3e-6 / 9.3e-6 with native bf16. A wrong reduction across ranks is O(1).
-        assert params <= 1e-3 and update <= 1e-2
+        # Packed rows (rl.packing): on an AMD EPYC without bf16 units, 5.2e-3 / 3.5e-2 with float32 compute against
+        # 1.2e-6 / 7.9e-6 padded, while the losses agree to 1e-6 and the grad norms to 1e-5: the one rank of N=1
+        # runs two threads and each of N=2 one (num_cpus 0.5), and the emulated bf16 kernels of the packed row's
+        # attention round differently with the thread count; AdamW's first steps magnify that in near-zero gradient
+        # entries. Packing's exactness is tested in float32 (test_packing.py; 2 ranks vs 1: test_grpo_workers.py).
+        tolerance = 1.0 if packing == "off" else 10.0
+        assert params <= 1e-3 * tolerance and update <= 1e-2 * tolerance
 
         merged = two.full_state_dict()
         assert all(v.dtype == torch.bfloat16 for v in merged.values())
