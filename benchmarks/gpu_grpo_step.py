@@ -231,11 +231,11 @@ def run_train(args, device: torch.device, rl, mode: str, layout: str = "prompt-c
         print(f"[train/{mode}/{layout}] step {i + 1}: {dt:.3f}s loss {last['loss']:.4g} grad_norm {last['grad_norm']:.3g}",
               flush=True)
     n_tokens = sum(len(r["completion_ids"]) for r in rows)
+    positions, fallbacks = positions_computed(layout, rows, args.micro_batch)
     total_tokens = sum(len(r["prompt_ids"]) + len(r["completion_ids"]) for r in rows)
     out = {
         "mode": mode, "layout": layout, "status": "ok",
-        "positions_computed": positions_computed(layout, rows, args.micro_batch)[0],
-        "packed_fallbacks": positions_computed(layout, rows, args.micro_batch)[1],
+        "positions_computed": positions, "packed_fallbacks": fallbacks,
         "first_step_metrics": first,
         "weights": str(weights).replace("torch.", ""), "autocast": str(autocast_dtype).replace("torch.", ""),
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,

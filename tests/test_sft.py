@@ -66,6 +66,7 @@ def test_packed_rows_and_lm_head_on_labelled_positions_are_exact(objective, pref
     by sequence and by batch, and loss) equal one plain full-logits forward per batch, on prompts of different
     lengths; with ``prefix`` none, rows that share no prefix at all (plain padding-free packing)."""
     import eksft.sft.forward as forward
+    import rl.common.packing as packing
     import eksft.sft.step as step
     from eksft.data import build_sft_dataset
     from eksft.models import load_model
@@ -91,7 +92,7 @@ def test_packed_rows_and_lm_head_on_labelled_positions_are_exact(objective, pref
     settings = get_objective(name).settings(**(options if name == "eksft" else {}))
     results = []
     for fast in (True, False):
-        monkeypatch.setattr(forward, "takes_logits_to_keep", lambda m, keep=fast: keep)
+        monkeypatch.setattr(packing, "takes_logits_to_keep", lambda m, keep=fast: keep)
         monkeypatch.setattr(step, "takes_logits_to_keep", lambda m, keep=fast: keep)
         seen = []  # (rows, positions) through the decoder, (rows, positions) through the LM head, per forward
         hooks = [model.model.register_forward_hook(lambda m, i, o: seen.append(("body", *o.last_hidden_state.shape[:2]))),

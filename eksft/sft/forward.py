@@ -8,8 +8,7 @@ import torch
 
 from eksft.objectives import IGNORE_INDEX
 from rl.common.lora import adapters_disabled
-from rl.common.packing import MAX_PACKED_LENGTH, pack_sequences, packed_length
-from rl.common.token_stats import takes_logits_to_keep
+from rl.common.packing import MAX_PACKED_LENGTH, attention_implementation, pack_sequences, packed_length, packed_logits
 
 
 class ReferenceModel:
@@ -50,21 +49,14 @@ def causal_lm_logits(model, input_ids, attention_mask, first: int, *, packed: bo
     """
     batch, width = input_ids.shape
     # A custom mask needs SDPA or eager attention (flash attention takes none): others run plain.
-    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
     layout = None
-    if packed and batch > 1 and implementation in ("sdpa", "eager"):
+    if packed and batch > 1 and attention_implementation(model) in ("sdpa", "eager"):
         layout = packed_batch(input_ids, attention_mask, first)
     if layout is None:
         keep = {"logits_to_keep": width - first} if first > 0 else {}
         return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **keep).logits
     row, wanted, rows, columns = layout
-    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-    mask = row.attention_mask(implementation, dtype)
-    keep = {"logits_to_keep": wanted} if takes_logits_to_keep(model) else {}
-    out = model(input_ids=row.input_ids, position_ids=row.position_ids, attention_mask=mask, use_cache=False,
-                **keep).logits[0]
-    if not keep:
-        out = out[wanted]
+    out = packed_logits(model, row, wanted)[0]
     logits = out.new_zeros(batch, width - first, out.shape[-1])
     return logits.index_put((rows, columns), out)  # out of place: the scatter keeps its gradient
 

@@ -21,7 +21,8 @@ Two layouts (``rl.packing``):
   NO mask: transformers finds the sequences from the position ids (varlen flash attention on a GPU; a block
   mask it builds itself for SDPA / eager). The layout flash attention can run, which takes no custom mask.
 
-Pure torch, no model: `rl.workers.batch.packed_sequence_logprobs` runs the forward.
+`packed_logits` runs a model on a packed row (for `rl.workers.batch.packed_sequence_logprobs` and the cold start's
+`eksft.sft.forward.causal_lm_logits`); the rest is pure torch.
 """
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["LAYOUTS", "MAX_PACKED_LENGTH", "PACKING_BY_DEVICE", "Packing", "PackedSequences", "pack_sequences",
-           "packed_length", "packing_units", "resolve_packing", "sft_packed"]
+from rl.common.token_stats import takes_logits_to_keep
+
+__all__ = ["LAYOUTS", "MAX_PACKED_LENGTH", "PACKING_BY_DEVICE", "Packing", "PackedSequences", "attention_implementation",
+           "pack_sequences", "packed_length", "packed_logits", "packing_units", "resolve_packing", "sft_packed"]
 
 # A packed row longer than this runs as the padded batch: its [L, L] mask (and attention without a fused kernel
 # for arbitrary masks) would cost more than the shared positions save.
@@ -180,3 +183,22 @@ def pack_sequences(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence
     width = max([len(c) for c in completion_ids] + [1])
     return PackedSequences(as_long(ids)[None], as_long(positions)[None], allowed, as_long(label_positions),
                            as_long(labels), as_long(rows), as_long(columns), len(completion_ids), width)
+
+
+def attention_implementation(model) -> str | None:
+    """transformers' attention implementation of ``model`` (``sdpa``, ``eager``, ``flash_attention_2``, ...)."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None)
+
+
+def packed_logits(model, packed: PackedSequences, positions: Tensor, *, masked: bool = True) -> Tensor:
+    """[1, len(positions), V] logits of the packed row at ``positions``, in one forward (the LM head on those
+    positions only where the model takes ``logits_to_keep``). ``masked``: pass the row's [L, L] mask (SDPA or
+    eager attention); without it transformers separates the sequences by their position ids."""
+    mask = None
+    if masked:
+        dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+        mask = packed.attention_mask(attention_implementation(model), dtype)
+    inputs = dict(input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=mask, use_cache=False)
+    if takes_logits_to_keep(model):
+        return model(**inputs, logits_to_keep=positions).logits
+    return model(**inputs).logits[:, positions]

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from rl.common.packing import MAX_PACKED_LENGTH, pack_sequences, packed_length
+from rl.common.packing import MAX_PACKED_LENGTH, attention_implementation, pack_sequences, packed_length, packed_logits
 from rl.common.token_stats import IGNORE_INDEX, takes_logits_to_keep, token_statistics
 
 __all__ = ["MicroBatch", "StepLoss", "dense_rows", "packed_sequence_logprobs", "sequence_logprobs",
@@ -170,21 +170,13 @@ def packed_sequence_logprobs(model, prompt_ids: Sequence[Sequence[int]], complet
     varlen flash attention on a GPU). Either runs padded where the packed row would exceed `MAX_PACKED_LENGTH`."""
     if layout not in ("shared_prompt", "padding_free"):
         raise ValueError(f"layout must be shared_prompt or padding_free, got {layout!r}")
-    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
     share = layout == "shared_prompt"
-    if (share and implementation not in ("sdpa", "eager")) or \
+    if (share and attention_implementation(model) not in ("sdpa", "eager")) or \
             packed_length(prompt_ids, completion_ids, share) > MAX_PACKED_LENGTH:
         return sequence_logprobs(model, prompt_ids, completion_ids, temperature, with_entropy=with_entropy)
     device = next(model.parameters()).device
     packed = pack_sequences(prompt_ids, completion_ids, device, share_prompts=share)
-    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-    mask = packed.attention_mask(implementation, dtype) if share else None
-    if takes_logits_to_keep(model):  # the LM head on the label positions only
-        logits = model(input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=mask,
-                       use_cache=False, logits_to_keep=packed.label_positions).logits
-    else:
-        logits = model(input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=mask,
-                       use_cache=False).logits[:, packed.label_positions]
+    logits = packed_logits(model, packed, packed.label_positions, masked=share)
     if temperature != 1.0:
         logits = logits / temperature
     valid = torch.ones(logits.shape[:2], dtype=torch.bool, device=device)
