@@ -196,6 +196,65 @@ def test_quickstart_fits_this_kind_of_machine_and_not_a_small_one():
     assert "has 4.0 GiB" in small.refusal()
 
 
+def test_packed_micro_batches_are_planned_as_the_packed_row():
+    """Packing (`rl.packing`, `sft.packing`) resolves per device kind as the stages do: on a CPU `auto` packs, so
+    the quickstart's trainers are planned as one packed row with its mask; on a GPU `auto` is off (padded rows)."""
+    recipe = load_recipe(QUICKSTART)
+    report = plan_memory(recipe, Cluster.cpu(23.5))
+    rl_rank = device(stage(report, "rl"), "node 0 host memory").processes[0].estimate
+    shape = ModelShape.from_hf_config(KNOWN_CONFIGS["embedded:smollm2-135m-instruct"])
+    setup = TrainerSetup(workers=1, bf16=report.precision["rl"] == "bfloat16", reference="copy")
+    # micro_batch_size 16 = 4 groups of 4, each (512 - 1) + 4 x 96 positions, 4 x 96 of them with logits
+    packed = MicroBatchShape(1, 4 * (511 + 4 * 96), 4 * 4 * 96, padded=True)
+    assert rl_rank == trainer_estimate(shape, setup, packed)
+    assert "one packed row of 3580 positions, 1536 with logits" in " ".join(stage(report, "rl").notes)
+    # the cold start: 8 x 256 tokens in one row of at most 2048 positions (no shared prefix assumed)
+    sft_rank = device(stage(report, "sft"), "node 0 host memory").processes[0].estimate
+    assert sft_rank.title.endswith("1 x 2048 tokens)")
+    off = plan_memory(load_recipe(QUICKSTART, ["rl.packing=off", "sft.packing=off"]), Cluster.cpu(23.5))
+    rl_off = device(stage(off, "rl"), "node 0 host memory").processes[0].estimate
+    assert rl_off == trainer_estimate(shape, setup, MicroBatchShape(16, 512 + 96, 97))
+    assert device(stage(off, "sft"), "node 0 host memory").processes[0].estimate.title.endswith("8 x 256 tokens)")
+
+
+@pytest.mark.parametrize("packing, tokens, expected", [
+    # 4 sequences round up to one group of 8: (512 - 1) + 8 x 1000 = 8511 positions > 4096, so the trainer may run
+    # the packed row of up to 4096 positions or the group's 8 sequences padded; the plan takes the larger
+    ("shared_prompt", None, "worse of (1, 4096, 3585) and (8, 1512, 1001)"),
+    # 4 sequences of (512 - 1) + 1000 positions: 6044 > 4096, likewise
+    ("padding_free", None, "worse of (1, 4096, 3585) and (4, 1512, 1001)"),
+    # a token budget of 2048 holds one sequence of 1511 positions (each alone): a row of at most 2048
+    ("padding_free", 2048, (1, 2048, 2048 - 511)),
+])
+def test_packed_rl_micro_batch_by_hand(packing, tokens, expected):
+    from eksft.pipeline.placement import rl_micro_batch
+
+    overrides = ["rl.group_size=8", "rl.micro_batch_size=4", "rl.max_new_tokens=1000", f"rl.packing={packing}",
+                 "rl.mini_batch_size=null"] + ([f"rl.micro_batch_tokens={tokens}"] if tokens else [])
+    rl = load_recipe(QUICKSTART, overrides).rl
+    setup = TrainerSetup(workers=1, bf16=False, reference="copy")
+    batch, assumes = rl_micro_batch(QWEN3_8B, setup, rl, 512, packing)
+    if isinstance(expected, tuple):
+        assert batch == MicroBatchShape(*expected, padded=True)
+        assert f"rl.micro_batch_tokens {tokens}" in assumes
+        return
+    packed = MicroBatchShape(1, 4096, 4096 - 511, padded=True)
+    rows = 8 if packing == "shared_prompt" else 4
+    padded = MicroBatchShape(rows, 1512, 1001)
+    peaks = {b: trainer_estimate(QWEN3_8B, setup, b).peak() for b in (packed, padded)}
+    assert peaks[packed] != peaks[padded]
+    assert batch == max(peaks, key=peaks.get)
+    assert f"rl.packing {packing}" in assumes
+
+
+def test_gpu_plans_packing_only_when_a_recipe_asks_for_it():
+    default = plan_memory(load_recipe(PAPER), Cluster.gpus(1, 8, 80))
+    assert "rl.micro_batch_size 4 x (512 prompt tokens assumed + rl.max_new_tokens 8192)" in " ".join(
+        stage(default, "rl").notes)
+    asked = plan_memory(load_recipe(PAPER, ["rl.packing=padding_free"]), Cluster.gpus(1, 8, 80))
+    assert "rl.packing padding_free" in " ".join(stage(asked, "rl").notes)
+
+
 def test_cpu_workers_add_onto_host_memory():
     recipe = load_recipe(QUICKSTART, ["rl.workers=2"])
     rl = stage(plan_memory(recipe, Cluster.cpu(23.5)), "rl")

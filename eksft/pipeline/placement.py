@@ -412,9 +412,12 @@ class _Slots:
         return out
 
 
-def _trainer_setup(recipe, kind: str, arm, precision: dict[str, str],
+def _trainer_setup(recipe, kind: str, arm, precision: dict[str, str], shape: ModelShape, device_kind: str,
                    prompt_tokens: int = PROMPT_TOKENS) -> tuple[TrainerSetup, MicroBatchShape, int, str]:
-    """(setup, micro-batch, workers, what the numbers assume) of the trainer of an sft or rl stage of ``arm``."""
+    """(setup, micro-batch, workers, what the numbers assume) of the trainer of an sft or rl stage of ``arm``;
+    ``device_kind`` (cuda or cpu) resolves ``packing: auto`` as the stage would."""
+    from rl.common.packing import MAX_PACKED_LENGTH, resolve_packing, sft_packed
+
     if kind == "sft":
         from eksft.objectives import get_objective
 
@@ -425,8 +428,15 @@ def _trainer_setup(recipe, kind: str, arm, precision: dict[str, str],
         reference = "none" if not wants else cfg.reference
         setup = TrainerSetup(workers=cfg.workers, bf16=precision["sft"] == "bfloat16", weight_dtype=recipe.model.dtype,
                              lora=lora, reference=reference, activation_checkpointing=cfg.gradient_checkpointing)
-        batch = MicroBatchShape(cfg.batch_size, recipe.data.max_length, reference_logits=wants)
-        return setup, batch, cfg.workers, f"sft.batch_size {cfg.batch_size} x data.max_length {recipe.data.max_length}"
+        padded = MicroBatchShape(cfg.batch_size, recipe.data.max_length, reference_logits=wants)
+        assumes = f"sft.batch_size {cfg.batch_size} x data.max_length {recipe.data.max_length}"
+        if not sft_packed(cfg.packing, device_kind) or cfg.batch_size == 1:
+            return setup, padded, cfg.workers, assumes
+        # One packed row of at most B x T positions, every position with logits (no common prefix: the worst case)
+        length = cfg.batch_size * recipe.data.max_length
+        packed = MicroBatchShape(1, min(length, MAX_PACKED_LENGTH), padded=True, reference_logits=wants)
+        batch = _worse(shape, setup, packed, padded if length > MAX_PACKED_LENGTH else None)
+        return setup, batch, cfg.workers, assumes + f", packed (sft.packing {cfg.packing}): " + _describe(batch)
     rl = recipe.arm_rl(arm)
     lora = LoraShape.from_settings(rl.lora) if rl.lora.enabled else None
     # The KL metric is always measured (to the recipe's model): a frozen copy, except LoRA GRPO from the base model
@@ -435,9 +445,61 @@ def _trainer_setup(recipe, kind: str, arm, precision: dict[str, str],
     setup = TrainerSetup(workers=rl.workers, bf16=precision["rl"] == "bfloat16", weight_dtype="float32", lora=lora,
                          lora_base_dtype=rl.lora.base_dtype if lora else None, reference=reference,
                          activation_checkpointing=rl.activation_checkpointing, cpu_offload=rl.cpu_offload)
-    batch = MicroBatchShape(rl.micro_batch_size, prompt_tokens + rl.max_new_tokens, rl.max_new_tokens + 1)
-    return setup, batch, rl.workers, (f"rl.micro_batch_size {rl.micro_batch_size} x ({prompt_tokens} prompt tokens "
-                                      f"assumed + rl.max_new_tokens {rl.max_new_tokens})")
+    batch, assumes = rl_micro_batch(shape, setup, rl, prompt_tokens, resolve_packing(rl.packing, device_kind))
+    return setup, batch, rl.workers, assumes
+
+
+def rl_micro_batch(shape: ModelShape, setup: TrainerSetup, rl, prompt_tokens: int,
+                   packing: str) -> tuple[MicroBatchShape, str]:
+    """The largest GRPO micro-batch the trainer runs (as `rl.grpo.trainer.GRPOTrainer._micro_batch_chunks` cuts
+    them), with every completion at ``rl.max_new_tokens``, and what it assumes.
+
+    ``off``: ``micro_batch_size`` rows of p + m tokens, the LM head on the last m + 1. Packed (`rl.common.packing`),
+    one row with a mask (``shared_prompt`` passes its own; for ``padding_free`` transformers builds one from the
+    position ids): a unit is a group, p - 1 + G m positions (``padding_free``: a sequence, p - 1 + m), of which
+    G m (m) carry logits; a micro-batch holds ceil(micro_batch_size / unit size) units, or with
+    ``micro_batch_tokens`` T as many as T positions hold (a longer unit alone), at most max(T, one unit) positions
+    of which all but one prompt carry logits. A row over `MAX_PACKED_LENGTH` runs padded: its sequences as
+    rows of p + m, when that is the larger."""
+    from rl.common.packing import MAX_PACKED_LENGTH
+
+    p, m, G = prompt_tokens, rl.max_new_tokens, rl.group_size
+    base = f"{p} prompt tokens assumed, rl.max_new_tokens {m}"
+    if packing == "off":
+        return (MicroBatchShape(rl.micro_batch_size, p + m, m + 1),
+                f"rl.micro_batch_size {rl.micro_batch_size} x ({base.replace(', rl.', ' + rl.')})")
+    unit_size = G if packing == "shared_prompt" else 1
+    unit_length, unit_labels = p - 1 + unit_size * m, unit_size * m
+    if rl.micro_batch_tokens is None:
+        units = -(-rl.micro_batch_size // unit_size)
+        length, labels = units * unit_length, units * unit_labels
+        how = f"{units} unit{'s' if units > 1 else ''} of {unit_size} sequence{'s' if unit_size > 1 else ''}"
+    else:
+        units = max(1, rl.micro_batch_tokens // unit_length)
+        length = max(rl.micro_batch_tokens, unit_length)
+        labels = length - (p - 1)
+        how = f"rl.micro_batch_tokens {rl.micro_batch_tokens}"
+    packed = MicroBatchShape(1, min(length, MAX_PACKED_LENGTH), min(labels, MAX_PACKED_LENGTH - (p - 1)),
+                             padded=True)
+    padded = MicroBatchShape(units * unit_size, p + m, m + 1) if length > MAX_PACKED_LENGTH else None
+    batch = _worse(shape, setup, packed, padded)
+    return batch, f"rl.packing {packing}, {how} ({base}): " + _describe(batch)
+
+
+def _worse(shape: ModelShape, setup: TrainerSetup, batch: MicroBatchShape,
+           other: MicroBatchShape | None) -> MicroBatchShape:
+    """Of two micro-batches the trainer may run, the one with the larger peak (``other`` None: ``batch``)."""
+    if other is None:
+        return batch
+    return max(batch, other, key=lambda b: trainer_estimate(shape, setup, b).peak())
+
+
+def _describe(batch: MicroBatchShape) -> str:
+    from rl.common.packing import MAX_PACKED_LENGTH
+
+    if batch.sequences == 1 and batch.masked:
+        return f"one packed row of {batch.length} positions, {batch.logit_tokens} with logits"
+    return f"{batch.sequences} padded rows of {batch.length} tokens (the packed row would exceed {MAX_PACKED_LENGTH})"
 
 
 def _engine(recipe, shape: ModelShape, kind: str, arm, dtype: str, on_gpu: bool, prompt_tokens: int) -> Estimate:
@@ -489,7 +551,8 @@ def plan_stage(recipe, shape: ModelShape, cluster: Cluster, kind: str, arm, prec
     own_key = f"{own[0][0]}:{own[0][1]}" if own else "host:0"
 
     if kind in ("sft", "rl"):
-        setup, batch, workers, assumes = _trainer_setup(recipe, kind, arm, precision, prompt_tokens)
+        setup, batch, workers, assumes = _trainer_setup(recipe, kind, arm, precision, shape,
+                                                        "cuda" if cluster.has_gpus else "cpu", prompt_tokens)
         estimate = trainer_estimate(shape, setup, batch)
         stage.notes.append(f"trainer: {workers} rank{'s' if workers > 1 else ''}, micro-batch {assumes}")
         if workers == 1:
