@@ -2,7 +2,8 @@
 """The estimates of `eksft.pipeline.memory` against measured peaks on CPU, with the embedded model.
 
 Three measurements, each in a fresh process (no allocator state carried over), at the quickstart's settings and
-the precision ``rl.common.precision`` resolves on this machine:
+the precision ``rl.common.precision`` resolves on this machine, with padded rows (packing off: the formulas'
+micro-batch of B rows of T tokens):
 
 * ``sft``:    one cold-start step (`eksft.sft`: the trainer worker's ``train_step`` with the ``eksft`` objective,
               its frozen reference copy), 8 rows x 256 tokens, labels from position 32;
@@ -91,7 +92,7 @@ def measure_sft() -> dict:
     labels[:, :prompt] = -100
     batch = SFTMicroBatch(ids.tolist(), labels.tolist())
     objective = recipe.arm("eksft").objective
-    loss = ObjectiveStepLoss(objective, tokenizer.pad_token_id, with_reference=True)
+    loss = ObjectiveStepLoss(objective, tokenizer.pad_token_id, with_reference=True, packed=False)  # padded rows
     bf16 = resolve_bf16(recipe.sft.bf16).dtype == "bfloat16"
     gc.collect()
     base = rss()
@@ -129,7 +130,9 @@ def measure_grpo() -> dict:
     bf16 = resolve_bf16(rl.bf16).dtype == "bfloat16"
     gc.collect()
     base = rss()
-    group = make_worker_group(WorkerSettings.from_grpo(rl, model_dir=model_dir, reference_dir=model_dir), 1)
+    # Padded rows (packing off): what the estimate's MicroBatchShape describes
+    group = make_worker_group(WorkerSettings.from_grpo(rl, model_dir=model_dir, reference_dir=model_dir,
+                                                       packing="off"), 1)
     ref = group.logprobs([MicroBatch(prompts, completions, advantages)], reference=True)
     mb = MicroBatch(prompts, completions, advantages, ref_logprobs=ref)
     loaded, load_peak = rss() - base, hwm() - base
@@ -191,13 +194,26 @@ def _result(name: str, measured: int, estimate, reset: bool, *, loaded: int, loa
 CHILDREN = {"sft": measure_sft, "grpo": measure_grpo, "engine": measure_engine}
 
 
-def run_child(name: str, timeout: float = 300) -> dict:
+def start_child(name: str) -> subprocess.Popen:
+    """The measurement ``name`` in a fresh process (its peak is that process's own, whatever runs beside it)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-    out = subprocess.run([sys.executable, __file__, "--child", name], capture_output=True, text=True, env=env,
-                         timeout=timeout, cwd=ROOT)
-    if out.returncode != 0:
-        raise RuntimeError(f"{name} failed ({out.returncode}):\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return subprocess.Popen([sys.executable, __file__, "--child", name], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+
+
+def child_result(name: str, child: subprocess.Popen, timeout: float = 300) -> dict:
+    try:
+        stdout, stderr = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        raise
+    if child.returncode != 0:
+        raise RuntimeError(f"{name} failed ({child.returncode}):\n{stderr[-4000:]}")
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def run_child(name: str, timeout: float = 300) -> dict:
+    return child_result(name, start_child(name), timeout)
 
 
 def table(rows: list[dict]) -> str:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rl.common.packing import (MAX_PACKED_LENGTH, PACKING_BY_DEVICE, pack_sequences, packed_length, packing_units,
-                               resolve_packing, sft_packed)
+                               resolve_packing, segment_attention, sft_packed)
 from rl.grpo import GRPOConfig
 from rl.grpo.loss import AGGREGATIONS
 from rl.workers.batch import MicroBatch, packed_sequence_logprobs, sequence_logprobs
@@ -71,6 +71,62 @@ def test_every_position_sees_exactly_its_plain_prefix(seed, share_prompts):
             assert (int(packed.labels[k]), int(packed.rows[k]), int(packed.columns[k])) == (c[t], i, t)
             k += 1
     assert k == len(packed.labels) == sum(map(len, completions))
+
+
+def random_batch(rng: random.Random, vocab: int = 50):
+    """1-4 prompts of 1-6 tokens (a one-token prompt has no position of its own in the row), each with 1-4
+    completions of 0-5 tokens."""
+    prompts, completions = [], []
+    for _ in range(rng.randint(1, 4)):
+        prompt = [rng.randint(1, vocab) for _ in range(rng.randint(1, 6))]
+        for _ in range(rng.randint(1, 4)):
+            prompts.append(prompt)
+            completions.append([rng.randint(1, vocab) for _ in range(rng.randint(0, 5))])
+    return prompts, completions
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_segment_attention_equals_sdpa_under_the_rows_mask(seed):
+    """`segment_attention` (each prompt and each completion its own SDPA call, only the allowed pairs) against SDPA
+    over the whole row under its [L, L] mask, in float64: outputs and the gradients of q, k and v (grouped-query
+    heads: 4 query heads on 2 key/value heads)."""
+    import types
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    prompts, completions = random_batch(random.Random(seed))
+    packed = pack_sequences(prompts, completions)
+    g = torch.Generator().manual_seed(seed)
+    L = packed.length
+    q, k, v = (torch.randn(1, heads, L, 8, generator=g, dtype=torch.float64, requires_grad=True)
+               for heads in (4, 2, 2))
+    module = types.SimpleNamespace(num_key_value_groups=2, is_causal=True, training=False)
+    out, _ = segment_attention(module, q, k, v, None, scaling=0.3, packed_layout=packed.segment_layout())
+    expected, _ = sdpa_attention_forward(module, q, k, v, packed.allowed[None, None], scaling=0.3)
+    assert out.shape == expected.shape == (1, L, 4, 8)
+    assert torch.allclose(out, expected, rtol=1e-12, atol=1e-12)
+    weights = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    expected_grads = torch.autograd.grad((expected * weights).sum(), (q, k, v))
+    for a, b in zip(grads, expected_grads):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_segment_layout_by_hand():
+    """Prompt [7, 8, 9] with completions [1, 2] and [3]; prompt [5] (no position of its own) with [4, 6]:
+    row 7 8 | 9 1 | 9 | 5 4 -> prompts {0, 1}; completions {2, 3}, {4}, {5, 6}."""
+    packed = pack_sequences([[7, 8, 9], [7, 8, 9], [5]], [[1, 2], [3], [4, 6]])
+    assert packed.input_ids[0].tolist() == [7, 8, 9, 1, 9, 5, 4]
+    layout = packed.segment_layout()
+    assert layout.prompt_index.tolist() == [[0, 1]]  # the one-token prompt [5] has no segment with positions
+    assert layout.query_index.tolist() == [[2, 3], [4, 0], [5, 6]]
+    assert layout.query_valid.tolist() == [[True, True], [True, False], [True, True]]
+    assert layout.key_index.tolist() == [[0, 1, 2, 3], [0, 1, 4, 0], [0, 0, 5, 6]]
+    T, F = True, False
+    assert layout.key_mask[:, 0].tolist() == [[[T, T, T, F], [T, T, T, T]],
+                                              [[T, T, T, F], [T, T, T, T]],  # the second query is padding
+                                              [[F, F, T, F], [F, F, T, T]]]  # no prompt keys
+    assert layout.order.tolist() == list(range(7))
 
 
 def test_errors_and_settings():

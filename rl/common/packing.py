@@ -16,7 +16,9 @@ padding-free packing.
 
 Two layouts (``rl.packing``):
 
-* ``shared_prompt``: as above, with the [L, L] mask passed to SDPA (boolean) or eager attention (additive);
+* ``shared_prompt``: as above. With SDPA the row runs `segment_attention` (each prompt, then each completion with
+  its prompt, in two SDPA calls: only the pairs the mask allows, not all L^2 of them); eager attention takes the
+  [L, L] mask (additive);
 * ``padding_free``: every sequence its own unit (no prompt shared), position ids restarting at 0 for each, and
   NO mask: transformers finds the sequences from the position ids (varlen flash attention on a GPU; a block
   mask it builds itself for SDPA / eager). The layout flash attention can run, which takes no custom mask.
@@ -27,6 +29,7 @@ Two layouts (``rl.packing``):
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -36,8 +39,9 @@ from torch import Tensor
 
 from rl.common.token_stats import takes_logits_to_keep
 
-__all__ = ["LAYOUTS", "MAX_PACKED_LENGTH", "PACKING_BY_DEVICE", "Packing", "PackedSequences", "attention_implementation",
-           "pack_sequences", "packed_length", "packed_logits", "packing_units", "resolve_packing", "sft_packed"]
+__all__ = ["LAYOUTS", "MAX_PACKED_LENGTH", "PACKING_BY_DEVICE", "Packing", "PackedSequences", "SEGMENT_ATTENTION",
+           "SegmentLayout", "attention_implementation", "pack_sequences", "packed_length", "packed_logits",
+           "packing_units", "resolve_packing", "segment_attention", "sft_packed"]
 
 # A packed row longer than this runs as the padded batch: its [L, L] mask (and attention without a fused kernel
 # for arbitrary masks) would cost more than the shared positions save.
@@ -111,6 +115,8 @@ class PackedSequences:
     columns: Tensor
     num_sequences: int
     width: int  # the longest completion (>= 1)
+    segment: Tensor | None = None  # [L] the segment of each position (a prompt, or one completion)
+    seen: Tensor | None = None  # [L] the prompt segment each position also sees (its own for a prompt)
 
     @property
     def length(self) -> int:
@@ -125,6 +131,12 @@ class PackedSequences:
             zero = torch.zeros((), dtype=dtype, device=self.allowed.device)
             return torch.where(self.allowed, zero, torch.finfo(dtype).min)[None, None]
         return None
+
+    def segment_layout(self) -> SegmentLayout:
+        """The row's segments laid out for `segment_attention` (cached)."""
+        if getattr(self, "_layout", None) is None:
+            self._layout = SegmentLayout.of(self.segment, self.seen)
+        return self._layout
 
     def unpack(self, values: Tensor) -> Tensor:
         """[K] per-label values -> [num_sequences, width], zero where a sequence has no token (differentiable)."""
@@ -182,7 +194,112 @@ def pack_sequences(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence
                                                     (segment[None, :] == seen[:, None]))
     width = max([len(c) for c in completion_ids] + [1])
     return PackedSequences(as_long(ids)[None], as_long(positions)[None], allowed, as_long(label_positions),
-                           as_long(labels), as_long(rows), as_long(columns), len(completion_ids), width)
+                           as_long(labels), as_long(rows), as_long(columns), len(completion_ids), width, segment, seen)
+
+
+@dataclass(frozen=True)
+class SegmentLayout:
+    """The segments of a packed row as two padded batches, for `segment_attention`.
+
+    Prompts (segments that see only themselves): ``prompt_index`` [U, P] their row positions, padded with 0 where
+    ``prompt_valid`` is False. Completions: ``query_index`` [S, C] likewise (``query_valid``); each attends to its
+    prompt's positions and, causally, to its own: ``key_index`` [S, P + C] (its prompt's row of ``prompt_index``,
+    then its own) under ``key_mask`` [S, 1, C, P + C]. A padded query sees its own keys up to it, so no row of the
+    mask is empty (its output is dropped). ``order`` [L]: the row position of each valid output, prompts first."""
+
+    prompt_index: Tensor
+    prompt_valid: Tensor
+    query_index: Tensor
+    query_valid: Tensor
+    key_index: Tensor
+    key_mask: Tensor
+    order: Tensor
+    prompt_rows: Tensor  # [n] the valid entries of prompt_index, flattened (index_select: a cheap backward)
+    query_rows: Tensor
+
+    @classmethod
+    def of(cls, segment: Tensor, seen: Tensor) -> SegmentLayout:
+        device = segment.device
+        ids, parents = segment.tolist(), seen.tolist()
+        where: dict[int, list[int]] = {}
+        for position, sid in enumerate(ids):
+            where.setdefault(sid, []).append(position)
+        parent = {sid: parents[where[sid][0]] for sid in where}
+        prompts = [sid for sid in where if parent[sid] == sid]
+        completions = [sid for sid in where if parent[sid] != sid]
+        prompt_row = {sid: r for r, sid in enumerate(prompts)}
+
+        def padded(segments: list[int]) -> tuple[Tensor, Tensor]:
+            width = max((len(where[sid]) for sid in segments), default=0)
+            index = torch.zeros((len(segments), width), dtype=torch.long)
+            valid = torch.zeros((len(segments), width), dtype=torch.bool)
+            for r, sid in enumerate(segments):
+                index[r, : len(where[sid])] = torch.tensor(where[sid])
+                valid[r, : len(where[sid])] = True
+            return index, valid
+
+        prompt_index, prompt_valid = padded(prompts)
+        query_index, query_valid = padded(completions)
+        # A completion whose prompt has no position (a one-token prompt) sees no prompt key.
+        rows = torch.tensor([prompt_row.get(parent[sid], -1) for sid in completions], dtype=torch.long)
+        has = (rows >= 0)[:, None]
+        P, C = prompt_index.shape[1], query_index.shape[1]
+        prompt_keys = torch.where(has, prompt_index[rows.clamp(min=0)], 0) if P else prompt_index[:0].reshape(len(rows), 0)
+        prompt_seen = (prompt_valid[rows.clamp(min=0)] & has) if P else prompt_valid[:0].reshape(len(rows), 0)
+        key_index = torch.cat([prompt_keys, query_index], dim=1)
+        causal = torch.ones((C, C), dtype=torch.bool).tril()
+        key_mask = torch.cat([prompt_seen[:, None, :].expand(-1, C, -1), causal.expand(len(rows), -1, -1)], dim=2)
+        order = torch.empty(len(ids), dtype=torch.long)
+        order[torch.cat([prompt_index[prompt_valid], query_index[query_valid]])] = torch.arange(len(ids))
+        tensors = (prompt_index, prompt_valid, query_index, query_valid, key_index, key_mask[:, None], order,
+                   prompt_valid.flatten().nonzero().flatten(), query_valid.flatten().nonzero().flatten())
+        return cls(*(t.to(device) for t in tensors))
+
+
+def segment_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask, dropout: float = 0.0,
+                      scaling: float | None = None, packed_layout: SegmentLayout | None = None, **kwargs):
+    """transformers' attention interface for one packed row, segment by segment: what the row's [L, L] mask
+    allows, without computing the pairs it forbids.
+
+    Under the mask SDPA computes all L^2 query-key pairs of the row; a completion only needs its prompt and its
+    own earlier tokens (G completions of c tokens after a p-token prompt: G c (p + c/2) of (p + G c)^2 pairs).
+    Here each prompt attends causally to itself (one SDPA call over the prompts, ``is_causal``) and each
+    completion to its prompt and causally to itself (one SDPA call over the completions, padded to the longest).
+    The same softmax over the same keys: equal to the masked SDPA up to float rounding (tested).
+    Registered as `SEGMENT_ATTENTION`; without ``packed_layout`` it is transformers' SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if packed_layout is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    layout = packed_layout
+    groups = query.shape[1] // key.shape[1]  # grouped-query attention: key/value heads repeated as transformers does
+    q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)  # [L, heads, head_dim]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    dropout = dropout if module.training else 0.0
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def gather(t: Tensor, index: Tensor) -> Tensor:  # [L, heads, d] -> [N, heads, W, d] (index_select, not t[index]:
+        # the backward of advanced indexing is a serial accumulating index_put on a CPU)
+        return t.index_select(0, index.flatten()).view(*index.shape, *t.shape[1:]).transpose(1, 2)
+
+    def valid(out: Tensor, rows: Tensor) -> Tensor:  # [N, heads, W, d] -> [n valid, heads, d]
+        return out.transpose(1, 2).reshape(-1, *out.shape[1:2], out.shape[3]).index_select(0, rows)
+
+    outputs = []
+    if layout.prompt_index.numel():
+        qp, kp, vp = (gather(t, layout.prompt_index) for t in (q, k, v))  # [U, heads, P, head_dim]
+        outputs.append(valid(sdpa(qp, kp, vp, dropout_p=dropout, is_causal=True, scale=scaling), layout.prompt_rows))
+    if layout.query_index.numel():
+        qs = gather(q, layout.query_index)  # [S, heads, C, head_dim]
+        ks, vs = gather(k, layout.key_index), gather(v, layout.key_index)  # [S, heads, P + C, head_dim]
+        out = sdpa(qs, ks, vs, attn_mask=layout.key_mask, dropout_p=dropout, scale=scaling)
+        outputs.append(valid(out, layout.query_rows))
+    return torch.cat(outputs).index_select(0, layout.order)[None], None
+
+
+SEGMENT_ATTENTION = "packed_segments"  # the name `segment_attention` is registered under in transformers
 
 
 def attention_implementation(model) -> str | None:
@@ -192,13 +309,40 @@ def attention_implementation(model) -> str | None:
 
 def packed_logits(model, packed: PackedSequences, positions: Tensor, *, masked: bool = True) -> Tensor:
     """[1, len(positions), V] logits of the packed row at ``positions``, in one forward (the LM head on those
-    positions only where the model takes ``logits_to_keep``). ``masked``: pass the row's [L, L] mask (SDPA or
-    eager attention); without it transformers separates the sequences by their position ids."""
+    positions only where the model takes ``logits_to_keep``). ``masked``: attention as the row's [L, L] mask allows
+    (SDPA: `segment_attention`; eager: the mask); without it transformers separates the sequences by their
+    position ids."""
+    implementation = attention_implementation(model)
+    if masked and implementation == "sdpa" and packed.segment is not None:
+        # SDPA under the [L, L] mask computes every pair of the row; `segment_attention` only the allowed ones.
+        with _attention(model, SEGMENT_ATTENTION):
+            return _logits(model, positions, input_ids=packed.input_ids, position_ids=packed.position_ids,
+                           use_cache=False, packed_layout=packed.segment_layout())
     mask = None
     if masked:
         dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-        mask = packed.attention_mask(attention_implementation(model), dtype)
-    inputs = dict(input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=mask, use_cache=False)
+        mask = packed.attention_mask(implementation, dtype)
+    return _logits(model, positions, input_ids=packed.input_ids, position_ids=packed.position_ids,
+                   attention_mask=mask, use_cache=False)
+
+
+def _logits(model, positions: Tensor, **inputs) -> Tensor:
     if takes_logits_to_keep(model):
         return model(**inputs, logits_to_keep=positions).logits
     return model(**inputs).logits[:, positions]
+
+
+@contextlib.contextmanager
+def _attention(model, implementation: str):
+    """``model`` runs ``implementation`` (registered with transformers' AttentionInterface) inside the block."""
+    from transformers import AttentionInterface
+
+    if implementation not in AttentionInterface._global_mapping:
+        AttentionInterface.register(implementation, segment_attention)
+    config = model.config
+    before = config._attn_implementation
+    config._attn_implementation = implementation
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
