@@ -29,7 +29,6 @@ Two layouts (``rl.packing``):
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -41,7 +40,7 @@ from rl.common.token_stats import takes_logits_to_keep
 
 __all__ = ["LAYOUTS", "MAX_PACKED_LENGTH", "PACKING_BY_DEVICE", "Packing", "PackedSequences", "SEGMENT_ATTENTION",
            "SegmentLayout", "attention_implementation", "pack_sequences", "packed_length", "packed_logits",
-           "packing_units", "resolve_packing", "segment_attention", "sft_packed"]
+           "packing_units", "resolve_packing", "segment_attention", "sft_packed", "use_segment_attention"]
 
 # A packed row longer than this runs as the padded batch: its [L, L] mask (and attention without a fused kernel
 # for arbitrary masks) would cost more than the shared positions save.
@@ -299,12 +298,28 @@ def segment_attention(module, query: Tensor, key: Tensor, value: Tensor, attenti
     return torch.cat(outputs).index_select(0, layout.order)[None], None
 
 
-SEGMENT_ATTENTION = "packed_segments"  # the name `segment_attention` is registered under in transformers
+SEGMENT_ATTENTION = "sdpa_packed_segments"  # the name `segment_attention` is registered under in transformers
 
 
 def attention_implementation(model) -> str | None:
-    """transformers' attention implementation of ``model`` (``sdpa``, ``eager``, ``flash_attention_2``, ...)."""
-    return getattr(getattr(model, "config", None), "_attn_implementation", None)
+    """transformers' attention implementation of ``model`` (``sdpa``, ``eager``, ``flash_attention_2``, ...); a model
+    switched to `SEGMENT_ATTENTION` reports ``sdpa``, which it runs for every forward without a packed layout."""
+    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return "sdpa" if implementation == SEGMENT_ATTENTION else implementation
+
+
+def use_segment_attention(model) -> None:
+    """Switch an SDPA ``model`` to `segment_attention` for good: SDPA (and SDPA's masks) for every forward, the
+    segments of a packed row when one passes ``packed_layout``. For good, not around one forward: activation
+    checkpointing recomputes the layers in the backward, where they must find the same attention."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    if SEGMENT_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)
+        AttentionMaskInterface.register(SEGMENT_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    if model.config._attn_implementation == "sdpa":
+        model.config._attn_implementation = SEGMENT_ATTENTION
 
 
 def packed_logits(model, packed: PackedSequences, positions: Tensor, *, masked: bool = True) -> Tensor:
@@ -315,9 +330,9 @@ def packed_logits(model, packed: PackedSequences, positions: Tensor, *, masked: 
     implementation = attention_implementation(model)
     if masked and implementation == "sdpa" and packed.segment is not None:
         # SDPA under the [L, L] mask computes every pair of the row; `segment_attention` only the allowed ones.
-        with _attention(model, SEGMENT_ATTENTION):
-            return _logits(model, positions, input_ids=packed.input_ids, position_ids=packed.position_ids,
-                           use_cache=False, packed_layout=packed.segment_layout())
+        use_segment_attention(model)
+        return _logits(model, positions, input_ids=packed.input_ids, position_ids=packed.position_ids,
+                       use_cache=False, packed_layout=packed.segment_layout())
     mask = None
     if masked:
         dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
@@ -330,19 +345,3 @@ def _logits(model, positions: Tensor, **inputs) -> Tensor:
     if takes_logits_to_keep(model):
         return model(**inputs, logits_to_keep=positions).logits
     return model(**inputs).logits[:, positions]
-
-
-@contextlib.contextmanager
-def _attention(model, implementation: str):
-    """``model`` runs ``implementation`` (registered with transformers' AttentionInterface) inside the block."""
-    from transformers import AttentionInterface
-
-    if implementation not in AttentionInterface._global_mapping:
-        AttentionInterface.register(implementation, segment_attention)
-    config = model.config
-    before = config._attn_implementation
-    config._attn_implementation = implementation
-    try:
-        yield
-    finally:
-        config._attn_implementation = before
