@@ -114,8 +114,8 @@ class PackedSequences:
     columns: Tensor
     num_sequences: int
     width: int  # the longest completion (>= 1)
-    segment: Tensor | None = None  # [L] the segment of each position (a prompt, or one completion)
-    seen: Tensor | None = None  # [L] the prompt segment each position also sees (its own for a prompt)
+    segment: Tensor  # [L] the segment of each position (a prompt, or one completion)
+    seen: Tensor  # [L] the prompt segment each position also sees (its own for a prompt)
 
     @property
     def length(self) -> int:
@@ -328,7 +328,7 @@ def packed_logits(model, packed: PackedSequences, positions: Tensor, *, masked: 
     (SDPA: `segment_attention`; eager: the mask); without it transformers separates the sequences by their
     position ids."""
     implementation = attention_implementation(model)
-    if masked and implementation == "sdpa" and packed.segment is not None:
+    if masked and implementation == "sdpa":
         # SDPA under the [L, L] mask computes every pair of the row; `segment_attention` only the allowed ones.
         use_segment_attention(model)
         return _logits(model, positions, input_ids=packed.input_ids, position_ids=packed.position_ids,
