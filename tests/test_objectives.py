@@ -251,6 +251,45 @@ def test_statistics_gradient_matches_autograd_and_is_chunk_independent():
         torch.testing.assert_close(logits32.grad.double(), expected, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("terms", ["hky", "y", "hy", "k", "h", "ky"])
+@pytest.mark.parametrize("layout", ["masked", "every_position", "every_position_shifted_view", "every_position_bf16"])
+def test_statistics_gradient_of_each_term_and_layout(terms, layout):
+    """Backward skips the terms whose output got no gradient, and when every position is valid it reads the logits
+    in place and writes its output chunk by chunk: each against float64 autograd of the direct formulas."""
+    torch.manual_seed(5)
+    full = torch.randn(3, 8, 13, dtype=torch.float64) * 2
+    ref = torch.randn(3, 7, 13, dtype=torch.float64) * 2
+    labels = torch.randint(0, 13, (3, 7))
+    mask = torch.rand(3, 7) > 0.3 if layout == "masked" else torch.ones(3, 7, dtype=torch.bool)
+    weights = torch.randn(3, 3, 7, dtype=torch.float64)
+    dtype = torch.bfloat16 if layout.endswith("bf16") else torch.float32
+    start = full.to(dtype).double()  # what the statistics see, in float64
+
+    def objective(stats):
+        parts = {"h": weights[0] * stats.entropy, "k": weights[1] * stats.kl, "y": weights[2] * stats.label_logprob}
+        return sum(parts[t] for t in terms).sum()
+
+    expected_leaf = start.clone().requires_grad_()
+    logp = torch.log_softmax(expected_leaf[:, :-1], -1)
+    direct = {"h": weights[0] * -(logp.exp() * logp).sum(-1),
+              "k": weights[1] * (logp.exp() * (logp - torch.log_softmax(ref, -1))).sum(-1),
+              "y": weights[2] * logp.gather(-1, labels[..., None]).squeeze(-1)}
+    (expected,) = torch.autograd.grad((sum(direct[t] for t in terms) * mask).sum(), expected_leaf)
+    for chunk in (2, 5, None):
+        shifted = layout in ("masked", "every_position_shifted_view")  # the causal shift: a non-contiguous view
+        leaf = full.to(dtype) if shifted else full[:, :-1].to(dtype).contiguous()
+        leaf.requires_grad_()
+        logits = leaf[:, :-1] if shifted else leaf
+        objective(token_statistics(logits, mask, ref.to(dtype), labels, chunk_size=chunk)).backward()
+        grad = leaf.grad[:, :-1] if shifted else leaf.grad
+        assert grad.dtype == dtype
+        tolerance = dict(rtol=1e-4, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+        torch.testing.assert_close(grad.double(), expected[:, :-1], **tolerance)
+        assert torch.all(grad[~mask] == 0)
+        if shifted:
+            assert torch.all(leaf.grad[:, -1] == 0)
+
+
 def test_statistics_detached_input_and_reference_constant():
     logits = torch.randn(1, 4, 5)
     ref = torch.randn(1, 4, 5, requires_grad=True)

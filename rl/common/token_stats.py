@@ -48,8 +48,19 @@ class TokenStats:
     label_logprob: Tensor | None
 
 
-def _logits_rows(logits: Tensor, rows: tuple[Tensor, Tensor], dtype: torch.dtype) -> Tensor:
-    return logits[rows].to(dtype)
+def _flat(logits: Tensor | None, dense: bool) -> Tensor | None:
+    """[B * T, V] view of contiguous logits whose every position is valid (chunks are then slices), else None."""
+    if logits is None or not dense or not logits.is_contiguous():
+        return None
+    return logits.view(-1, logits.shape[-1])
+
+
+def _chunk(logits: Tensor, flat: Tensor | None, rows: tuple[Tensor, Tensor], sl: slice, dtype: torch.dtype) -> Tensor:
+    """The [chunk, V] logits of the valid positions ``sl`` in ``dtype``: a slice of ``flat`` (read only: it is the
+    logits' memory) when there is one, else a gathered copy."""
+    if flat is not None:
+        return flat[sl].to(dtype)
+    return logits[rows[0][sl], rows[1][sl]].to(dtype)
 
 
 class _TokenStatsFn(torch.autograd.Function):
@@ -61,13 +72,22 @@ class _TokenStatsFn(torch.autograd.Function):
 
     Forward keeps only the per-position log-sum-exp of policy and reference (2n floats), so
     backward rebuilds log p = z - lse and log q = z_q - lse_q without another softmax, and
-    folds the three gradients into p * (a log p + b (z - z_q) + c) with per-row a, b, c.
+    folds the three gradients into p * (a log p + b (z - z_q) + c) with per-row a, b, c;
+    a term whose output received no gradient costs nothing.
+
+    When every position is valid (packed rows: the LM head ran on the label positions only) the
+    chunks are views of the logits and backward writes into its output in place: no gather and no
+    zero fill of [tokens, V], which is most of the memory traffic outside the LM head's matmuls.
     """
 
     @staticmethod
     def forward(ctx, logits, ref_logits, labels, bi, ti, chunk_size):
         dtype = torch.promote_types(logits.dtype, torch.float32)
         n = bi.numel()
+        vocab = logits.shape[-1]
+        dense = n == logits.numel() // max(vocab, 1)  # every position valid; bi, ti are then in row-major order
+        flat, flat_ref = _flat(logits, dense), _flat(ref_logits, dense)
+        rows = (bi, ti)
         entropy = logits.new_zeros(n, dtype=dtype)
         lse = logits.new_zeros(n, dtype=dtype)
         kl = logits.new_zeros(n, dtype=dtype) if ref_logits is not None else None
@@ -75,21 +95,20 @@ class _TokenStatsFn(torch.autograd.Function):
         label_lp = logits.new_zeros(n, dtype=dtype) if labels is not None else None
         for start in range(0, n, chunk_size):
             sl = slice(start, start + chunk_size)
-            rows = (bi[sl], ti[sl])
-            logp = _logits_rows(logits, rows, dtype)
-            lse[sl] = torch.logsumexp(logp, dim=-1)
-            logp -= lse[sl, None]
+            z = _chunk(logits, flat, rows, sl, dtype)
+            lse[sl] = torch.logsumexp(z, dim=-1)
+            logp = torch.sub(z, lse[sl, None])  # out of place: z may be a view of the logits
             p = logp.exp()
             entropy[sl] = -(p * logp).sum(-1)
             if kl is not None:
-                logq = _logits_rows(ref_logits, rows, dtype)
+                logq = _chunk(ref_logits, flat_ref, rows, sl, dtype)
                 lse_ref[sl] = torch.logsumexp(logq, dim=-1)
-                logq -= lse_ref[sl, None]
+                logq = torch.sub(logq, lse_ref[sl, None])
                 kl[sl] = (p * (logp - logq)).sum(-1)
             if label_lp is not None:
                 label_lp[sl] = logp.gather(1, labels[sl, None]).squeeze(1)
         ctx.save_for_backward(logits, ref_logits, labels, bi, ti, entropy, kl, lse, lse_ref)
-        ctx.chunk_size = chunk_size
+        ctx.chunk_size, ctx.dense = chunk_size, dense
         ctx.set_materialize_grads(False)
         return entropy, kl, label_lp
 
@@ -99,35 +118,45 @@ class _TokenStatsFn(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None, None
         dtype = entropy.dtype
-        n = bi.numel()
-        zero = entropy.new_zeros(n)
-        g_h = g_entropy if g_entropy is not None else zero
-        g_k = g_kl if (g_kl is not None and kl is not None) else zero
-        g_y = g_label if (g_label is not None and labels is not None) else zero
+        n, vocab = bi.numel(), logits.shape[-1]
+        use_h = g_entropy is not None
+        use_ref = kl is not None and g_kl is not None
+        use_label = g_label is not None and labels is not None
         # inner = -g_h (log p + H) + g_k (r - KL) - g_y,  r = (z - z_q) - (lse - lse_q)
         #       = -g_h log p + g_k (z - z_q) + c,     c = -g_h H - g_y - g_k (lse - lse_q + KL)
         # (z - z_q and lse - lse_q are exactly 0 when policy == reference, so is that gradient.)
-        use_ref = kl is not None and g_kl is not None
-        c = -g_h * entropy - g_y
+        c = entropy.new_zeros(n)
+        if use_h:
+            c -= g_entropy * entropy
+        if use_label:
+            c -= g_label
         if use_ref:
-            c = c - g_k * (lse - lse_ref + kl)
-        grad = torch.zeros_like(logits)
+            c -= g_kl * (lse - lse_ref + kl)
+        rows = (bi, ti)
+        flat, flat_ref = _flat(logits, ctx.dense), _flat(ref_logits if use_ref else None, ctx.dense)
+        # dense: every position gets a gradient, written chunk by chunk (no zero fill)
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if ctx.dense else torch.zeros_like(logits)
+        grad_flat = grad.view(-1, vocab) if ctx.dense else None
         for start in range(0, n, ctx.chunk_size):
             sl = slice(start, start + ctx.chunk_size)
-            rows = (bi[sl], ti[sl])
-            z = _logits_rows(logits, rows, dtype)
-            if use_ref:
-                diff = _logits_rows(ref_logits, rows, dtype)
-                torch.sub(z, diff, out=diff)
-            logp = z.sub_(lse[sl, None])
-            inner = logp * (-g_h[sl, None])
-            if use_ref:
-                inner.addcmul_(diff, g_k[sl, None])
-            inner += c[sl, None]
-            g = logp.exp_().mul_(inner)
-            if g_label is not None and labels is not None:
+            z = _chunk(logits, flat, rows, sl, dtype)
+            in_place = grad_flat is not None and grad.dtype == dtype
+            logp = torch.sub(z, lse[sl, None], out=grad_flat[sl]) if in_place else torch.sub(z, lse[sl, None])
+            if use_h or use_ref:
+                inner = logp * (-g_entropy[sl, None]) if use_h else None
+                if use_ref:
+                    diff = z - _chunk(ref_logits, flat_ref, rows, sl, dtype)
+                    inner = diff.mul_(g_kl[sl, None]) if inner is None else inner.addcmul_(diff, g_kl[sl, None])
+                g = logp.exp_().mul_(inner.add_(c[sl, None]))
+            else:  # only the label log-prob: g = -g_y p + g_y onehot(y)
+                g = logp.exp_().mul_(c[sl, None])
+            if use_label:
                 g.scatter_add_(1, labels[sl, None], g_label[sl, None])
-            grad[rows] = g.to(grad.dtype)
+            if ctx.dense:
+                if not in_place:
+                    grad_flat[sl] = g
+            else:
+                grad[bi[sl], ti[sl]] = g.to(grad.dtype)
         return grad, None, None, None, None, None
 
 
