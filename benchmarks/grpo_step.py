@@ -409,6 +409,7 @@ def update_by_packing(trainer, groups, reps: int) -> dict[str, Any]:
     positions its forwards compute: rows x longest (prompt + completion) per padded micro-batch, the packed row's
     length per packed one."""
     import dataclasses
+    import resource
 
     from rl.common.packing import packed_length
     from rl.grpo.trainer import GRPOTrainer
@@ -436,9 +437,12 @@ def update_by_packing(trainer, groups, reps: int) -> dict[str, Any]:
                 trainer.packing = packing
                 counted.update(positions=0, forwards=0)
                 meter = CpuMeter().start()
+                faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 t = time.perf_counter()
                 GRPOTrainer._update(trainer, groups)
                 out[packing]["seconds"].append(time.perf_counter() - t)
+                # pages the kernel zero-filled for this process (`rl.common.host_memory`)
+                out[packing].setdefault("page_faults", []).append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
                 out[packing].update(positions=counted["positions"], forwards=counted["forwards"],
                                     others_cpu_share=meter.stop().get("others_cpu_share"))
                 print(f"[ours/profile] update, packing {packing}: {out[packing]['seconds'][-1]:.2f}s, "

@@ -1,5 +1,9 @@
 """The FSDP2 trainer worker group on CPU (gloo, real Ray actors): N=2 ranks give the update one rank gives."""
 
+import resource
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -7,6 +11,7 @@ from rl.grpo.loss import AGGREGATIONS
 from rl.workers import MicroBatch, WorkerGroup, WorkerSettings, split_across_ranks
 from rl.workers.batch import unsplit
 
+REPO = Path(__file__).resolve().parents[1]
 MICRO_BATCHES = 4  # N=1 runs all four, each of N=2 ranks runs two
 
 
@@ -325,3 +330,40 @@ def test_lora_on_a_bf16_base_trains_float32_adapters_alike_on_one_and_two_ranks(
     finally:
         one.shutdown()
         two.shutdown()
+
+
+_HEAP_REUSE_CHILD = r'''
+import ctypes, resource, sys
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+if sys.argv[1] == "worker":  # a CPU trainer worker's setup, in this process
+    from rl.workers.trainer_worker import TrainerWorker, WorkerSettings, free_port
+    TrainerWorker(WorkerSettings(model_dir=sys.argv[2], bf16=False), 0, 1).setup("127.0.0.1", free_port())
+size = 64 << 20
+def faults_of_a_written_allocation():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = libc.malloc(size)
+    ctypes.memset(block, 1, size)
+    libc.free(block)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults_of_a_written_allocation()
+print(faults_of_a_written_allocation())
+'''
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings")
+def test_a_cpu_trainer_worker_reuses_freed_memory_instead_of_faulting_in_fresh_pages(tiny_qwen2_dir):
+    """glibc's default serves a 64 MiB allocation with a fresh mmap: all of its 16384 pages fault in again on every
+    write. After a CPU worker's setup (`rl.common.host_memory.reuse_freed_memory`) the second one reuses the first's."""
+    import subprocess
+
+    def faults(mode: str) -> int:
+        run = subprocess.run([sys.executable, "-c", _HEAP_REUSE_CHILD, mode, tiny_qwen2_dir], capture_output=True,
+                             text=True, timeout=300, cwd=str(REPO))
+        assert run.returncode == 0, run.stderr[-2000:]
+        return int(run.stdout.split()[-1])
+
+    pages = (64 << 20) // resource.getpagesize()
+    assert faults("default") >= pages
+    assert faults("worker") < pages // 100

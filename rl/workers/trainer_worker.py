@@ -17,7 +17,6 @@ every rank is the mini-batch gradient, whatever the number of ranks.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import math
 from dataclasses import dataclass
 from datetime import timedelta
@@ -26,6 +25,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
+from rl.common.host_memory import release_free_memory, reuse_freed_memory
 from rl.common.network import free_port
 from rl.grpo.loss import policy_loss
 from rl.workers.batch import MicroBatch, dense_rows, packed_sequence_logprobs, sequence_logprobs
@@ -130,6 +130,8 @@ class TrainerWorker:
         if self.device.type == "cuda":
             torch.cuda.set_device(0)  # Ray shows each actor its own GPU as device 0
             self.device = torch.device("cuda", 0)
+        else:  # the forward/backward's large temporaries reuse freed heap instead of faulting in fresh pages
+            reuse_freed_memory()
         self.owns_process_group = not dist.is_initialized()
         if self.owns_process_group:
             timeout = s.process_group_timeout_s or default_process_group_timeout_s(self.device.type)
@@ -612,16 +614,6 @@ class TrainerWorker:
     def shutdown(self) -> None:
         if getattr(self, "owns_process_group", False) and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def release_free_memory() -> None:
-    """Give the heap's free pages back to the OS (glibc ``malloc_trim``). A forward/backward frees gigabytes of
-    activations in pieces below glibc's mmap threshold; without this the freed heap stays in the process's RSS
-    between calls, while the rollout engine (and on one machine, other ranks and stages) need that memory."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to do
-        pass
 
 
 def weight_decay_groups(model, weight_decay: float) -> list[dict]:
