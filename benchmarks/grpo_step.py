@@ -886,11 +886,13 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", f"The trainer's update (`GRPOTrainer._update`: forwards, backwards, AdamW) on the last step's "
                       f"rollouts ({packing['completion_tokens']} completion tokens) in each packing layout, in "
                       f"alternating order:", "",
-                  "| packing | update s (median) | runs s | positions computed | forwards |", "|---|---|---|---|---|"]
+                  "| packing | update s (median) | runs s | positions computed | forwards | page faults |",
+                  "|---|---|---|---|---|---|"]
         for k in ("off", "shared_prompt", "padding_free"):
             v = packing[k]
+            faults = ", ".join(str(x) for x in v.get("page_faults", [])) or "-"  # not recorded before rl.common.host_memory
             lines.append(f"| {k} | {_f(v['median_s'])} | {', '.join(_f(x) for x in v['seconds'])} | {v['positions']} | "
-                         f"{v['forwards']} |")
+                         f"{v['forwards']} | {faults} |")
         lines += ["", f"shared_prompt / off: positions {_f(packing['positions_packed_over_padded'], 3)}, update time "
                       f"{_f(packing['time_packed_over_padded'], 3)}; padding_free / off: positions "
                       f"{_f(packing['positions_padding_free_over_padded'], 3)}, update time "
