@@ -1,4 +1,4 @@
-"""The GRPO update with glibc's malloc defaults vs `rl.common.host_memory.reuse_freed_memory`, in one process.
+"""The GRPO update with glibc's malloc defaults vs `rl.common.host_memory.reusing_freed_memory`, in one process.
 
 What it measures: the trainer worker's update (`TrainerWorker.update`: packed forwards, backwards, AdamW) on
 synthetic rollouts of `benchmarks/grpo_step.py`'s shape (8 groups x 8 completions, 48-token prompts, 30-128 token
@@ -7,8 +7,8 @@ completions, one group per micro-batch), alternating between two settings of thi
 * ``glibc_default``: the mmap threshold at 32 MiB and the trim threshold at 64 MiB, where glibc's dynamic defaults
   settle once a process has freed a few large blocks: larger allocations are fresh mmaps, page-faulted in on first
   write and unmapped on free;
-* ``heap_reuse``: what a CPU trainer worker sets (`reuse_freed_memory`): allocations below 1 GiB come from the heap
-  and freed memory stays there for the next one.
+* ``heap_reuse``: what a CPU trainer worker's compute calls set (`reusing_freed_memory`): allocations below 1 GiB
+  come from the heap and freed memory stays there for the next one.
 
 Per update it records the wall time and the minor page faults (pages the kernel zero-filled for this process).
 The worker returns freed memory (``malloc_trim``) after each update in both settings, as in the product.
@@ -22,7 +22,6 @@ No timing is asserted anywhere; the ratio is from one run, alternating.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import random
 import resource
 import statistics
@@ -42,13 +41,13 @@ import _results  # noqa: E402
 
 from rl.common import host_memory  # noqa: E402
 
-SETTINGS = {"glibc_default": (32 << 20, 64 << 20), "heap_reuse": (host_memory.HEAP_THRESHOLD_BYTES,) * 2}
+SETTINGS = {"glibc_default": host_memory.GLIBC_SETTLED_THRESHOLDS, "heap_reuse": host_memory.HEAP_THRESHOLDS}
 
 
 def set_malloc(name: str) -> None:
-    mmap_threshold, trim_threshold = SETTINGS[name]
-    libc = ctypes.CDLL("libc.so.6")
-    if not (libc.mallopt(host_memory.M_MMAP_THRESHOLD, mmap_threshold) and libc.mallopt(host_memory.M_TRIM_THRESHOLD, trim_threshold)):
+    """What the worker's compute calls set within (`reusing_freed_memory` reads the module attribute)."""
+    host_memory.HEAP_THRESHOLDS = SETTINGS[name]
+    if not host_memory.set_thresholds(*SETTINGS[name]):
         raise SystemExit(f"glibc refused the malloc setting {name}")
 
 
@@ -95,7 +94,7 @@ def run(args) -> dict[str, Any]:
                 print(f"[host_memory] {name}: {out[name]['seconds'][-1]:.2f}s, {out[name]['page_faults'][-1]} page faults",
                       flush=True)
     finally:
-        set_malloc("heap_reuse")  # what the worker set up, for whatever runs next in this process
+        host_memory.HEAP_THRESHOLDS = SETTINGS["heap_reuse"]  # for whatever runs next in this process
         group.shutdown()
     for v in out.values():
         v["median_s"] = statistics.median(v["seconds"])

@@ -26,6 +26,6 @@ def test_host_memory_benchmark_records_both_settings(tmp_path, tiny_qwen2_dir):
     for setting in record["updates"].values():
         assert len(setting["seconds"]) == len(setting["page_faults"]) == 1
         assert setting["seconds"][0] > 0 and setting["page_faults"][0] >= 0
-    assert record["settings"]["heap_reuse"]["mmap_threshold"] == 1 << 30
+    assert record["settings"]["heap_reuse"]["mmap_threshold"] == 1 << 30 and record["settings"]["glibc_default"]["mmap_threshold"] == 32 << 20
     assert record["hardware"]["device"] == "cpu"
     assert "heap_reuse / glibc_default" in out.with_suffix(".md").read_text()

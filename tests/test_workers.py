@@ -333,37 +333,52 @@ def test_lora_on_a_bf16_base_trains_float32_adapters_alike_on_one_and_two_ranks(
 
 
 _HEAP_REUSE_CHILD = r'''
-import ctypes, resource, sys
+import ctypes, json, resource, sys
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
-if sys.argv[1] == "worker":  # a CPU trainer worker's setup, in this process
-    from rl.workers.trainer_worker import TrainerWorker, WorkerSettings, free_port
-    TrainerWorker(WorkerSettings(model_dir=sys.argv[2], bf16=False), 0, 1).setup("127.0.0.1", free_port())
 size = 64 << 20
+
 def faults_of_a_written_allocation():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     block = libc.malloc(size)
     ctypes.memset(block, 1, size)
     libc.free(block)
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-faults_of_a_written_allocation()
-print(faults_of_a_written_allocation())
+
+def second_of_two():  # the first may fault in what the second reuses
+    faults_of_a_written_allocation()
+    return faults_of_a_written_allocation()
+
+from rl.grpo.config import GRPOConfig
+from rl.workers.trainer_worker import MicroBatch, TrainerWorker, WorkerSettings, free_port
+worker = TrainerWorker(WorkerSettings(model_dir=sys.argv[1], bf16=False), 0, 1)
+worker.setup("127.0.0.1", free_port())
+seen = {"before": second_of_two()}
+original = worker._sequence_logprobs
+def probing(*args, **kwargs):  # inside the update's forward
+    seen.setdefault("during_update", second_of_two())
+    return original(*args, **kwargs)
+worker._sequence_logprobs = probing
+worker.update([MicroBatch([[1, 2, 3]] * 2, [[4, 5], [6]], [1.0, -1.0], trained=[True, True])],
+              GRPOConfig().policy_loss_kwargs())
+seen["after"] = second_of_two()
+print(json.dumps(seen))
 '''
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings")
-def test_a_cpu_trainer_worker_reuses_freed_memory_instead_of_faulting_in_fresh_pages(tiny_qwen2_dir):
+def test_a_cpu_workers_update_reuses_freed_memory_and_gives_it_back_after(tiny_qwen2_dir):
     """glibc's default serves a 64 MiB allocation with a fresh mmap: all of its 16384 pages fault in again on every
-    write. After a CPU worker's setup (`rl.common.host_memory.reuse_freed_memory`) the second one reuses the first's."""
+    write. Within a CPU worker's update (`rl.common.host_memory.reusing_freed_memory`) a second one reuses the
+    first's memory; after the update glibc's thresholds are back and so are the faults."""
+    import json
     import subprocess
 
-    def faults(mode: str) -> int:
-        run = subprocess.run([sys.executable, "-c", _HEAP_REUSE_CHILD, mode, tiny_qwen2_dir], capture_output=True,
-                             text=True, timeout=300, cwd=str(REPO))
-        assert run.returncode == 0, run.stderr[-2000:]
-        return int(run.stdout.split()[-1])
-
+    run = subprocess.run([sys.executable, "-c", _HEAP_REUSE_CHILD, tiny_qwen2_dir], capture_output=True, text=True,
+                         timeout=300, cwd=str(REPO))
+    assert run.returncode == 0, run.stderr[-2000:]
+    seen = json.loads(run.stdout.strip().splitlines()[-1])
     pages = (64 << 20) // resource.getpagesize()
-    assert faults("default") >= pages
-    assert faults("worker") < pages // 100
+    assert seen["before"] >= pages and seen["after"] >= pages, seen
+    assert seen["during_update"] < pages // 100, seen

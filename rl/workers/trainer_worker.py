@@ -17,6 +17,7 @@ every rank is the mini-batch gradient, whatever the number of ranks.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 from datetime import timedelta
@@ -25,7 +26,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
-from rl.common.host_memory import release_free_memory, reuse_freed_memory
+from rl.common.host_memory import release_free_memory, reusing_freed_memory
 from rl.common.network import free_port
 from rl.grpo.loss import policy_loss
 from rl.workers.batch import MicroBatch, dense_rows, packed_sequence_logprobs, sequence_logprobs
@@ -87,6 +88,23 @@ class WorkerSettings:
                    **{"packing": config.packing, **overrides})
 
 
+def _compute_call(method):
+    """A worker call that runs forwards/backwards: on a CPU within `reusing_freed_memory` (its large temporaries
+    reuse freed heap instead of faulting in fresh pages); on every device the freed memory goes back at the end."""
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        if self.device.type != "cpu":
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                release_free_memory()
+        with reusing_freed_memory():
+            return method(self, *args, **kwargs)
+
+    return call
+
+
 class TrainerWorker:
     """One rank. Construct, then `setup` on every rank at once (it joins the process group)."""
 
@@ -130,8 +148,6 @@ class TrainerWorker:
         if self.device.type == "cuda":
             torch.cuda.set_device(0)  # Ray shows each actor its own GPU as device 0
             self.device = torch.device("cuda", 0)
-        else:  # the forward/backward's large temporaries reuse freed heap instead of faulting in fresh pages
-            reuse_freed_memory()
         self.owns_process_group = not dist.is_initialized()
         if self.owns_process_group:
             timeout = s.process_group_timeout_s or default_process_group_timeout_s(self.device.type)
@@ -274,6 +290,7 @@ class TrainerWorker:
 
     # ------------------------------------------------------------------ work
     @torch.no_grad()
+    @_compute_call
     def logprobs(self, micro_batches: list[MicroBatch], reference: bool = False) -> list[list[list[float]]]:
         """Per micro-batch, per sample: the completion tokens' log-probs under the policy (old log-probs) or the
         reference."""
@@ -282,7 +299,6 @@ class TrainerWorker:
             for mb in micro_batches:
                 logp, _, mask = self._sequence_logprobs(model, mb, with_entropy=False)
                 out.append([row[m].float().cpu().tolist() for row, m in zip(logp, mask)])
-        release_free_memory()
         return out
 
     @contextlib.contextmanager
@@ -299,6 +315,7 @@ class TrainerWorker:
         else:
             raise RuntimeError("no reference model: WorkerSettings.reference_dir is None")
 
+    @_compute_call
     def train_step(self, micro_batches: list, step_loss, learning_rate: float | None = None) -> dict[str, float]:
         """One optimizer step on this rank's share of a global batch, with a loss the caller defines.
 
@@ -332,7 +349,6 @@ class TrainerWorker:
         loss_sum, weight = reduced[0], max(reduced[1], 1e-30)
         out = {k: v / weight for k, v in zip(keys, reduced[2:])}
         out.update(loss=loss_sum, grad_norm=grad_norm, learning_rate=self.optimizer.param_groups[0]["lr"])
-        release_free_memory()
         return out
 
     @contextlib.contextmanager
@@ -342,6 +358,7 @@ class TrainerWorker:
         with torch.no_grad(), self._policy_or_reference(True) as model:
             yield model
 
+    @_compute_call
     def update(self, micro_batches: list[MicroBatch], loss_settings: dict[str, Any]) -> dict[str, float]:
         """One optimizer step on this rank's share of a mini-batch; metrics are over the whole mini-batch.
 
@@ -400,7 +417,6 @@ class TrainerWorker:
             out["logprob_gap_engine_trainer"] = sum(gap) / max(sum(gap_tokens), 1.0)
             if engines > 1:
                 out.update({f"logprob_gap/engine{e}": g / max(t, 1.0) for e, (g, t) in enumerate(zip(gap, gap_tokens))})
-        release_free_memory()
         return out
 
     def _reduce(self, values: list[float], op) -> list[float]:
