@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 
 # mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD = -1
@@ -35,6 +36,7 @@ GLIBC_SETTLED_THRESHOLDS = (32 << 20, 64 << 20)
 and twice it for trimming): what the process returns to after a compute call."""
 
 
+@functools.cache  # three calls per worker call: load the library once
 def _libc():
     try:
         libc = ctypes.CDLL("libc.so.6")

@@ -137,10 +137,10 @@ class _TokenStatsFn(torch.autograd.Function):
         # dense: every position gets a gradient, written chunk by chunk (no zero fill)
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if ctx.dense else torch.zeros_like(logits)
         grad_flat = grad.view(-1, vocab) if ctx.dense else None
+        in_place = grad_flat is not None and grad.dtype == dtype  # log p is computed straight into the output
         for start in range(0, n, ctx.chunk_size):
             sl = slice(start, start + ctx.chunk_size)
             z = _chunk(logits, flat, rows, sl, dtype)
-            in_place = grad_flat is not None and grad.dtype == dtype
             logp = torch.sub(z, lse[sl, None], out=grad_flat[sl]) if in_place else torch.sub(z, lse[sl, None])
             if use_h or use_ref:
                 inner = logp * (-g_entropy[sl, None]) if use_h else None
