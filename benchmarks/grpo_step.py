@@ -219,7 +219,11 @@ def run_ours(args: argparse.Namespace, workers: int = 1, engines: int = 1, weigh
     cfg = GRPOConfig(bf16=args.bf16, group_size=args.group, prompts_per_step=args.prompts,
                      max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0, beta_kl=0.0,
                      learning_rate=args.lr, micro_batch_size=args.micro_batch, steps=total,
-                     save_every=10**6, seed=args.seed, workers=workers, packing=packing)
+                     save_every=10**6, seed=args.seed, workers=workers, packing=packing,
+                     # Every backward runs, as in TRL: the embedded model's rewards here are all 0, so skipping the
+                     # backward of zero-variance groups would leave a forward-only update (benchmarks/zero_gradient.py
+                     # measures that saving by share of such groups).
+                     skip_zero_gradient=False)
     rollout = RolloutConfig(engine="vllm", dtype=args.rollout_dtype, max_model_len=args.max_model_len,
                             kv_cache_gib=args.kv_cache_gib, num_engines=engines, weight_sync=weight_sync)
     # engine actors (engines > 1) share this run's CPUs: rollout.num_cpus unset
@@ -279,7 +283,7 @@ def run_ours(args: argparse.Namespace, workers: int = 1, engines: int = 1, weigh
                      "rollout_dtype": args.rollout_dtype,
                      "trainer_precision": "bf16 (FSDP2 mixed precision)" if args.bf16 else "float32",
                      "micro_batch_size": args.micro_batch, "beta_kl": 0.0, "kl_metric": False,
-                     "aggregation": cfg.aggregation, "packing": packing,
+                     "aggregation": cfg.aggregation, "packing": packing, "skip_zero_gradient": False,
                      "packing_resolved": trainer.packing},
         "profile": profile,
     })

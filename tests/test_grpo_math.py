@@ -21,6 +21,7 @@ from rl.grpo.core import (
     fill_groups,
     group_advantages,
     kl_k3,
+    loss_has_gradient,
     mask_truncated,
     minibatches,
     policy_loss,
@@ -456,6 +457,51 @@ def test_aggregate_global_counts_direct() -> None:
     assert aggregate(values, mask, "seq-mean-token-sum-norm", max_response_len=2, num_seqs=1).item() == pytest.approx(5.0)
     with pytest.raises(ValueError, match="num_tokens"):
         aggregate(values, mask, "token-mean", num_tokens=-1)
+
+
+# ---------------------------------------------------------------- which losses have a gradient
+
+
+ADVANTAGE_CASES = {  # (advantages, trained) of 3 sequences
+    "all zero": ([0.0, 0.0, 0.0], [True, True, True]),
+    "minus zero": ([-0.0, 0.0, -0.0], [True, True, True]),
+    "one non-zero": ([0.0, 0.7, 0.0], [True, True, True]),
+    "non-zero but untrained": ([0.0, 0.7, 0.0], [True, False, True]),
+    "nothing trained": ([1.0, -1.0, 0.5], [False, False, False]),
+    "negative": ([-0.3, 0.0, 0.0], [True, True, True]),
+}
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+@pytest.mark.parametrize("beta, alpha", [(0.0, 0.0), (0.1, 0.0), (0.0, 0.05)])
+@pytest.mark.parametrize("case", list(ADVANTAGE_CASES))
+@pytest.mark.parametrize("on_policy", [True, False], ids=["rho=1", "rho!=1"])
+def test_loss_has_gradient_exactly_when_autograd_finds_one(case, beta, alpha, aggregation, on_policy) -> None:
+    """The backward of `policy_loss` in float64, with a gradient flowing to log-probs and entropy: where
+    `loss_has_gradient` says no, every gradient is exactly 0 (its backward can be skipped); where it says yes
+    (every trained sequence here has valid tokens, and rho = 1 or near it clips nothing), some is not."""
+    advantages, trained = ADVANTAGE_CASES[case]
+    gen = torch.Generator().manual_seed(5)
+    logp = (-torch.rand(3, 4, generator=gen, dtype=torch.float64) * 3).requires_grad_(True)
+    old = logp.detach() if on_policy else logp.detach() + 0.05 * torch.randn(3, 4, generator=gen, dtype=torch.float64)
+    ref = logp.detach() - 0.3 * torch.rand(3, 4, generator=gen, dtype=torch.float64)
+    entropy = (torch.rand(3, 4, generator=gen, dtype=torch.float64) * 2).requires_grad_(True)
+    lengths = torch.tensor([4, 2, 3])
+    mask = (torch.arange(4)[None] < lengths[:, None]) & torch.tensor(trained)[:, None]
+    loss, _ = policy_loss(logp, old, torch.tensor(advantages, dtype=torch.float64), mask, ref_logp=ref, beta=beta,
+                          entropy=entropy, alpha=alpha, aggregation=aggregation, max_response_len=4.0,
+                          num_tokens=9.0, num_seqs=3.0)
+    loss.backward()
+    nonzero = any(bool(t.grad.ne(0).any()) for t in (logp, entropy) if t.grad is not None)
+    expected = loss_has_gradient(advantages, trained, beta=beta, alpha=alpha)
+    assert nonzero == (expected and any(trained)), (case, beta, alpha)
+
+
+def test_loss_has_gradient_counts_a_nan_advantage_and_checks_lengths() -> None:
+    assert loss_has_gradient([0.0, float("nan")], [True, True])
+    assert not loss_has_gradient([], [])
+    with pytest.raises(ValueError):
+        loss_has_gradient([0.0, 1.0], [True])
 
 
 # ---------------------------------------------------------------- masks and mini-batches

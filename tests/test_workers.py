@@ -137,6 +137,43 @@ def test_two_ranks_update_like_one_for_each_aggregation_with_and_without_kl(ray_
 
 
 @pytest.mark.slow
+def test_micro_batches_without_gradient_skip_their_backward_and_the_update_is_unchanged(ray_cluster, tiny_qwen2_dir):
+    """Two ranks with ``skip_zero_gradient`` on and two with it off, from the same start, AdamW with weight decay.
+    Update 1: micro-batches 0, 2, 3 have advantages 0 (rank 0 holds 0 and 2, rank 1 holds 1 and 3), so at index 0
+    the ranks disagree and both run the backward, at index 1 both skip it. Update 2: every advantage is 0, no
+    backward anywhere, and AdamW still decays the weights. The parameters are bitwise those of the full backward."""
+    common = dict(model_dir=tiny_qwen2_dir, bf16=False, learning_rate=1e-3, weight_decay=0.1, temperature=0.9)
+    skip = WorkerGroup(WorkerSettings(**common), 2, num_cpus=0.5, call_timeout_s=300)
+    full = WorkerGroup(WorkerSettings(**common, skip_zero_gradient=False), 2, num_cpus=0.5, call_timeout_s=300)
+    loss = dict(aggregation="token-mean", beta=0.0, eps_low=0.2, eps_high=0.28, max_response_len=12.0)
+
+    def with_advantages(mbs, zero):
+        return [MicroBatch(mb.prompt_ids, mb.completion_ids, [0.0] * len(mb) if i in zero else mb.advantages,
+                           mb.old_logprobs, None, mb.trained) for i, mb in enumerate(mbs)]
+
+    try:
+        start = full.full_state_dict()
+        mbs = synthetic_micro_batches(seed=7)
+        mbs = with_logprobs(mbs, full.logprobs(mbs), None, seed=8)
+        for zero, skipped in (({0, 2, 3}, 0.5), ({0, 1, 2, 3}, 1.0)):
+            batch = with_advantages(mbs, zero)
+            m_skip, m_full = skip.update(batch, loss), full.update(batch, loss)
+            print(f"[workers] zero-advantage micro-batches {sorted(zero)}: skipped_backward {m_skip['skipped_backward']}"
+                  f" / {m_full['skipped_backward']}, loss {m_skip['loss']:.6f} / {m_full['loss']:.6f}, grad_norm "
+                  f"{m_skip['grad_norm']:.6f} / {m_full['grad_norm']:.6f}")
+            assert (m_skip["skipped_backward"], m_full["skipped_backward"]) == (skipped, 0.0)
+            for k, v in m_full.items():
+                if k != "skipped_backward":
+                    assert m_skip[k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
+            assert_same_tensors(skip.full_state_dict(), full.full_state_dict())
+        after = full.full_state_dict()
+        assert relative_difference(after, start) > 0  # the updates changed the weights (decay at least)
+    finally:
+        skip.shutdown()
+        full.shutdown()
+
+
+@pytest.mark.slow
 def test_activation_checkpointing_at_two_ranks_updates_like_one_rank_without_it(ray_cluster, tiny_qwen2_dir,
                                                                                reference_dir):
     """rl.activation_checkpointing recomputes each decoder layer in the backward: the same parameters after an

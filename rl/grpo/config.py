@@ -80,6 +80,11 @@ class GRPOConfig(BaseModel):
                             "the sequences in one row without padding, separated by position ids (varlen flash "
                             "attention on a GPU); off: padded rows; auto: the device kind's choice "
                             "(rl.common.packing.PACKING_BY_DEVICE)")
+    skip_zero_gradient: bool = Field(
+        True, description="a micro-batch whose loss has no gradient (every trained sequence with advantage 0, e.g. "
+                          "zero-variance groups, and beta_kl = alpha_entropy = 0) runs its forward for the metrics "
+                          "but no backward: the update is the same; false: every micro-batch runs its backward "
+                          "(as verl and TRL do)")
     micro_batch_tokens: int | None = Field(
         None, ge=1, le=MAX_PACKED_LENGTH,
         description="with packing: whole groups (padding_free: sequences) per forward/backward up to this many "

@@ -41,6 +41,7 @@ A < 0 with rho > e^20).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal, get_args
 
 import torch
@@ -52,6 +53,7 @@ __all__ = [
     "LOG_RATIO_CLAMP",
     "aggregate",
     "kl_k3",
+    "loss_has_gradient",
     "policy_loss",
     "valid_counts",
 ]
@@ -85,6 +87,20 @@ def kl_k3(logp: Tensor, ref_logp: Tensor, clamp: float = LOG_RATIO_CLAMP) -> Ten
     """
     x = (ref_logp - logp).clamp(-clamp, clamp)
     return (torch.expm1(x) - x).clamp_min(0.0)
+
+
+def loss_has_gradient(advantages: Sequence[float], trained: Sequence[bool], *, beta: float = 0.0,
+                      alpha: float = 0.0) -> bool:
+    """Whether `policy_loss` over sequences with these per-sequence advantages can have a non-zero gradient.
+
+    Only its KL term (``beta > 0``), its entropy bonus (``alpha > 0``) and the clipped term of a trained sequence
+    with ``A != 0`` depend on the parameters: the clipped term of a token is ``-A * rho`` or ``-A * clip(rho)``, whose
+    gradient is ``A`` times something finite (rho is clamped). So sequences that are all untrained or have ``A = 0``
+    (a zero-variance group: every reward equal) give exactly zero gradient, and their backward can be skipped
+    without changing the update. A NaN advantage counts as non-zero (its NaN gradient is not hidden)."""
+    if beta > 0 or alpha > 0:
+        return True
+    return any(keep and not a == 0 for a, keep in zip(advantages, trained, strict=True))
 
 
 def valid_counts(response_mask: Tensor) -> tuple[float, float]:

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from rl.grpo.config import GRPOConfig
-from rl.grpo.core import fill_groups, group_advantages, minibatches, zero_variance_groups
+from rl.grpo.core import fill_groups, group_advantages, loss_has_gradient, minibatches, zero_variance_groups
 from rl.grpo.outputs import GRPOOutputs
 from rl.metrics import pass_at_k_groups, power_of_two_ks
 from rl.common.packing import resolve_packing
@@ -315,15 +315,20 @@ class GRPOTrainer:
         if self.needs_ref:
             ref = self.workers.logprobs(micro_batches(everything), reference=True)
 
+        # Groups whose loss has no gradient (all advantages 0: every reward equal) go together, so that whole
+        # micro-batches skip their backward (`rl.workers.WorkerSettings.skip_zero_gradient`).
+        no_gradient = [cfg.skip_zero_gradient and not loss_has_gradient(
+            advantages[g * G:(g + 1) * G], trained[g * G:(g + 1) * G], beta=cfg.beta_kl, alpha=cfg.alpha_entropy)
+            for g in range(len(groups))]
         sums: dict[str, float] = {}
         weights: dict[str, float] = {}
         grad_norms = []
         generator = torch.Generator().manual_seed(cfg.seed * 7919 + self.step)
         for _epoch in range(cfg.ppo_epochs):
             for mb in self._minibatches(len(groups), generator):
-                # Groups of similar length together to cut padding (the loss uses global counts, so the order
-                # does not change it).
-                mb = sorted(mb, key=lambda i: (group_length[i // G], i // G, i))
+                # Then groups of similar length together to cut padding (the loss uses global counts, so the
+                # order does not change it).
+                mb = sorted(mb, key=lambda i: (no_gradient[i // G], group_length[i // G], i // G, i))
                 m = self.workers.update(micro_batches(mb, old, ref, engine=on_policy), cfg.policy_loss_kwargs())
                 grad_norms.append(m.pop("grad_norm"))
                 for k, v in m.items():

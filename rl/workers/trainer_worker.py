@@ -25,10 +25,11 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 
 from rl.common.host_memory import release_free_memory, reusing_freed_memory
 from rl.common.network import free_port
-from rl.grpo.loss import policy_loss
+from rl.grpo.loss import loss_has_gradient, policy_loss
 from rl.workers.batch import MicroBatch, dense_rows, packed_sequence_logprobs, sequence_logprobs
 
 __all__ = ["TrainerWorker", "WorkerSettings", "default_process_group_timeout_s", "free_port"]
@@ -76,6 +77,10 @@ class WorkerSettings:
     # completions behind one copy of its prompt, "padding_free" packs the sequences without a mask (varlen flash
     # attention), "off" runs padded rows, "auto" is the device kind's choice.
     packing: str = "auto"
+    # A GRPO micro-batch whose loss has no gradient (`rl.grpo.loss.loss_has_gradient`: e.g. zero-variance groups,
+    # all advantages 0) runs its forward for the metrics without autograd and no backward; False: every
+    # micro-batch runs its backward (as verl and TRL do). The update is the same either way.
+    skip_zero_gradient: bool = True
 
     @classmethod
     def from_grpo(cls, config, model_dir: str, reference_dir: str | None = None, **overrides) -> WorkerSettings:
@@ -85,7 +90,7 @@ class WorkerSettings:
                    max_grad_norm=config.max_grad_norm, bf16=config.bf16, temperature=config.temperature,
                    lora=config.lora if config.lora.enabled else None, seed=config.seed,
                    activation_checkpointing=config.activation_checkpointing, cpu_offload=config.cpu_offload,
-                   **{"packing": config.packing, **overrides})
+                   **{"packing": config.packing, "skip_zero_gradient": config.skip_zero_gradient, **overrides})
 
 
 def _compute_call(method):
@@ -204,7 +209,7 @@ class TrainerWorker:
         A frozen model (the reference) is stored in bf16 when the compute is bf16: the mixed-precision policy would
         round its float32 weights to bf16 before every forward anyway (the same values), so this halves its memory
         and skips that cast and half the all-gather bytes."""
-        from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
         from transformers import AutoModelForCausalLM
 
         s = self.settings
@@ -366,7 +371,8 @@ class TrainerWorker:
         the controller owns the algorithm, so they come with each update (a KL controller may change beta).
 
         ``loss`` is the mini-batch loss (sum of every micro-batch's share), the other loss metrics are means over
-        the trained sequences, ``grad_norm`` the norm before clipping.
+        the trained sequences, ``grad_norm`` the norm before clipping, ``skipped_backward`` the share of this rank's
+        micro-batches whose loss had no gradient on any rank and ran no backward (``skip_zero_gradient``).
         """
         s = self.settings
         local = [mb.counts() for mb in micro_batches]
@@ -378,16 +384,20 @@ class TrainerWorker:
         engines = micro_batches[0].num_engines
         gap, gap_tokens = [0.0] * engines, [0.0] * engines
         ratio_min, ratio_max = float("inf"), float("-inf")
-        for mb in micro_batches:
-            logp, entropy, mask = self._sequence_logprobs(self.model, mb, with_entropy=True)
-            trained = torch.tensor(mb.trained_mask(), device=mask.device)
-            mask = mask & trained[:, None]
-            old = logp.detach() if mb.old_logprobs is None else dense_rows(mb.old_logprobs, logp)
-            ref = None if mb.ref_logprobs is None else dense_rows(mb.ref_logprobs, logp)
-            advantages = torch.tensor(mb.advantages, dtype=torch.float32, device=logp.device)
-            loss, metrics = policy_loss(logp, old, advantages, mask, ref_logp=ref, entropy=entropy,
-                                        num_tokens=max(num_tokens, 1.0), num_seqs=max(num_seqs, 1.0), **loss_settings)
-            loss.backward()
+        backward = self._needs_backward(micro_batches, loss_settings)
+        for mb, mb_backward in zip(micro_batches, backward):
+            with torch.set_grad_enabled(mb_backward):  # without: no activations kept, the forward is for the metrics
+                logp, entropy, mask = self._sequence_logprobs(self.model, mb, with_entropy=True)
+                trained = torch.tensor(mb.trained_mask(), device=mask.device)
+                mask = mask & trained[:, None]
+                old = logp.detach() if mb.old_logprobs is None else dense_rows(mb.old_logprobs, logp)
+                ref = None if mb.ref_logprobs is None else dense_rows(mb.ref_logprobs, logp)
+                advantages = torch.tensor(mb.advantages, dtype=torch.float32, device=logp.device)
+                loss, metrics = policy_loss(logp, old, advantages, mask, ref_logp=ref, entropy=entropy,
+                                            num_tokens=max(num_tokens, 1.0), num_seqs=max(num_seqs, 1.0),
+                                            **loss_settings)
+            if mb_backward:
+                loss.backward()
             if mb.engine_logprobs is not None:
                 engine = dense_rows(mb.engine_logprobs, logp)
                 row_gap, row_tokens = ((logp.detach() - engine).abs() * mask).sum(-1).tolist(), mask.sum(-1).tolist()
@@ -402,6 +412,16 @@ class TrainerWorker:
             if mask.any():
                 ratio_min, ratio_max = min(ratio_min, float(metrics["ratio_min"])), max(ratio_max, float(metrics["ratio_max"]))
             weight += n
+        if not backward[-1] and isinstance(self.model, FSDPModule):
+            # FSDP2 keeps a root module unsharded after its forward until a backward reshards it: without one, the
+            # module would still hold the full tensors, not the sharded parameters that carry the gradients.
+            self.model.reshard()
+        if not any(backward):
+            # The gradient is zero: AdamW still decays the weights and its moments and counts the step, as after a
+            # backward that computed zeros.
+            for p in self.model.parameters():
+                if p.requires_grad and p.grad is None:
+                    p.grad = torch.zeros_like(p)
         grad_norm = clip_grad_norm_(self.model.parameters(), s.max_grad_norm)
         self.optimizer.step()
         keys = sorted(sums)
@@ -412,12 +432,24 @@ class TrainerWorker:
         (ratio_min,), (ratio_max,) = self._reduce([ratio_min], dist.ReduceOp.MIN), self._reduce([ratio_max], dist.ReduceOp.MAX)
         if num_tokens > 0:
             out.update(ratio_min=ratio_min, ratio_max=ratio_max)
-        out.update(grad_norm=grad_norm, num_tokens=num_tokens, num_seqs=num_seqs)
+        out.update(grad_norm=grad_norm, num_tokens=num_tokens, num_seqs=num_seqs,
+                   skipped_backward=1.0 - sum(backward) / len(backward))
         if micro_batches[0].engine_logprobs is not None:
             out["logprob_gap_engine_trainer"] = sum(gap) / max(sum(gap_tokens), 1.0)
             if engines > 1:
                 out.update({f"logprob_gap/engine{e}": g / max(t, 1.0) for e, (g, t) in enumerate(zip(gap, gap_tokens))})
         return out
+
+    def _needs_backward(self, micro_batches: list[MicroBatch], loss_settings: dict[str, Any]) -> list[bool]:
+        """Per micro-batch, whether its backward runs: where its loss can have a gradient on some rank (FSDP's
+        backward collectives must run on every rank for the same micro-batches), or everywhere when
+        ``skip_zero_gradient`` is off."""
+        if not self.settings.skip_zero_gradient:
+            return [True] * len(micro_batches)
+        beta, alpha = loss_settings.get("beta", 0.0), loss_settings.get("alpha", 0.0)
+        local = [float(loss_has_gradient(mb.advantages, mb.trained_mask(), beta=beta, alpha=alpha))
+                 for mb in micro_batches]
+        return [v > 0 for v in self._reduce(local, dist.ReduceOp.MAX)]
 
     def _reduce(self, values: list[float], op) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
