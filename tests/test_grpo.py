@@ -3,6 +3,7 @@
 import json
 import math
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -222,6 +223,58 @@ def test_dynamic_sampling_with_only_zero_variance_groups_skips_the_update(tmp_pa
     assert m["groups"] == 0 and m["groups_seen"] == 4 and m["sampling_rounds"] == 2 and m["zero_variance_share"] == 1.0
     start, end = load_file(str(Path(tiny_qwen2_dir) / "model.safetensors")), load_file(str(final / "model.safetensors"))
     assert all(torch.equal(start[k], end[k]) for k in start)
+
+
+@dataclass
+class Score:
+    score: float
+    correct: bool
+
+
+def half_constant_reward(texts, answers):
+    """0 for every completion of a problem with an even answer (a zero-variance group), else the parity of the
+    completion's length (groups with variance, mostly)."""
+    return [Score(0.0 if int(a) % 2 == 0 else float(len(t) % 2), False) for t, a in zip(texts, answers)]
+
+
+@pytest.mark.slow
+def test_zero_variance_groups_run_no_backward_and_the_run_is_the_same(tmp_path, tiny_qwen2_dir):
+    """Two GRPO steps with a reward that leaves some groups without variance, skipping their backward (the default)
+    and running every backward: those groups get micro-batches of their own (logged as ``skipped_backward``), the
+    same rollouts come out and the final weights agree to float rounding (the gradients are summed in another
+    order)."""
+    common = dict(steps=2, prompts_per_step=4, group_size=4, max_new_tokens=12, learning_rate=1e-3,
+                  micro_batch_size=8, save_every=10, packing="shared_prompt", **FLOAT32)
+    data = rows(16)
+    finals, metrics, rollouts = {}, {}, {}
+    for skip in (True, False):
+        out = tmp_path / str(skip)
+        finals[skip] = run_grpo(tiny_qwen2_dir, data, GRPOConfig(**common, skip_zero_gradient=skip), outputs(out),
+                                kl_metric=False, reward_fn=half_constant_reward)
+        metrics[skip] = read_metrics(out)
+        rollouts[skip] = [outputs(out).rollout_file(step).read_text() for step in (1, 2)]
+    assert rollouts[True] == rollouts[False]
+    for step, (on, off) in enumerate(zip(metrics[True], metrics[False]), start=1):
+        lines = [json.loads(line) for line in rollouts[True][step - 1].splitlines()]
+        rewards = [[r["reward"] for r in lines[g * 4:(g + 1) * 4]] for g in range(4)]
+        zero = sum(len(set(r)) == 1 for r in rewards)
+        print(f"[grpo] step {step}: {zero} of 4 groups without variance, skipped_backward {on['skipped_backward']}, "
+              f"loss {on['loss']:.6f} / {off['loss']:.6f}, grad_norm {on['grad_norm']:.6f} / {off['grad_norm']:.6f}")
+        # 2 groups per micro-batch, zero-variance groups apart: ceil(zero / 2) of the micro-batches skip
+        expected = math.ceil(zero / 2) / (math.ceil(zero / 2) + math.ceil((4 - zero) / 2))
+        assert on["skipped_backward"] == pytest.approx(expected) and off["skipped_backward"] == 0.0
+        assert on["zero_variance_share"] == zero / 4
+        for key in ("loss", "grad_norm", "entropy", "clip_fraction"):
+            assert on[key] == pytest.approx(off[key], rel=1e-5, abs=1e-7), key
+    assert any(0 < m["skipped_backward"] < 1 for m in metrics[True])  # the reward made both kinds of groups
+    a, b = load_file(str(finals[True] / "model.safetensors")), load_file(str(finals[False] / "model.safetensors"))
+    start = load_file(str(Path(tiny_qwen2_dir) / "model.safetensors"))
+    assert max(float((b[k] - start[k]).abs().max()) for k in b) > 0
+    # A key bias has zero gradient in exact arithmetic (softmax ignores a shift shared by all keys): its gradient is
+    # float noise, which AdamW scales up to steps of ~lr; summed in another order, that noise differs.
+    noise = {k for k in b if k.endswith("k_proj.bias")}
+    assert max(float((a[k] - b[k]).norm() / b[k].norm()) for k in b if k not in noise) <= 1e-5
+    assert max(float((a[k] - b[k]).abs().max()) for k in noise) <= 1e-6
 
 
 @pytest.mark.slow

@@ -174,6 +174,28 @@ def test_micro_batches_without_gradient_skip_their_backward_and_the_update_is_un
 
 
 @pytest.mark.slow
+def test_forwards_without_backward_between_backwards_on_one_fsdp_rank(ray_cluster, tiny_qwen2_dir):
+    """One rank with bf16 compute (FSDP2 over one rank): skipped micro-batches first, between backwards and last
+    leave the parameters bitwise those of the full backward."""
+    common = dict(model_dir=tiny_qwen2_dir, bf16=True, learning_rate=1e-3, weight_decay=0.1, temperature=0.9)
+    skip = WorkerGroup(WorkerSettings(**common), 1, num_cpus=0.5, call_timeout_s=300)
+    full = WorkerGroup(WorkerSettings(**common, skip_zero_gradient=False), 1, num_cpus=0.5, call_timeout_s=300)
+    loss = dict(aggregation="seq-mean-token-mean", beta=0.0, eps_low=0.2, eps_high=0.2)
+    try:
+        mbs = synthetic_micro_batches(seed=9)
+        for zero in ({0, 2}, {1, 3}):
+            batch = [MicroBatch(mb.prompt_ids, mb.completion_ids, [0.0] * len(mb) if i in zero else mb.advantages,
+                                trained=mb.trained) for i, mb in enumerate(mbs)]
+            m_skip, m_full = skip.update(batch, loss), full.update(batch, loss)
+            assert (m_skip["skipped_backward"], m_full["skipped_backward"]) == (0.5, 0.0)
+            assert m_skip["grad_norm"] == m_full["grad_norm"] > 0
+            assert_same_tensors(skip.full_state_dict(), full.full_state_dict())
+    finally:
+        skip.shutdown()
+        full.shutdown()
+
+
+@pytest.mark.slow
 def test_activation_checkpointing_at_two_ranks_updates_like_one_rank_without_it(ray_cluster, tiny_qwen2_dir,
                                                                                reference_dir):
     """rl.activation_checkpointing recomputes each decoder layer in the backward: the same parameters after an

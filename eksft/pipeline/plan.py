@@ -57,7 +57,8 @@ ADDED_KEY_DEFAULTS = {"revision": None, "revisions": {}, "selection": "first", "
                       "tensor_parallel_size": 1, "placement": "colocated", "weight_sync": "transfer", "bucket_mb": 64.0,
                       "packing": "auto"}
 # The ``rl`` section is hashed whole (it predates ADDED_KEY_DEFAULTS): only the keys added since are left out.
-RL_ADDED_KEY_DEFAULTS = {"packing": "auto", "micro_batch_tokens": None}
+# ``skip_zero_gradient`` at its default gives the update the full backward gives, summed in another order.
+RL_ADDED_KEY_DEFAULTS = {"packing": "auto", "micro_batch_tokens": None, "skip_zero_gradient": True}
 
 
 def _dump(section) -> dict:

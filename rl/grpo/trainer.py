@@ -293,8 +293,20 @@ class GRPOTrainer:
         n = len(samples)
         on_policy = cfg.ppo_epochs == 1 and (cfg.mini_batch_size is None or cfg.mini_batch_size >= n)
         num_engines = getattr(self.engine, "num_engines", 1)
+        # Groups whose loss has no gradient (all advantages 0: every reward equal) get micro-batches of their own in
+        # the update, which then run no backward (`rl.workers.WorkerSettings.skip_zero_gradient`).
+        no_gradient = [cfg.skip_zero_gradient and not loss_has_gradient(
+            advantages[g * G:(g + 1) * G], trained[g * G:(g + 1) * G], beta=cfg.beta_kl, alpha=cfg.alpha_entropy)
+            for g in range(len(groups))]
 
-        def micro_batches(indices: list[int], old=None, ref=None, engine: bool = False) -> list[MicroBatch]:
+        def chunks(indices: list[int], apart: bool) -> list[list[int]]:
+            if not apart:
+                return self._micro_batch_chunks(indices, samples)
+            parts = ([i for i in indices if not no_gradient[i // G]], [i for i in indices if no_gradient[i // G]])
+            return [chunk for part in parts if part for chunk in self._micro_batch_chunks(part, samples)]
+
+        def micro_batches(indices: list[int], old=None, ref=None, engine: bool = False,
+                          update: bool = False) -> list[MicroBatch]:
             return [MicroBatch([samples[i].prompt_ids for i in idx], [samples[i].completion_ids for i in idx],
                                [advantages[i] for i in idx],
                                None if old is None else [old[i] for i in idx],
@@ -302,7 +314,7 @@ class GRPOTrainer:
                                [trained[i] for i in idx],
                                [samples[i].logprobs for i in idx] if engine else None,
                                [samples[i].engine for i in idx] if engine else None, num_engines)
-                    for idx in self._micro_batch_chunks(indices, samples)]
+                    for idx in chunks(indices, apart=update)]
 
         # old log-probs: the same weights that generated (sync after every update). With one update per
         # batch they equal the detached log-probs of the training forward (rho = 1), so no extra forward.
@@ -315,21 +327,17 @@ class GRPOTrainer:
         if self.needs_ref:
             ref = self.workers.logprobs(micro_batches(everything), reference=True)
 
-        # Groups whose loss has no gradient (all advantages 0: every reward equal) go together, so that whole
-        # micro-batches skip their backward (`rl.workers.WorkerSettings.skip_zero_gradient`).
-        no_gradient = [cfg.skip_zero_gradient and not loss_has_gradient(
-            advantages[g * G:(g + 1) * G], trained[g * G:(g + 1) * G], beta=cfg.beta_kl, alpha=cfg.alpha_entropy)
-            for g in range(len(groups))]
         sums: dict[str, float] = {}
         weights: dict[str, float] = {}
         grad_norms = []
         generator = torch.Generator().manual_seed(cfg.seed * 7919 + self.step)
         for _epoch in range(cfg.ppo_epochs):
             for mb in self._minibatches(len(groups), generator):
-                # Then groups of similar length together to cut padding (the loss uses global counts, so the
-                # order does not change it).
-                mb = sorted(mb, key=lambda i: (no_gradient[i // G], group_length[i // G], i // G, i))
-                m = self.workers.update(micro_batches(mb, old, ref, engine=on_policy), cfg.policy_loss_kwargs())
+                # Groups of similar length together to cut padding (the loss uses global counts, so the order
+                # does not change it).
+                mb = sorted(mb, key=lambda i: (group_length[i // G], i // G, i))
+                m = self.workers.update(micro_batches(mb, old, ref, engine=on_policy, update=True),
+                                        cfg.policy_loss_kwargs())
                 grad_norms.append(m.pop("grad_norm"))
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + v * len(mb)
