@@ -132,15 +132,20 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_rollout_arguments(p: argparse.ArgumentParser) -> None:
+    """The model and the shape of `synthetic_micro_batches` (also `benchmarks/zero_gradient.py`'s)."""
     p.add_argument("--model", default="embedded:smollm2-135m-instruct")
     p.add_argument("--groups", type=int, default=8, help="prompts, one micro-batch each")
     p.add_argument("--group", type=int, default=8, help="completions per prompt")
     p.add_argument("--prompt-tokens", type=int, default=48)
     p.add_argument("--min-tokens", type=int, default=30)
     p.add_argument("--max-tokens", type=int, default=128)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_rollout_arguments(p)
     p.add_argument("--reps", type=int, default=2, help="updates per setting, alternating")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="JSON path (default: benchmarks/results/host_memory_<capability tag>.json, and .md beside it)")

@@ -35,7 +35,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _results  # noqa: E402
-from host_memory import synthetic_micro_batches  # noqa: E402
+from host_memory import add_rollout_arguments, synthetic_micro_batches  # noqa: E402
 
 SETTINGS = {"backward_always": False, "skip_zero_gradient": True}
 
@@ -114,12 +114,7 @@ def markdown(result: dict[str, Any]) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="embedded:smollm2-135m-instruct")
-    p.add_argument("--groups", type=int, default=8, help="prompts, one micro-batch each")
-    p.add_argument("--group", type=int, default=8, help="completions per prompt")
-    p.add_argument("--prompt-tokens", type=int, default=48)
-    p.add_argument("--min-tokens", type=int, default=30)
-    p.add_argument("--max-tokens", type=int, default=128)
+    add_rollout_arguments(p)
     p.add_argument("--shares", type=lambda s: [float(x) for x in s.split(",")], default=[0.0, 0.5, 1.0],
                    help="shares of zero-variance groups, comma-separated")
     p.add_argument("--reps", type=int, default=2, help="updates per setting and share, alternating")
