@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,13 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 def default_path(*name_parts: str) -> str:
     """``benchmarks/results/<part>_<part>....json``, e.g. ``default_path("grpo_step", "cpu-avx2")``."""
     return str(RESULTS_DIR / ("_".join(name_parts) + ".json"))
+
+
+def cpu_machine() -> dict[str, Any]:
+    """The machine a CPU benchmark ran on: platform, cores, torch version."""
+    import torch
+
+    return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__}
 
 
 def _write(path: Path, text: str) -> None:

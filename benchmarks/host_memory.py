@@ -64,8 +64,6 @@ def synthetic_micro_batches(args, rng: random.Random, vocab_size: int):
 
 
 def run(args) -> dict[str, Any]:
-    import torch
-
     from eksft.models import resolve_model_dir
     from rl.grpo.config import GRPOConfig
     from rl.workers import WorkerSettings, make_worker_group
@@ -99,15 +97,10 @@ def run(args) -> dict[str, Any]:
     for v in out.values():
         v["median_s"] = statistics.median(v["seconds"])
         v["median_page_faults"] = statistics.median(v["page_faults"])
-    import os
-    import platform
-
     from rl.common.precision import detect_hardware
 
     return {"benchmark": "host_memory", "config": vars(args), "completion_tokens": completion_tokens,
-            "hardware": detect_hardware("cpu").as_dict(),
-            "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                        "torch": torch.__version__},
+            "hardware": detect_hardware("cpu").as_dict(), "machine": _results.cpu_machine(),
             "settings": {k: {"mmap_threshold": m, "trim_threshold": t} for k, (m, t) in SETTINGS.items()},
             "updates": out,
             "ratios": {"heap_reuse_over_default_time": out["heap_reuse"]["median_s"] / out["glibc_default"]["median_s"],

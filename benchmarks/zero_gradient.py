@@ -47,8 +47,6 @@ def with_zero_groups(batches, share: float):
 
 
 def run(args) -> dict[str, Any]:
-    import torch
-
     from eksft.models import resolve_model_dir
     from rl.common.precision import detect_hardware
     from rl.grpo.config import GRPOConfig
@@ -87,12 +85,8 @@ def run(args) -> dict[str, Any]:
             row["skip_over_always"] = row["skip_zero_gradient"]["median_s"] / row["backward_always"]["median_s"]
     finally:
         group.shutdown()
-    import os
-    import platform
-
     return {"benchmark": "zero_gradient", "config": vars(args), "completion_tokens": completion_tokens,
-            "hardware": detect_hardware("cpu").as_dict(),
-            "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__},
+            "hardware": detect_hardware("cpu").as_dict(), "machine": _results.cpu_machine(),
             "by_zero_variance_share": out}
 
 

@@ -1,6 +1,8 @@
 """Shared fixtures. Tests run offline: models come from the embedded wheel or are random-initialised."""
 
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 
@@ -37,3 +39,17 @@ def ray_cluster():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """``load_benchmark("host_memory")``: the module of ``benchmarks/host_memory.py``, loaded from its file."""
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", benchmarks / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -3,21 +3,15 @@
 No timing assertions: the numbers come from the benchmark itself, on the embedded model.
 """
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "host_memory.py"
-
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings")
-def test_host_memory_benchmark_records_both_settings(tmp_path, tiny_qwen2_dir):
-    spec = importlib.util.spec_from_file_location("bench_host_memory", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_host_memory_benchmark_records_both_settings(tmp_path, tiny_qwen2_dir, load_benchmark):
+    bench = load_benchmark("host_memory")
     out = tmp_path / "h.json"
     bench.main(["--model", "tiny:qwen2", "--groups", "2", "--group", "2", "--prompt-tokens", "6", "--min-tokens", "2",
                 "--max-tokens", "9", "--reps", "1", "--out", str(out)])

@@ -4,17 +4,11 @@ the record says how many backwards each one skipped.
 No timing assertions: the numbers come from the benchmark itself, on the embedded model.
 """
 
-import importlib.util
 import json
-from pathlib import Path
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "zero_gradient.py"
 
 
-def test_zero_gradient_benchmark_records_both_settings_per_share(tmp_path, tiny_qwen2_dir):
-    spec = importlib.util.spec_from_file_location("bench_zero_gradient", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_zero_gradient_benchmark_records_both_settings_per_share(tmp_path, tiny_qwen2_dir, load_benchmark):
+    bench = load_benchmark("zero_gradient")
     out = tmp_path / "z.json"
     bench.main(["--model", "tiny:qwen2", "--groups", "4", "--group", "2", "--prompt-tokens", "6", "--min-tokens", "2",
                 "--max-tokens", "9", "--shares", "0,0.5,1", "--reps", "1", "--out", str(out)])

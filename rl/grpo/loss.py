@@ -100,7 +100,7 @@ def loss_has_gradient(advantages: Sequence[float], trained: Sequence[bool], *, b
     without changing the update. A NaN advantage counts as non-zero (its NaN gradient is not hidden)."""
     if beta > 0 or alpha > 0:
         return True
-    return any(keep and not a == 0 for a, keep in zip(advantages, trained, strict=True))
+    return any(keep and a != 0 for a, keep in zip(advantages, trained, strict=True))
 
 
 def valid_counts(response_mask: Tensor) -> tuple[float, float]:
