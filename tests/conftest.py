@@ -11,6 +11,20 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# Under pytest-xdist (`make test`: 2 processes) these run one after another in one process: each holds several GB
+# (the embedded model in a trainer, engines, stage processes), and two at once came within 2 GB of a 24 GB
+# machine's memory, where Ray's memory monitor starts killing workers.
+HOST_MEMORY_GROUP = pytest.mark.xdist_group("host_memory")
+WHOLE_PIPELINES = {"test_mini_recipe_through_the_ray_pipeline"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        slow = item.get_closest_marker("slow") is not None
+        if (slow and "embedded_dir" in item.fixturenames) or item.originalname in WHOLE_PIPELINES:
+            item.add_marker(HOST_MEMORY_GROUP)
+
+
 @pytest.fixture(scope="session")
 def tiny_qwen2_dir():
     from eksft.models import resolve_model_dir
