@@ -15,7 +15,7 @@ quickstart: install
 	$(BIN)/eksft run $(RECIPE)
 
 # Two pytest-xdist processes: much of a test's time is one-threaded (importing vLLM, starting engines and Ray
-# workers), which the other process fills (34 -> 29 min on 2 AVX2 cores). The tests that load the embedded model
+# workers), which the other process fills (33.9 -> 26.1 min on 2 AVX2 cores). The tests that load the embedded model
 # or run whole pipelines share one process (conftest.py), so that two of them never hold host memory at once.
 # PYTEST_WORKERS=0 runs everything in one process.
 PYTEST_WORKERS ?= 2
