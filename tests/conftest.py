@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,13 +58,20 @@ def ray_cluster():
 
 @pytest.fixture(scope="session")
 def load_benchmark():
-    """``load_benchmark("host_memory")``: the module of ``benchmarks/host_memory.py``, loaded from its file."""
+    """``load_benchmark("host_memory")``: the module of ``benchmarks/host_memory.py``, loaded from its file (once per
+    session) and registered in ``sys.modules`` as ``bench_host_memory`` (dataclasses resolve annotations there)."""
     benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    loaded = {}
 
     def load(name: str):
-        spec = importlib.util.spec_from_file_location(f"bench_{name}", benchmarks / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
+        if name not in loaded:
+            spec = importlib.util.spec_from_file_location(f"bench_{name}", benchmarks / f"{name}.py")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module
+            spec.loader.exec_module(module)
+            loaded[name] = module
+        return loaded[name]
 
-    return load
+    yield load
+    for name in loaded:
+        sys.modules.pop(f"bench_{name}", None)

@@ -3,16 +3,11 @@
 No timing assertions: the numbers come from the benchmark itself, on real shapes.
 """
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "sft_step.py"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -25,13 +20,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_sft_step", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+def bench(load_benchmark):
+    return load_benchmark("sft_step")
 
 
 @pytest.fixture(scope="module")

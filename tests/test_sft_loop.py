@@ -6,11 +6,9 @@ the HF Trainer path as it was) on the tiny model: the first 5 steps' losses, lea
 epochs and objective metrics.
 """
 
-import importlib.util
 import itertools
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,8 +18,6 @@ from eksft.config import load_recipe
 from eksft.layout import SFTStageDir
 from eksft.sft import run_sft
 from eksft.sft.plan import SCHEDULES, StepPlan, epoch_order, learning_rate_at, warmup_steps
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
@@ -72,14 +68,6 @@ def test_the_steps_cover_each_epoch_once_as_the_trainer_counts_them(n, batch, ac
     assert StepPlan(n, batch, accum, workers, 0, 8, max_steps=3).total_steps == 3
 
 
-def load_baseline():
-    spec = importlib.util.spec_from_file_location("hf_trainer_baseline", ROOT / "benchmarks" / "hf_trainer_baseline.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -92,7 +80,7 @@ LOOP = ["model.name=tiny:qwen2", "data.sft.num_examples=10", "data.max_length=96
 
 
 @pytest.mark.parametrize("arm,batch", [("eksft", []), ("dft", []), ("sft", ["sft.batch_size=2", "sft.grad_accum=2"])])
-def test_the_loop_reproduces_the_hf_trainers_first_steps(tmp_path, arm, batch):
+def test_the_loop_reproduces_the_hf_trainers_first_steps(tmp_path, arm, batch, load_benchmark):
     """sft with micro-batches of 2: the shared prompt computed once both ways (the Trainer's KV cache, the loop's
     packed row). Not EKSFT there: its top-k selection turns the two ways' float32 rounding of two nearly equal
     KL values into different kept tokens (seen at step 5 here), which is no difference of the loop."""
@@ -100,7 +88,7 @@ def test_the_loop_reproduces_the_hf_trainers_first_steps(tmp_path, arm, batch):
                                 "arms=[{name: eksft, objective: {name: eksft, ratio: 0.3}}, {name: sft, objective: "
                                 "{name: sft}}, {name: dft, objective: {name: dft}}]"])
     objective = recipe.arm(arm).objective
-    load_baseline().hf_train(recipe, objective, tmp_path / "hf")
+    load_benchmark("hf_trainer_baseline").hf_train(recipe, objective, tmp_path / "hf")
     run_sft(recipe, objective, SFTStageDir(tmp_path / "loop"))
     hf, loop = read_metrics(tmp_path / "hf" / "metrics.jsonl"), read_metrics(tmp_path / "loop" / "metrics.jsonl")
     assert [r["step"] for r in hf] == [r["step"] for r in loop] == [1, 2, 3, 4, 5, 6]
