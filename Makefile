@@ -9,6 +9,10 @@ RECIPE ?= recipes/quickstart.yaml
 install:
 	scripts/install.sh $(TARGET)
 
+# `make test` on a fresh clone installs first; once .venv has the eksft command it does not reinstall.
+$(BIN)/eksft:
+	scripts/install.sh $(TARGET)
+
 quickstart: install
 	$(BIN)/eksft models prepare embedded:smollm2-135m-instruct
 	$(BIN)/eksft data preview --recipe $(RECIPE) -n 2
@@ -19,5 +23,5 @@ quickstart: install
 # or run whole pipelines share one process (conftest.py), so that two of them never hold host memory at once.
 # PYTEST_WORKERS=0 runs everything in one process.
 PYTEST_WORKERS ?= 2
-test:
+test: | $(BIN)/eksft
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup --timeout 900 --durations=40 tests

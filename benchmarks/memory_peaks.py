@@ -194,26 +194,15 @@ def _result(name: str, measured: int, estimate, reset: bool, *, loaded: int, loa
 CHILDREN = {"sft": measure_sft, "grpo": measure_grpo, "engine": measure_engine}
 
 
-def start_child(name: str) -> subprocess.Popen:
-    """The measurement ``name`` in a fresh process (its peak is that process's own, whatever runs beside it)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-    return subprocess.Popen([sys.executable, __file__, "--child", name], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-
-
-def child_result(name: str, child: subprocess.Popen, timeout: float = 300) -> dict:
-    try:
-        stdout, stderr = child.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        raise
-    if child.returncode != 0:
-        raise RuntimeError(f"{name} failed ({child.returncode}):\n{stderr[-4000:]}")
-    return json.loads(stdout.strip().splitlines()[-1])
-
-
 def run_child(name: str, timeout: float = 300) -> dict:
-    return child_result(name, start_child(name), timeout)
+    """The measurement ``name`` in a fresh process (its peak is that process's own, whatever runs beside it); killed
+    after ``timeout`` seconds."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    child = subprocess.run([sys.executable, __file__, "--child", name], capture_output=True, text=True, env=env,
+                           cwd=ROOT, timeout=timeout)
+    if child.returncode != 0:
+        raise RuntimeError(f"{name} failed ({child.returncode}):\n{child.stderr[-4000:]}")
+    return json.loads(child.stdout.strip().splitlines()[-1])
 
 
 def table(rows: list[dict]) -> str:
