@@ -79,6 +79,7 @@ def measure_sft() -> dict:
     from eksft.sft.run import worker_settings
     from eksft.sft.step import ObjectiveStepLoss, SFTMicroBatch
     from rl.common.precision import resolve_bf16
+    from rl.common.token_stats import default_chunk_size
     from rl.workers import make_worker_group
 
     torch.set_num_threads(1)
@@ -103,7 +104,8 @@ def measure_sft() -> dict:
     measured = hwm() - base
     setup = TrainerSetup(workers=1, bf16=bf16, weight_dtype=recipe.model.dtype, reference="copy",
                          activation_checkpointing=recipe.sft.gradient_checkpointing)
-    shape_mb = MicroBatchShape(rows, length, logit_positions=length - prompt, padded=False, reference_logits=True)
+    shape_mb = MicroBatchShape(rows, length, logit_positions=length - prompt, padded=False, reference_logits=True,
+                               chunk_rows=default_chunk_size(shape.vocab, "cpu"))
     estimate = trainer_estimate(shape, setup, shape_mb)
     return _result("sft", measured, estimate, reset, loaded=loaded, load_peak=load_peak,
                    what=f"cold-start step, eksft objective, {rows} x {length} tokens, labels from {prompt}, "
@@ -115,6 +117,7 @@ def measure_grpo() -> dict:
 
     from eksft.pipeline.memory import MicroBatchShape, TrainerSetup, trainer_estimate
     from rl.common.precision import resolve_bf16
+    from rl.common.token_stats import default_chunk_size
     from rl.workers import MicroBatch, WorkerSettings, make_worker_group
 
     torch.set_num_threads(1)
@@ -141,7 +144,8 @@ def measure_grpo() -> dict:
     measured = hwm() - base
     setup = TrainerSetup(workers=1, bf16=bf16, weight_dtype="float32", reference="copy",
                          activation_checkpointing=rl.activation_checkpointing)
-    estimate = trainer_estimate(shape, setup, MicroBatchShape(rows, prompt + longest, longest + 1))
+    estimate = trainer_estimate(shape, setup, MicroBatchShape(rows, prompt + longest, longest + 1,
+                                                              chunk_rows=default_chunk_size(shape.vocab, "cpu")))
     return _result("grpo", measured, estimate, reset, loaded=loaded, load_peak=load_peak,
                    what=f"GRPO update, {rows} completions of {min(lengths)}-{longest} tokens after {prompt}-token "
                         f"prompts, compute {'bf16' if bf16 else 'float32'}, float32 weights, reference copy")

@@ -328,6 +328,9 @@ def test_logits_and_loss_temporaries():
     V, L = 151936, 8192
     c = default_chunk_size(V)
     assert c == 2**26 // V == 441
+    # a CPU trainer's chunks are 4 MiB of float32, to stay in the caches (rl.common.token_stats.CPU_CHUNK_ELEMENTS)
+    assert default_chunk_size(V, "cpu") == 2**20 // V == 6
+    assert default_chunk_size(49152, "cpu") == 21 and default_chunk_size(10**7, "cpu") == 1
     # backward: the bf16 logits and their full-size gradient, 2 float32 chunks and the chunk's bf16 gradient
     assert logits_bytes(V, L, 2) == 2 * 2 * L * V + 2 * 4 * c * V + 2 * c * V == 5_648_676_608
     # with a reference's logits kept too (SFT objectives with a reference)

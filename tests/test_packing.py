@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
-from rl.common.packing import (MAX_PACKED_LENGTH, PACKING_BY_DEVICE, pack_sequences, packed_length, packing_units,
-                               resolve_packing, segment_attention, sft_packed)
+from rl.common.packing import (MAX_PACKED_LENGTH, PACKING_BY_DEVICE, SegmentLayout, completion_buckets, pack_sequences,
+                               packed_length, packing_units, resolve_packing, segment_attention, sft_packed)
 from rl.grpo import GRPOConfig
 from rl.grpo.loss import AGGREGATIONS
 from rl.workers.batch import MicroBatch, packed_sequence_logprobs, sequence_logprobs
@@ -85,23 +85,29 @@ def random_batch(rng: random.Random, vocab: int = 50):
     return prompts, completions
 
 
+@pytest.mark.parametrize("call_pairs", [0, None])
 @pytest.mark.parametrize("seed", range(20))
-def test_segment_attention_equals_sdpa_under_the_rows_mask(seed):
-    """`segment_attention` (each prompt and each completion its own SDPA call, only the allowed pairs) against SDPA
-    over the whole row under its [L, L] mask, in float64: outputs and the gradients of q, k and v (grouped-query
-    heads: 4 query heads on 2 key/value heads)."""
+def test_segment_attention_equals_sdpa_under_the_rows_mask(seed, call_pairs):
+    """`segment_attention` (the prompts in one SDPA call, the completions in buckets of similar length, only the
+    allowed pairs) against SDPA over the whole row under its [L, L] mask, in float64: outputs and the gradients of
+    q, k and v (grouped-query heads: 4 query heads on 2 key/value heads). ``call_pairs`` 0: calls cost nothing, so
+    the completions split into many buckets; None: the default cost."""
     import types
 
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     prompts, completions = random_batch(random.Random(seed))
     packed = pack_sequences(prompts, completions)
+    layout = (packed.segment_layout() if call_pairs is None
+              else SegmentLayout.of(packed.segment, packed.seen, call_pairs=call_pairs))
+    if call_pairs == 0 and len({len(c) for c in completions if c}) > 1:
+        assert len(layout.buckets) > 1
     g = torch.Generator().manual_seed(seed)
     L = packed.length
     q, k, v = (torch.randn(1, heads, L, 8, generator=g, dtype=torch.float64, requires_grad=True)
                for heads in (4, 2, 2))
     module = types.SimpleNamespace(num_key_value_groups=2, is_causal=True, training=False)
-    out, _ = segment_attention(module, q, k, v, None, scaling=0.3, packed_layout=packed.segment_layout())
+    out, _ = segment_attention(module, q, k, v, None, scaling=0.3, packed_layout=layout)
     expected, _ = sdpa_attention_forward(module, q, k, v, packed.allowed[None, None], scaling=0.3)
     assert out.shape == expected.shape == (1, L, 4, 8)
     assert torch.allclose(out, expected, rtol=1e-12, atol=1e-12)
@@ -112,6 +118,46 @@ def test_segment_attention_equals_sdpa_under_the_rows_mask(seed):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
+def _partitions(items: list[int]):
+    """Every set partition of ``items`` (Bell(n) of them)."""
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for partition in _partitions(rest):
+        yield [[first]] + partition
+        for k in range(len(partition)):
+            yield partition[:k] + [[first] + partition[k]] + partition[k + 1:]
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_completion_buckets_are_the_cheapest_partition(seed):
+    """The dynamic programme's split against every partition of 1-7 completions (brute force): the same minimum
+    of padded query-key pairs plus the per-call cost, and a true partition (every completion once, each bucket in
+    the original order)."""
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 40) for _ in range(rng.randint(1, 7))]
+    width, call_pairs = rng.randint(0, 30), rng.choice([0, 1, 50, 500, 5000])
+
+    def cost(buckets):
+        return sum(len(b) * max(lengths[i] for i in b) * (width + max(lengths[i] for i in b)) + call_pairs
+                   for b in buckets)
+
+    buckets = completion_buckets(lengths, width, call_pairs)
+    assert sorted(i for b in buckets for i in b) == list(range(len(lengths)))
+    assert all(b == sorted(b) for b in buckets)
+    assert cost(buckets) == min(cost(p) for p in _partitions(list(range(len(lengths)))))
+
+
+def test_completion_buckets_by_hand():
+    """Lengths 8, 2, 7, 1 after a 2-token prompt. One call: 4 x 8 x 10 = 320 pairs. Free calls: {8}, {7}, {2},
+    {1} = 80 + 63 + 8 + 3 = 154 pairs. At 100 pairs a call: {8, 7} and {2, 1}: 160 + 16 + 200 = 376 < 420."""
+    assert completion_buckets([8, 2, 7, 1], 2, call_pairs=10**6) == [[0, 1, 2, 3]]
+    assert completion_buckets([8, 2, 7, 1], 2, call_pairs=0) == [[0], [2], [1], [3]]
+    assert completion_buckets([8, 2, 7, 1], 2, call_pairs=100) == [[0, 2], [1, 3]]
+    assert completion_buckets([], 5) == []
+
+
 def test_segment_layout_by_hand():
     """Prompt [7, 8, 9] with completions [1, 2] and [3]; prompt [5] (no position of its own) with [4, 6]:
     row 7 8 | 9 1 | 9 | 5 4 -> prompts {0, 1}; completions {2, 3}, {4}, {5, 6}."""
@@ -119,11 +165,12 @@ def test_segment_layout_by_hand():
     assert packed.input_ids[0].tolist() == [7, 8, 9, 1, 9, 5, 4]
     layout = packed.segment_layout()
     assert layout.prompt_index.tolist() == [[0, 1]]  # the one-token prompt [5] has no segment with positions
-    assert layout.query_index.tolist() == [[2, 3], [4, 0], [5, 6]]
-    assert layout.query_valid.tolist() == [[True, True], [True, False], [True, True]]
-    assert layout.key_index.tolist() == [[0, 1, 2, 3], [0, 1, 4, 0], [0, 0, 5, 6]]
+    (bucket,) = layout.buckets  # three short completions: one SDPA call is cheaper than two
+    assert bucket.query_index.tolist() == [[2, 3], [4, 0], [5, 6]]
+    assert bucket.query_valid.tolist() == [[True, True], [True, False], [True, True]]
+    assert bucket.key_index.tolist() == [[0, 1, 2, 3], [0, 1, 4, 0], [0, 0, 5, 6]]
     T, F = True, False
-    assert layout.key_mask[:, 0].tolist() == [[[T, T, T, F], [T, T, T, T]],
+    assert bucket.key_mask[:, 0].tolist() == [[[T, T, T, F], [T, T, T, T]],
                                               [[T, T, T, F], [T, T, T, T]],  # the second query is padding
                                               [[F, F, T, F], [F, F, T, T]]]  # no prompt keys
     assert layout.order.tolist() == list(range(7))

@@ -275,7 +275,8 @@ class MicroBatchShape:
     ``padded``: an attention mask reaches SDPA (rows of different lengths; transformers drops an all-ones mask);
     None: when there is more than one row. ``reference_logits``: the loss keeps a reference's logits beside the
     policy's (the cold start's objectives with a reference; GRPO passes reference log-probs, not logits).
-    ``chunk_rows``: token_stats' positions per chunk (None: its default, 2^26 // vocab)."""
+    ``chunk_rows``: token_stats' positions per chunk (None: its default on an accelerator, 2^26 // vocab; a CPU's
+    is `rl.common.token_stats.default_chunk_size(vocab, "cpu")`)."""
 
     sequences: int
     length: int

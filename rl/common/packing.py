@@ -16,8 +16,8 @@ padding-free packing.
 
 Two layouts (``rl.packing``):
 
-* ``shared_prompt``: as above. With SDPA the row runs `segment_attention` (each prompt, then each completion with
-  its prompt, in two SDPA calls: only the pairs the mask allows, not all L^2 of them); eager attention takes the
+* ``shared_prompt``: as above. With SDPA the row runs `segment_attention` (the prompts in one SDPA call, then the
+  completions with their prompt, in buckets of similar length: only the pairs the mask allows, not all L^2 of them); eager attention takes the
   [L, L] mask (additive);
 * ``padding_free``: every sequence its own unit (no prompt shared), position ids restarting at 0 for each, and
   NO mask: transformers finds the sequences from the position ids (varlen flash attention on a GPU; a block
@@ -30,7 +30,7 @@ Two layouts (``rl.packing``):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
 import torch
@@ -38,8 +38,8 @@ from torch import Tensor
 
 from rl.common.token_stats import takes_logits_to_keep
 
-__all__ = ["LAYOUTS", "MAX_PACKED_LENGTH", "PACKING_BY_DEVICE", "Packing", "PackedSequences", "SEGMENT_ATTENTION",
-           "SegmentLayout", "attention_implementation", "pack_sequences", "packed_length", "packed_logits",
+__all__ = ["LAYOUTS", "MAX_PACKED_LENGTH", "PACKING_BY_DEVICE", "SDPA_CALL_PAIRS", "CompletionBucket", "Packing",
+           "PackedSequences", "SEGMENT_ATTENTION", "SegmentLayout", "completion_buckets", "attention_implementation", "pack_sequences", "packed_length", "packed_logits",
            "packing_units", "resolve_packing", "segment_attention", "sft_packed", "use_segment_attention"]
 
 # A packed row longer than this runs as the padded batch: its [L, L] mask (and attention without a fused kernel
@@ -196,28 +196,71 @@ def pack_sequences(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence
                            as_long(labels), as_long(rows), as_long(columns), len(completion_ids), width, segment, seen)
 
 
+# What one SDPA call's fixed cost (dispatch, gathers, the thread pool's start) is worth in query-key pairs, for
+# `completion_buckets`: measured on 2 AVX2 cores (benchmarks/results/segment_attention_cpu-avx2.md).
+SDPA_CALL_PAIRS = 16384
+
+
+def completion_buckets(lengths: Sequence[int], prompt_width: int, call_pairs: int | None = None) -> list[list[int]]:
+    """The completions (by index into ``lengths``) split into buckets, one SDPA call each in `segment_attention`.
+
+    A bucket pads its completions to its longest, C, and each of its S x C queries meets ``prompt_width + C`` keys.
+    The split minimises those pairs plus ``call_pairs`` per call, exactly: for this cost some optimal split takes
+    the completions in order of length (swapping a longer one into the bucket of shorter ones never helps), so a
+    dynamic programme over the sorted lengths finds it (tested against every partition). Each bucket lists its
+    completions in their original order, longest bucket first. ``call_pairs`` None: `SDPA_CALL_PAIRS`."""
+    call_pairs = SDPA_CALL_PAIRS if call_pairs is None else call_pairs
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    best = [0] + [float("inf")] * len(order)  # best[j]: the cheapest split of the j longest
+    start = [0] * (len(order) + 1)
+    for j in range(1, len(order) + 1):
+        for i in range(j):  # the last bucket is order[i:j], padded to its first (longest) length
+            longest = lengths[order[i]]
+            cost = best[i] + (j - i) * longest * (prompt_width + longest) + call_pairs
+            if cost < best[j]:
+                best[j], start[j] = cost, i
+    buckets, j = [], len(order)
+    while j > 0:
+        buckets.append(sorted(order[start[j]:j]))
+        j = start[j]
+    return buckets[::-1]
+
+
 @dataclass(frozen=True)
-class SegmentLayout:
-    """The segments of a packed row as two padded batches, for `segment_attention`.
+class CompletionBucket:
+    """Completions of similar length, attended to in one SDPA call: ``query_index`` [S, C] their row positions,
+    padded with 0 where ``query_valid`` is False; each attends to its prompt's positions and, causally, to its own:
+    ``key_index`` [S, P + C] (its prompt's row of the layout's ``prompt_index``, then its own) under ``key_mask``
+    [S, 1, C, P + C]. A padded query sees its own keys up to it, so no row of the mask is empty (its output is
+    dropped). ``query_rows``: the valid entries of ``query_index``, flattened."""
 
-    Prompts (segments that see only themselves): ``prompt_index`` [U, P] their row positions, padded with 0 where
-    ``prompt_valid`` is False. Completions: ``query_index`` [S, C] likewise (``query_valid``); each attends to its
-    prompt's positions and, causally, to its own: ``key_index`` [S, P + C] (its prompt's row of ``prompt_index``,
-    then its own) under ``key_mask`` [S, 1, C, P + C]. A padded query sees its own keys up to it, so no row of the
-    mask is empty (its output is dropped). ``order`` [L]: the row position of each valid output, prompts first."""
-
-    prompt_index: Tensor
-    prompt_valid: Tensor
     query_index: Tensor
     query_valid: Tensor
     key_index: Tensor
     key_mask: Tensor
-    order: Tensor
-    prompt_rows: Tensor  # [n] the valid entries of prompt_index, flattened (index_select: a cheap backward)
     query_rows: Tensor
 
+    def to(self, device) -> CompletionBucket:
+        return CompletionBucket(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+
+@dataclass(frozen=True)
+class SegmentLayout:
+    """The segments of a packed row laid out for `segment_attention`.
+
+    Prompts (segments that see only themselves): ``prompt_index`` [U, P] their row positions, padded with 0 where
+    ``prompt_valid`` is False (``prompt_rows``: its valid entries, flattened). Completions: ``buckets`` of similar
+    length (`completion_buckets`). ``order`` [L]: the row position of each valid output, prompts first, then the
+    buckets' in turn."""
+
+    prompt_index: Tensor
+    prompt_valid: Tensor
+    prompt_rows: Tensor  # index_select with it: a cheap backward
+    buckets: tuple[CompletionBucket, ...]
+    order: Tensor
+
     @classmethod
-    def of(cls, segment: Tensor, seen: Tensor) -> SegmentLayout:
+    def of(cls, segment: Tensor, seen: Tensor, call_pairs: int | None = None) -> SegmentLayout:
         device = segment.device
         ids, parents = segment.tolist(), seen.tolist()
         where: dict[int, list[int]] = {}
@@ -238,21 +281,26 @@ class SegmentLayout:
             return index, valid
 
         prompt_index, prompt_valid = padded(prompts)
-        query_index, query_valid = padded(completions)
-        # A completion whose prompt has no position (a one-token prompt) sees no prompt key.
-        rows = torch.tensor([prompt_row.get(parent[sid], -1) for sid in completions], dtype=torch.long)
-        has = (rows >= 0)[:, None]
-        P, C = prompt_index.shape[1], query_index.shape[1]
-        prompt_keys = torch.where(has, prompt_index[rows.clamp(min=0)], 0) if P else prompt_index[:0].reshape(len(rows), 0)
-        prompt_seen = (prompt_valid[rows.clamp(min=0)] & has) if P else prompt_valid[:0].reshape(len(rows), 0)
-        key_index = torch.cat([prompt_keys, query_index], dim=1)
-        causal = torch.ones((C, C), dtype=torch.bool).tril()
-        key_mask = torch.cat([prompt_seen[:, None, :].expand(-1, C, -1), causal.expand(len(rows), -1, -1)], dim=2)
+        P = prompt_index.shape[1]
+        buckets = []
+        for members in completion_buckets([len(where[sid]) for sid in completions], P, call_pairs):
+            sids = [completions[m] for m in members]
+            query_index, query_valid = padded(sids)
+            # A completion whose prompt has no position (a one-token prompt) sees no prompt key.
+            rows = torch.tensor([prompt_row.get(parent[sid], -1) for sid in sids], dtype=torch.long)
+            has = (rows >= 0)[:, None]
+            C = query_index.shape[1]
+            prompt_keys = torch.where(has, prompt_index[rows.clamp(min=0)], 0) if P else prompt_index[:0].reshape(len(rows), 0)
+            prompt_seen = (prompt_valid[rows.clamp(min=0)] & has) if P else prompt_valid[:0].reshape(len(rows), 0)
+            causal = torch.ones((C, C), dtype=torch.bool).tril()
+            key_mask = torch.cat([prompt_seen[:, None, :].expand(-1, C, -1), causal.expand(len(rows), -1, -1)], dim=2)
+            buckets.append(CompletionBucket(query_index, query_valid, torch.cat([prompt_keys, query_index], dim=1),
+                                            key_mask[:, None], query_valid.flatten().nonzero().flatten()).to(device))
         order = torch.empty(len(ids), dtype=torch.long)
-        order[torch.cat([prompt_index[prompt_valid], query_index[query_valid]])] = torch.arange(len(ids))
-        tensors = (prompt_index, prompt_valid, query_index, query_valid, key_index, key_mask[:, None], order,
-                   prompt_valid.flatten().nonzero().flatten(), query_valid.flatten().nonzero().flatten())
-        return cls(*(t.to(device) for t in tensors))
+        outputs = [prompt_index[prompt_valid]] + [b.query_index[b.query_valid].cpu() for b in buckets]
+        order[torch.cat(outputs)] = torch.arange(len(ids))
+        return cls(prompt_index.to(device), prompt_valid.to(device), prompt_valid.flatten().nonzero().flatten().to(device),
+                   tuple(buckets), order.to(device))
 
 
 def segment_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask, dropout: float = 0.0,
@@ -263,7 +311,8 @@ def segment_attention(module, query: Tensor, key: Tensor, value: Tensor, attenti
     Under the mask SDPA computes all L^2 query-key pairs of the row; a completion only needs its prompt and its
     own earlier tokens (G completions of c tokens after a p-token prompt: G c (p + c/2) of (p + G c)^2 pairs).
     Here each prompt attends causally to itself (one SDPA call over the prompts, ``is_causal``) and each
-    completion to its prompt and causally to itself (one SDPA call over the completions, padded to the longest).
+    completion to its prompt and causally to itself (one SDPA call per bucket of completions of similar length,
+    each padded to its longest: `completion_buckets`).
     The same softmax over the same keys: equal to the masked SDPA up to float rounding (tested).
     Registered as `SEGMENT_ATTENTION`; without ``packed_layout`` it is transformers' SDPA."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -290,11 +339,11 @@ def segment_attention(module, query: Tensor, key: Tensor, value: Tensor, attenti
     if layout.prompt_index.numel():
         qp, kp, vp = (gather(t, layout.prompt_index) for t in (q, k, v))  # [U, heads, P, head_dim]
         outputs.append(valid(sdpa(qp, kp, vp, dropout_p=dropout, is_causal=True, scale=scaling), layout.prompt_rows))
-    if layout.query_index.numel():
-        qs = gather(q, layout.query_index)  # [S, heads, C, head_dim]
-        ks, vs = gather(k, layout.key_index), gather(v, layout.key_index)  # [S, heads, P + C, head_dim]
-        out = sdpa(qs, ks, vs, attn_mask=layout.key_mask, dropout_p=dropout, scale=scaling)
-        outputs.append(valid(out, layout.query_rows))
+    for bucket in layout.buckets:
+        qs = gather(q, bucket.query_index)  # [S, heads, C, head_dim]
+        ks, vs = gather(k, bucket.key_index), gather(v, bucket.key_index)  # [S, heads, P + C, head_dim]
+        out = sdpa(qs, ks, vs, attn_mask=bucket.key_mask, dropout_p=dropout, scale=scaling)
+        outputs.append(valid(out, bucket.query_rows))
     return torch.cat(outputs).index_select(0, layout.order)[None], None
 
 

@@ -1,0 +1,182 @@
+"""Segment attention with the completions in one SDPA call or in buckets of similar length.
+
+`rl.common.packing.segment_attention` attends each packed completion to its prompt and, causally, to itself. One
+SDPA call over all of a row's completions pads each to the longest: with GRPO's lengths (3 to 128 tokens in one
+group) most of the query-key pairs computed are padding. `completion_buckets` cuts the completions into buckets of
+similar length, one call each, minimising the padded pairs plus a fixed cost per call (`SDPA_CALL_PAIRS`, the
+pairs one call's overhead is worth). This measures, in one process and alternating:
+
+1. the attention alone (forward and backward of `segment_attention`, float32) at the model's head shape on
+   packed groups, for several call costs (0: a bucket per distinct length; "one": a single call), which is how
+   `SDPA_CALL_PAIRS` was chosen;
+2. the trainer worker's whole update (`TrainerWorker.update`: packed forwards, backwards, AdamW) with one call and
+   with the default buckets.
+
+Completions are drawn uniformly from ``--min-tokens`` to ``--max-tokens`` (default 3-128: `grpo_step_cpu-avx2.json`
+records 3-128 with a quarter truncated at 128).
+
+    python benchmarks/segment_attention.py
+    python benchmarks/segment_attention.py --model tiny:qwen2 --reps 1 --groups 2 --out /tmp/s.json
+
+No timing is asserted anywhere; the ratios are from one run, alternating.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+try:  # run from a plain checkout
+    import rl  # noqa: F401
+except ImportError:  # pragma: no cover - depends on the environment
+    sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _results  # noqa: E402
+from host_memory import add_rollout_arguments, synthetic_micro_batches  # noqa: E402
+
+ONE_CALL = 10**15  # a call cost no split can beat: every row's completions in one SDPA call
+
+
+def _cost_name(cost: int) -> str:
+    return "one" if cost == ONE_CALL else str(cost)
+
+
+def attention_alone(batches, config, costs: list[int], reps: int) -> dict[str, Any]:
+    """Forward + backward of `segment_attention` over every micro-batch's packed row, per call cost."""
+    import types
+
+    import torch
+
+    from rl.common.packing import SegmentLayout, pack_sequences, segment_attention
+
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    module = types.SimpleNamespace(num_key_value_groups=heads // kv_heads, is_causal=True, training=True)
+    rows = [pack_sequences(mb.prompt_ids, mb.completion_ids) for mb in batches]
+    g = torch.Generator().manual_seed(0)
+    tensors = [tuple(torch.randn(1, h, row.length, head_dim, generator=g, requires_grad=True)
+                     for h in (heads, kv_heads, kv_heads)) for row in rows]
+    out: dict[str, Any] = {}
+    for cost in costs:
+        layouts = [SegmentLayout.of(row.segment, row.seen, call_pairs=cost) for row in rows]
+        pairs = sum(b.query_valid.numel() * b.key_index.shape[1] for lay in layouts for b in lay.buckets)
+        out[_cost_name(cost)] = {"seconds": [], "calls": sum(len(lay.buckets) for lay in layouts),
+                                 "completion_pairs": pairs, "layouts": layouts}
+
+    def run(layouts) -> float:
+        start = time.perf_counter()
+        for (q, k, v), layout in zip(tensors, layouts):
+            o, _ = segment_attention(module, q, k, v, None, scaling=head_dim ** -0.5, packed_layout=layout)
+            o.sum().backward()
+        return time.perf_counter() - start
+
+    run(out[_cost_name(costs[0])]["layouts"])  # warm-up
+    for rep in range(reps):
+        for cost in (costs if rep % 2 == 0 else costs[::-1]):
+            out[_cost_name(cost)]["seconds"].append(round(run(out[_cost_name(cost)]["layouts"]), 4))
+    for v in out.values():
+        v.pop("layouts")
+        v["median_s"] = statistics.median(v["seconds"])
+    return out
+
+
+def run(args) -> dict[str, Any]:
+    from transformers import AutoConfig
+
+    import rl.common.packing as packing
+    from eksft.models import resolve_model_dir
+    from rl.common.precision import detect_hardware
+    from rl.grpo.config import GRPOConfig
+    from rl.workers import WorkerSettings, make_worker_group
+
+    model_dir = resolve_model_dir(args.model)
+    config = AutoConfig.from_pretrained(model_dir)
+    batches, completion_tokens = synthetic_micro_batches(args, random.Random(args.seed), config.vocab_size)
+    default = packing.SDPA_CALL_PAIRS
+    costs = sorted({ONE_CALL, 0, *args.costs, default})
+    alone = attention_alone(batches, config, costs, args.reps)
+    for name, v in alone.items():
+        print(f"[segment_attention] attention alone, call cost {name}: {v['median_s']:.3f}s, {v['calls']} calls, "
+              f"{v['completion_pairs']} pairs", flush=True)
+
+    group = make_worker_group(WorkerSettings(model_dir=model_dir, learning_rate=1e-6, bf16=False,
+                                             packing="shared_prompt"), 1)
+    loss_settings = GRPOConfig().policy_loss_kwargs()
+    update: dict[str, Any] = {_cost_name(c): {"seconds": []} for c in (ONE_CALL, default)}
+    try:
+        group.update(batches, loss_settings)  # warm-up
+        for rep in range(args.reps):
+            for cost in ((ONE_CALL, default) if rep % 2 == 0 else (default, ONE_CALL)):
+                packing.SDPA_CALL_PAIRS = cost  # read when each micro-batch's layout is made
+                start = time.perf_counter()
+                group.update(batches, loss_settings)
+                update[_cost_name(cost)]["seconds"].append(round(time.perf_counter() - start, 3))
+                print(f"[segment_attention] update, call cost {_cost_name(cost)}: "
+                      f"{update[_cost_name(cost)]['seconds'][-1]:.2f}s", flush=True)
+    finally:
+        packing.SDPA_CALL_PAIRS = default
+        group.shutdown()
+    for v in update.values():
+        v["median_s"] = statistics.median(v["seconds"])
+    return {"benchmark": "segment_attention", "config": vars(args), "default_call_pairs": default,
+            "completion_tokens": completion_tokens, "hardware": detect_hardware("cpu").as_dict(),
+            "machine": _results.cpu_machine(), "attention_alone": alone, "update": update,
+            "ratios": {"attention_default_over_one_call": alone[_cost_name(default)]["median_s"] / alone["one"]["median_s"],
+                       "update_default_over_one_call": update[_cost_name(default)]["median_s"] / update["one"]["median_s"]}}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    c = result["config"]
+    lines = [f"### segment_attention: {c['model']}, {c['groups']} groups x {c['group']} completions of "
+             f"{c['min_tokens']}-{c['max_tokens']} tokens after {c['prompt_tokens']}-token prompts "
+             f"({result['completion_tokens']} completion tokens), float32, {result['machine']['cpu_count']} cores", "",
+             "Attention alone (forward + backward of `segment_attention`, every group's packed row):", "",
+             "| call cost (pairs) | s (median) | runs s | SDPA calls for completions | completion query-key pairs |",
+             "|---|---|---|---|---|"]
+    for name, v in result["attention_alone"].items():
+        mark = " (default)" if name == str(result["default_call_pairs"]) else ""
+        lines.append(f"| {name}{mark} | {v['median_s']:.3f} | {', '.join(f'{x:.3f}' for x in v['seconds'])} | "
+                     f"{v['calls']} | {v['completion_pairs']} |")
+    lines += ["", "The trainer worker's update (forwards, backwards, AdamW):", "",
+              "| completions | s (median) | runs s |", "|---|---|---|"]
+    for name, v in result["update"].items():
+        label = "one SDPA call per row" if name == "one" else f"buckets (call cost {name})"
+        lines.append(f"| {label} | {v['median_s']:.2f} | {', '.join(f'{x:.2f}' for x in v['seconds'])} |")
+    r = result["ratios"]
+    lines += ["", f"default / one call: attention {r['attention_default_over_one_call']:.3f}, "
+                  f"update {r['update_default_over_one_call']:.3f}.", ""]
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    add_rollout_arguments(p)
+    p.set_defaults(min_tokens=3)
+    p.add_argument("--costs", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 4096, 16384, 65536],
+                   help="call costs in pairs to time the attention alone at (0, one call and the default are added)")
+    p.add_argument("--reps", type=int, default=3, help="runs per setting, alternating")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="JSON path (default: benchmarks/results/segment_attention_<capability tag>.json, "
+                                 "and .md beside it)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    result = run(args)
+    default = _results.default_path("segment_attention", result["hardware"]["tag"])
+    paths = _results.write_results(args.out or default, result, markdown(result))
+    print(markdown(result))
+    print("wrote", *paths)
+
+
+if __name__ == "__main__":
+    main()
