@@ -17,8 +17,8 @@ padding-free packing.
 Two layouts (``rl.packing``):
 
 * ``shared_prompt``: as above. With SDPA the row runs `segment_attention` (the prompts in one SDPA call, then the
-  completions with their prompt, in buckets of similar length: only the pairs the mask allows, not all L^2 of them); eager attention takes the
-  [L, L] mask (additive);
+  completions with their prompt, in buckets of similar length: only the pairs the mask allows, not all L^2 of
+  them); eager attention takes the [L, L] mask (additive);
 * ``padding_free``: every sequence its own unit (no prompt shared), position ids restarting at 0 for each, and
   NO mask: transformers finds the sequences from the position ids (varlen flash attention on a GPU; a block
   mask it builds itself for SDPA / eager). The layout flash attention can run, which takes no custom mask.
@@ -39,7 +39,8 @@ from torch import Tensor
 from rl.common.token_stats import takes_logits_to_keep
 
 __all__ = ["LAYOUTS", "MAX_PACKED_LENGTH", "PACKING_BY_DEVICE", "SDPA_CALL_PAIRS", "CompletionBucket", "Packing",
-           "PackedSequences", "SEGMENT_ATTENTION", "SegmentLayout", "completion_buckets", "attention_implementation", "pack_sequences", "packed_length", "packed_logits",
+           "PackedSequences", "SEGMENT_ATTENTION", "SegmentLayout", "completion_buckets", "attention_implementation",
+           "pack_sequences", "packed_length", "packed_logits",
            "packing_units", "resolve_packing", "segment_attention", "sft_packed", "use_segment_attention"]
 
 # A packed row longer than this runs as the padded batch: its [L, L] mask (and attention without a fused kernel
@@ -295,12 +296,12 @@ class SegmentLayout:
             causal = torch.ones((C, C), dtype=torch.bool).tril()
             key_mask = torch.cat([prompt_seen[:, None, :].expand(-1, C, -1), causal.expand(len(rows), -1, -1)], dim=2)
             buckets.append(CompletionBucket(query_index, query_valid, torch.cat([prompt_keys, query_index], dim=1),
-                                            key_mask[:, None], query_valid.flatten().nonzero().flatten()).to(device))
+                                            key_mask[:, None], query_valid.flatten().nonzero().flatten()))
         order = torch.empty(len(ids), dtype=torch.long)
-        outputs = [prompt_index[prompt_valid]] + [b.query_index[b.query_valid].cpu() for b in buckets]
-        order[torch.cat(outputs)] = torch.arange(len(ids))
+        order[torch.cat([prompt_index[prompt_valid]] + [b.query_index[b.query_valid] for b in buckets])] = \
+            torch.arange(len(ids))
         return cls(prompt_index.to(device), prompt_valid.to(device), prompt_valid.flatten().nonzero().flatten().to(device),
-                   tuple(buckets), order.to(device))
+                   tuple(b.to(device) for b in buckets), order.to(device))
 
 
 def segment_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask, dropout: float = 0.0,
