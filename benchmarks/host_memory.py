@@ -26,7 +26,6 @@ import random
 import resource
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _results  # noqa: E402
+from _update_timing import add_rollout_arguments, alternate, synthetic_micro_batches, timed  # noqa: E402
 
 from rl.common import host_memory  # noqa: E402
 
@@ -49,18 +49,6 @@ def set_malloc(name: str) -> None:
     host_memory.HEAP_THRESHOLDS = SETTINGS[name]
     if not host_memory.set_thresholds(*SETTINGS[name]):
         raise SystemExit(f"glibc refused the malloc setting {name}")
-
-
-def synthetic_micro_batches(args, rng: random.Random, vocab_size: int):
-    from rl.workers import MicroBatch
-
-    prompts = [[rng.randrange(vocab_size) for _ in range(args.prompt_tokens)] for _ in range(args.groups)]
-    completions = [[rng.randrange(vocab_size) for _ in range(rng.randint(args.min_tokens, args.max_tokens))]
-                   for _ in range(args.groups * args.group)]
-    batches = [MicroBatch([prompts[g]] * args.group, completions[g * args.group:(g + 1) * args.group],
-                          [rng.uniform(-1, 1) for _ in range(args.group)], trained=[True] * args.group)
-               for g in range(args.groups)]
-    return batches, sum(map(len, completions))
 
 
 def run(args) -> dict[str, Any]:
@@ -77,25 +65,21 @@ def run(args) -> dict[str, Any]:
     group = make_worker_group(WorkerSettings(model_dir=model_dir, learning_rate=1e-6, bf16=False, packing="shared_prompt"), 1)
     loss_settings = GRPOConfig().policy_loss_kwargs()
     batches, completion_tokens = synthetic_micro_batches(args, rng, AutoConfig.from_pretrained(model_dir).vocab_size)
-    out: dict[str, Any] = {name: {"seconds": [], "page_faults": []} for name in SETTINGS}
+
+    def measure(name: str) -> dict[str, Any]:
+        set_malloc(name)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        seconds, _ = timed(lambda: group.update(batches, loss_settings))
+        return {"seconds": seconds, "page_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults}
+
     try:
         set_malloc("heap_reuse")
         group.update(batches, loss_settings)  # warm-up
-        for rep in range(args.reps):
-            for name in (tuple(SETTINGS) if rep % 2 == 0 else tuple(reversed(SETTINGS))):
-                set_malloc(name)
-                faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-                start = time.perf_counter()
-                group.update(batches, loss_settings)
-                out[name]["seconds"].append(round(time.perf_counter() - start, 3))
-                out[name]["page_faults"].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
-                print(f"[host_memory] {name}: {out[name]['seconds'][-1]:.2f}s, {out[name]['page_faults'][-1]} page faults",
-                      flush=True)
+        out = alternate(SETTINGS, args.reps, measure, tag="host_memory")
     finally:
         host_memory.HEAP_THRESHOLDS = SETTINGS["heap_reuse"]  # for whatever runs next in this process
         group.shutdown()
     for v in out.values():
-        v["median_s"] = statistics.median(v["seconds"])
         v["median_page_faults"] = statistics.median(v["page_faults"])
     from rl.common.precision import detect_hardware
 
@@ -123,16 +107,6 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["", f"heap_reuse / glibc_default: time {r['heap_reuse_over_default_time']:.3f}, page faults "
                   f"{r['heap_reuse_over_default_page_faults']:.3f}.", ""]
     return "\n".join(lines)
-
-
-def add_rollout_arguments(p: argparse.ArgumentParser) -> None:
-    """The model and the shape of `synthetic_micro_batches` (also `benchmarks/zero_gradient.py`'s)."""
-    p.add_argument("--model", default="embedded:smollm2-135m-instruct")
-    p.add_argument("--groups", type=int, default=8, help="prompts, one micro-batch each")
-    p.add_argument("--group", type=int, default=8, help="completions per prompt")
-    p.add_argument("--prompt-tokens", type=int, default=48)
-    p.add_argument("--min-tokens", type=int, default=30)
-    p.add_argument("--max-tokens", type=int, default=128)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -143,7 +143,7 @@ def measure_grpo() -> dict:
     group.update([mb], rl.policy_loss_kwargs())
     measured = hwm() - base
     setup = TrainerSetup(workers=1, bf16=bf16, weight_dtype="float32", reference="copy",
-                         activation_checkpointing=rl.activation_checkpointing)
+                         activation_checkpointing=rl.activation_checkpointing, unsharded_accumulation=True)
     estimate = trainer_estimate(shape, setup, MicroBatchShape(rows, prompt + longest, longest + 1,
                                                               chunk_rows=default_chunk_size(shape.vocab, "cpu")))
     return _result("grpo", measured, estimate, reset, loaded=loaded, load_peak=load_peak,

@@ -6,17 +6,20 @@ group) most of the query-key pairs computed are padding. `completion_buckets` cu
 similar length, one call each, minimising the padded pairs plus a fixed cost per call (`SDPA_CALL_PAIRS`, the
 pairs one call's overhead is worth). This measures, in one process and alternating:
 
-1. the attention alone (forward and backward of `segment_attention`, float32) at the model's head shape on
-   packed groups, for several call costs (0: a bucket per distinct length; "one": a single call), which is how
+1. the attention alone (forward and backward of `segment_attention`) at the model's head shape on packed groups,
+   for several call costs (0: a bucket per distinct length; "one": a single call), which is how
    `SDPA_CALL_PAIRS` was chosen;
 2. the trainer worker's whole update (`TrainerWorker.update`: packed forwards, backwards, AdamW) with one call and
-   with the default buckets.
+   with the default buckets;
+3. at bf16 (``--bf16``; default auto: where the CPU computes bf16 natively), both again with bf16 rows attending in
+   float32 (`CPU_ATTENTION_DTYPE`, the CPU default) and in bf16 itself, which is how that default was chosen.
 
 Completions are drawn uniformly from ``--min-tokens`` to ``--max-tokens`` (default 3-128: `grpo_step_cpu-avx2.json`
 records 3-128 with a quarter truncated at 128).
 
     python benchmarks/segment_attention.py
     python benchmarks/segment_attention.py --model tiny:qwen2 --reps 1 --groups 2 --out /tmp/s.json
+    python benchmarks/segment_attention.py --no-bf16          # float32 only, as on a CPU without native bf16
 
 No timing is asserted anywhere; the ratios are from one run, alternating.
 """
@@ -25,9 +28,7 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +39,9 @@ except ImportError:  # pragma: no cover - depends on the environment
     sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _precision  # noqa: E402
 import _results  # noqa: E402
-from host_memory import add_rollout_arguments, synthetic_micro_batches  # noqa: E402
+from _update_timing import add_rollout_arguments, alternate, synthetic_micro_batches, timed  # noqa: E402
 
 ONE_CALL = 10**15  # a call cost no split can beat: every row's completions in one SDPA call
 
@@ -48,12 +50,14 @@ def _cost_name(cost: int) -> str:
     return "one" if cost == ONE_CALL else str(cost)
 
 
-def attention_alone(batches, config, costs: list[int], reps: int) -> dict[str, Any]:
-    """Forward + backward of `segment_attention` over every micro-batch's packed row, per call cost."""
+def attention_alone(batches, config, variants: dict[str, tuple[int, Any]], reps: int, dtype) -> dict[str, Any]:
+    """Forward + backward of `segment_attention` over every micro-batch's packed row (q, k, v in ``dtype``), per
+    variant: ``{name: (call cost, CPU_ATTENTION_DTYPE)}``."""
     import types
 
     import torch
 
+    import rl.common.packing as packing
     from rl.common.packing import SegmentLayout, pack_sequences, segment_attention
 
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
@@ -61,82 +65,96 @@ def attention_alone(batches, config, costs: list[int], reps: int) -> dict[str, A
     module = types.SimpleNamespace(num_key_value_groups=heads // kv_heads, is_causal=True, training=True)
     rows = [pack_sequences(mb.prompt_ids, mb.completion_ids) for mb in batches]
     g = torch.Generator().manual_seed(0)
-    tensors = [tuple(torch.randn(1, h, row.length, head_dim, generator=g, requires_grad=True)
+    tensors = [tuple(torch.randn(1, h, row.length, head_dim, generator=g).to(dtype).requires_grad_(True)
                      for h in (heads, kv_heads, kv_heads)) for row in rows]
-    out: dict[str, Any] = {}
-    for cost in costs:
-        layouts = [SegmentLayout.of(row.segment, row.seen, call_pairs=cost) for row in rows]
-        pairs = sum(b.query_valid.numel() * b.key_index.shape[1] for lay in layouts for b in lay.buckets)
-        out[_cost_name(cost)] = {"seconds": [], "calls": sum(len(lay.buckets) for lay in layouts),
-                                 "completion_pairs": pairs, "layouts": layouts}
+    layouts = {name: [SegmentLayout.of(row.segment, row.seen, call_pairs=cost) for row in rows]
+               for name, (cost, _) in variants.items()}
+    attention_dtype = packing.CPU_ATTENTION_DTYPE
 
-    def run(layouts) -> float:
-        start = time.perf_counter()
-        for (q, k, v), layout in zip(tensors, layouts):
-            o, _ = segment_attention(module, q, k, v, None, scaling=head_dim ** -0.5, packed_layout=layout)
-            o.sum().backward()
-        return time.perf_counter() - start
+    def measure(name: str) -> dict[str, Any]:
+        packing.CPU_ATTENTION_DTYPE = variants[name][1]
 
-    run(out[_cost_name(costs[0])]["layouts"])  # warm-up
-    for rep in range(reps):
-        for cost in (costs if rep % 2 == 0 else costs[::-1]):
-            out[_cost_name(cost)]["seconds"].append(round(run(out[_cost_name(cost)]["layouts"]), 4))
-    for v in out.values():
-        v.pop("layouts")
-        v["median_s"] = statistics.median(v["seconds"])
+        def forward_backward() -> None:
+            for (q, k, v), layout in zip(tensors, layouts[name]):
+                o, _ = segment_attention(module, q, k, v, None, scaling=head_dim ** -0.5, packed_layout=layout)
+                o.sum().backward()
+        return {"seconds": timed(forward_backward, digits=4)[0]}
+
+    try:
+        measure(next(iter(variants)))  # warm-up
+        out = alternate(variants, reps, measure)
+    finally:
+        packing.CPU_ATTENTION_DTYPE = attention_dtype
+    for name, v in out.items():
+        v["calls"] = sum(len(lay.buckets) for lay in layouts[name])
+        v["completion_pairs"] = sum(b.query_valid.numel() * b.key_index.shape[1]
+                                    for lay in layouts[name] for b in lay.buckets)
     return out
 
 
 def run(args) -> dict[str, Any]:
+    import torch
     from transformers import AutoConfig
 
     import rl.common.packing as packing
     from eksft.models import resolve_model_dir
-    from rl.common.precision import detect_hardware
     from rl.grpo.config import GRPOConfig
     from rl.workers import WorkerSettings, make_worker_group
 
+    precision = _precision.resolve(args, "cpu")
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
     model_dir = resolve_model_dir(args.model)
     config = AutoConfig.from_pretrained(model_dir)
     batches, completion_tokens = synthetic_micro_batches(args, random.Random(args.seed), config.vocab_size)
-    default = packing.SDPA_CALL_PAIRS
+    default, attention_dtype = packing.SDPA_CALL_PAIRS, packing.CPU_ATTENTION_DTYPE
     costs = sorted({ONE_CALL, 0, *args.costs, default})
-    alone = attention_alone(batches, config, costs, args.reps)
+    alone = attention_alone(batches, config, {_cost_name(c): (c, attention_dtype) for c in costs}, args.reps, dtype)
     for name, v in alone.items():
         print(f"[segment_attention] attention alone, call cost {name}: {v['median_s']:.3f}s, {v['calls']} calls, "
               f"{v['completion_pairs']} pairs", flush=True)
+    # bf16 rows: the attention in float32 (the CPU default) vs in bf16 itself, at the default call cost
+    dtypes = {"float32": torch.float32, "bf16": None} if args.bf16 else {}
+    alone_by_dtype = (attention_alone(batches, config, {n: (default, d) for n, d in dtypes.items()}, args.reps, dtype)
+                      if dtypes else {})
 
-    group = make_worker_group(WorkerSettings(model_dir=model_dir, learning_rate=1e-6, bf16=False,
+    group = make_worker_group(WorkerSettings(model_dir=model_dir, learning_rate=1e-6, bf16=args.bf16,
                                              packing="shared_prompt"), 1)
     loss_settings = GRPOConfig().policy_loss_kwargs()
-    update: dict[str, Any] = {_cost_name(c): {"seconds": []} for c in (ONE_CALL, default)}
+    cost_of = {_cost_name(c): c for c in (ONE_CALL, default)}
+
+    def measure_cost(name: str) -> dict[str, Any]:
+        packing.SDPA_CALL_PAIRS = cost_of[name]  # read when each micro-batch's layout is made
+        return {"seconds": timed(lambda: group.update(batches, loss_settings))[0]}
+
+    def measure_dtype(name: str) -> dict[str, Any]:
+        packing.CPU_ATTENTION_DTYPE = dtypes[name]  # read by every segment_attention call
+        return {"seconds": timed(lambda: group.update(batches, loss_settings))[0]}
+
     try:
         group.update(batches, loss_settings)  # warm-up
-        for rep in range(args.reps):
-            for cost in ((ONE_CALL, default) if rep % 2 == 0 else (default, ONE_CALL)):
-                packing.SDPA_CALL_PAIRS = cost  # read when each micro-batch's layout is made
-                start = time.perf_counter()
-                group.update(batches, loss_settings)
-                update[_cost_name(cost)]["seconds"].append(round(time.perf_counter() - start, 3))
-                print(f"[segment_attention] update, call cost {_cost_name(cost)}: "
-                      f"{update[_cost_name(cost)]['seconds'][-1]:.2f}s", flush=True)
-    finally:
+        update = alternate(cost_of, args.reps, measure_cost, tag="segment_attention update, call cost")
         packing.SDPA_CALL_PAIRS = default
+        update_by_dtype = alternate(dtypes, args.reps, measure_dtype, tag="segment_attention update, attention in")
+    finally:
+        packing.SDPA_CALL_PAIRS, packing.CPU_ATTENTION_DTYPE = default, attention_dtype
         group.shutdown()
-    for v in update.values():
-        v["median_s"] = statistics.median(v["seconds"])
+    ratios = {"attention_default_over_one_call": alone[_cost_name(default)]["median_s"] / alone["one"]["median_s"],
+              "update_default_over_one_call": update[_cost_name(default)]["median_s"] / update["one"]["median_s"]}
+    if dtypes:
+        ratios.update(attention_float32_over_bf16=alone_by_dtype["float32"]["median_s"] / alone_by_dtype["bf16"]["median_s"],
+                      update_float32_attention_over_bf16=update_by_dtype["float32"]["median_s"] / update_by_dtype["bf16"]["median_s"])
     return {"benchmark": "segment_attention", "config": vars(args), "default_call_pairs": default,
-            "completion_tokens": completion_tokens, "hardware": detect_hardware("cpu").as_dict(),
+            "completion_tokens": completion_tokens, "precision": precision, "hardware": precision["hardware"],
             "machine": _results.cpu_machine(), "attention_alone": alone, "update": update,
-            "ratios": {"attention_default_over_one_call": alone[_cost_name(default)]["median_s"] / alone["one"]["median_s"],
-                       "update_default_over_one_call": update[_cost_name(default)]["median_s"] / update["one"]["median_s"]}}
+            "attention_dtype": {"alone": alone_by_dtype, "update": update_by_dtype}, "ratios": ratios}
 
 
 def markdown(result: dict[str, Any]) -> str:
     c = result["config"]
     lines = [f"### segment_attention: {c['model']}, {c['groups']} groups x {c['group']} completions of "
              f"{c['min_tokens']}-{c['max_tokens']} tokens after {c['prompt_tokens']}-token prompts "
-             f"({result['completion_tokens']} completion tokens), float32, {result['machine']['cpu_count']} cores", "",
+             f"({result['completion_tokens']} completion tokens), {result['machine']['cpu_count']} cores", "",
+             _precision.header(result["precision"]) if "precision" in result else "Trainer: float32.", "",
              "Attention alone (forward + backward of `segment_attention`, every group's packed row):", "",
              "| call cost (pairs) | s (median) | runs s | SDPA calls for completions | completion query-key pairs |",
              "|---|---|---|---|---|"]
@@ -152,6 +170,17 @@ def markdown(result: dict[str, Any]) -> str:
     r = result["ratios"]
     lines += ["", f"default / one call: attention {r['attention_default_over_one_call']:.3f}, "
                   f"update {r['update_default_over_one_call']:.3f}.", ""]
+    by_dtype = result.get("attention_dtype", {})
+    if by_dtype.get("update"):
+        lines += ["bf16 rows attending in float32 (`CPU_ATTENTION_DTYPE`, the CPU default) or in bf16, at the default "
+                  "call cost:", "", "| attention in | alone s (median) | alone runs s | update s (median) | update runs s |",
+                  "|---|---|---|---|---|"]
+        for name, v in by_dtype["update"].items():
+            a = by_dtype["alone"][name]
+            lines.append(f"| {name} | {a['median_s']:.3f} | {', '.join(f'{x:.3f}' for x in a['seconds'])} | "
+                         f"{v['median_s']:.2f} | {', '.join(f'{x:.2f}' for x in v['seconds'])} |")
+        lines += ["", f"float32 / bf16 attention: alone {r['attention_float32_over_bf16']:.3f}, "
+                      f"update {r['update_float32_attention_over_bf16']:.3f}.", ""]
     return "\n".join(lines)
 
 
@@ -159,6 +188,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     add_rollout_arguments(p)
+    _precision.add_precision_args(p, rollout=False)
     p.set_defaults(min_tokens=3)
     p.add_argument("--costs", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 4096, 16384, 65536],
                    help="call costs in pairs to time the attention alone at (0, one call and the default are added)")

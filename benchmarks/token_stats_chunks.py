@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +32,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _results  # noqa: E402
-from host_memory import add_rollout_arguments, synthetic_micro_batches  # noqa: E402
+from _update_timing import add_rollout_arguments, alternate, synthetic_micro_batches, timed  # noqa: E402
 
 
 def statistics_alone(vocab: int, positions: int, chunks: list[int], reps: int) -> dict[str, Any]:
@@ -47,20 +45,18 @@ def statistics_alone(vocab: int, positions: int, chunks: list[int], reps: int) -
     labels = torch.randint(0, vocab, (1, positions), generator=g)
     mask = torch.ones(1, positions, dtype=torch.bool)
 
-    def run(chunk: int) -> float:
+    def measure(chunk: str) -> dict[str, Any]:
         z = logits.detach().requires_grad_(True)
-        start = time.perf_counter()
-        stats = token_statistics(z, mask, labels=labels, chunk_size=chunk)
-        (stats.label_logprob.sum() + 0.01 * stats.entropy.sum()).backward()
-        return time.perf_counter() - start
 
-    out = {str(c): {"seconds": [], "chunk_mib": round(c * vocab * 4 / 2**20, 2)} for c in chunks}
-    run(chunks[0])  # warm-up
-    for rep in range(reps):
-        for c in (chunks if rep % 2 == 0 else chunks[::-1]):
-            out[str(c)]["seconds"].append(round(run(c), 4))
-    for v in out.values():
-        v["median_s"] = statistics.median(v["seconds"])
+        def forward_backward() -> None:
+            stats = token_statistics(z, mask, labels=labels, chunk_size=int(chunk))
+            (stats.label_logprob.sum() + 0.01 * stats.entropy.sum()).backward()
+        return {"seconds": timed(forward_backward, digits=4)[0]}
+
+    measure(str(chunks[0]))  # warm-up
+    out = alternate([str(c) for c in chunks], reps, measure)
+    for c, v in out.items():
+        v["chunk_mib"] = round(int(c) * vocab * 4 / 2**20, 2)
     return out
 
 
@@ -88,22 +84,19 @@ def run(args) -> dict[str, Any]:
     loss_settings = GRPOConfig().policy_loss_kwargs()
     cpu_elements = token_stats.CPU_CHUNK_ELEMENTS
     settings = {"cpu": cpu_elements, "accelerator": token_stats.DEFAULT_CHUNK_ELEMENTS}
-    update: dict[str, Any] = {name: {"seconds": [], "chunk_positions": elements // vocab}
-                              for name, elements in settings.items()}
+
+    def measure(name: str) -> dict[str, Any]:
+        token_stats.CPU_CHUNK_ELEMENTS = settings[name]  # read by every token_statistics call
+        return {"seconds": timed(lambda: group.update(batches, loss_settings))[0]}
+
     try:
         group.update(batches, loss_settings)  # warm-up
-        for rep in range(args.reps):
-            for name in (tuple(settings) if rep % 2 == 0 else tuple(settings)[::-1]):
-                token_stats.CPU_CHUNK_ELEMENTS = settings[name]  # read by every token_statistics call
-                start = time.perf_counter()
-                group.update(batches, loss_settings)
-                update[name]["seconds"].append(round(time.perf_counter() - start, 3))
-                print(f"[token_stats_chunks] update, {name} chunks: {update[name]['seconds'][-1]:.2f}s", flush=True)
+        update = alternate(settings, args.reps, measure, tag="token_stats_chunks update, chunks")
     finally:
         token_stats.CPU_CHUNK_ELEMENTS = cpu_elements
         group.shutdown()
-    for v in update.values():
-        v["median_s"] = statistics.median(v["seconds"])
+    for name, v in update.items():
+        v["chunk_positions"] = settings[name] // vocab
     one_chunk = str(chunks[-1])
     return {"benchmark": "token_stats_chunks", "config": vars(args), "vocab": vocab, "cpu_default_chunk": cpu_default,
             "completion_tokens": completion_tokens, "hardware": detect_hardware("cpu").as_dict(),

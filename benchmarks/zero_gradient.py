@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import random
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +33,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _results  # noqa: E402
-from host_memory import add_rollout_arguments, synthetic_micro_batches  # noqa: E402
+from _update_timing import add_rollout_arguments, alternate, synthetic_micro_batches, timed  # noqa: E402
 
 SETTINGS = {"backward_always": False, "skip_zero_gradient": True}
 
@@ -66,22 +64,18 @@ def run(args) -> dict[str, Any]:
     batches, completion_tokens = synthetic_micro_batches(args, random.Random(args.seed),
                                                          AutoConfig.from_pretrained(model_dir).vocab_size)
     out: dict[str, Any] = {}
+
+    def measure(name: str, rollouts) -> dict[str, Any]:
+        use(name)
+        seconds, metrics = timed(lambda: group.update(rollouts, loss_settings))
+        return {"seconds": seconds, "skipped_backward": metrics["skipped_backward"]}
+
     try:
         group.update(batches, loss_settings)  # warm-up
         for share in args.shares:
             rollouts = with_zero_groups(batches, share)
-            row = out[str(share)] = {name: {"seconds": [], "skipped_backward": []} for name in SETTINGS}
-            for rep in range(args.reps):
-                for name in (tuple(SETTINGS) if rep % 2 == 0 else tuple(reversed(SETTINGS))):
-                    use(name)
-                    start = time.perf_counter()
-                    metrics = group.update(rollouts, loss_settings)
-                    row[name]["seconds"].append(round(time.perf_counter() - start, 3))
-                    row[name]["skipped_backward"].append(metrics["skipped_backward"])
-                    print(f"[zero_gradient] share {share}: {name} {row[name]['seconds'][-1]:.2f}s, skipped backward "
-                          f"{metrics['skipped_backward']:.3f}", flush=True)
-            for v in row.values():
-                v["median_s"] = statistics.median(v["seconds"])
+            row = out[str(share)] = alternate(SETTINGS, args.reps, lambda name: measure(name, rollouts),
+                                              tag=f"zero_gradient share {share}")
             row["skip_over_always"] = row["skip_zero_gradient"]["median_s"] / row["backward_always"]["median_s"]
     finally:
         group.shutdown()

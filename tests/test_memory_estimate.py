@@ -176,6 +176,17 @@ def test_trainer_full_fine_tune_state_w8_vs_w1():
     assert e8_fp32.item("policy root unit, gathered").bytes == QWEN3_8B_ROOT * 4
 
 
+def test_one_rank_update_keeps_every_decoder_layer_gathered():
+    """`unsharded_accumulation` (the GRPO update at one rank): all 36 of Qwen3-8B's layers gathered in bf16 instead
+    of the current and the prefetched one; several ranks ignore it (they reshard), so does float32 at one rank."""
+    kept = qwen3_8b_estimate(workers=1, unsharded_accumulation=True)
+    assert kept.item("decoder layers, gathered (all: one rank keeps them across the update)").bytes == 36 * QWEN3_8B_LAYER * 2
+    plain = qwen3_8b_estimate(workers=1)
+    assert kept.peak() - plain.peak() == (36 - 2) * QWEN3_8B_LAYER * 2
+    assert qwen3_8b_estimate(workers=8, unsharded_accumulation=True) == qwen3_8b_estimate(workers=8)
+    assert qwen3_8b_estimate(workers=1, bf16=False, unsharded_accumulation=True) == qwen3_8b_estimate(workers=1, bf16=False)
+
+
 def test_one_float32_rank_runs_without_fsdp():
     assert not TrainerSetup(workers=1, bf16=False).uses_fsdp
     assert TrainerSetup(workers=2, bf16=False).uses_fsdp

@@ -118,6 +118,37 @@ def test_segment_attention_equals_sdpa_under_the_rows_mask(seed, call_pairs):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
+
+@pytest.mark.parametrize("seed", range(6))
+def test_segment_attention_of_a_bf16_row_on_a_cpu_attends_in_float32(seed, monkeypatch):
+    """A bf16 row on a CPU attends in `CPU_ATTENTION_DTYPE` (float32): its output is the float64 masked SDPA of the
+    same bf16 values rounded once to bf16 (at most one bf16 step of 2^-8 relative, plus float32 noise), and the
+    gradients reach q, k and v in bf16. With the setting off (None) SDPA runs in bf16 itself, and is further off."""
+    import types
+
+    import rl.common.packing as packing
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    prompts, completions = random_batch(random.Random(100 + seed))
+    packed = pack_sequences(prompts, completions)
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, heads, packed.length, 64, generator=g).bfloat16().requires_grad_(True)
+               for heads in (4, 2, 2))
+    module = types.SimpleNamespace(num_key_value_groups=2, is_causal=True, training=False)
+    expected, _ = sdpa_attention_forward(module, q.double(), k.double(), v.double(), packed.allowed[None, None],
+                                         scaling=0.125)
+    assert packing.CPU_ATTENTION_DTYPE == torch.float32
+    out, _ = segment_attention(module, q, k, v, None, scaling=0.125, packed_layout=packed.segment_layout())
+    assert out.dtype == torch.bfloat16
+    error = (out.double() - expected).abs()
+    assert bool((error <= expected.abs() * 2.0**-8 + 1e-6).all())  # rounded once
+    grads = torch.autograd.grad(out.float().sum(), (q, k, v))
+    assert all(grad.dtype == torch.bfloat16 and bool(grad.abs().sum() > 0) for grad in grads)
+    monkeypatch.setattr(packing, "CPU_ATTENTION_DTYPE", None)
+    in_bf16, _ = segment_attention(module, q, k, v, None, scaling=0.125, packed_layout=packed.segment_layout())
+    assert in_bf16.dtype == torch.bfloat16
+    assert float((in_bf16.detach().double() - expected).abs().max()) >= float(error.max())
+
 def _partitions(items: list[int]):
     """Every set partition of ``items`` (Bell(n) of them)."""
     if not items:

@@ -441,3 +441,32 @@ def test_a_cpu_workers_update_reuses_freed_memory_and_gives_it_back_after(tiny_q
     pages = (64 << 20) // resource.getpagesize()
     assert seen["before"] >= pages and seen["after"] >= pages, seen
     assert seen["during_update"] < pages // 100, seen
+
+
+@pytest.mark.slow
+def test_one_rank_accumulates_unsharded_and_updates_bitwise_the_same(tiny_qwen2_dir, monkeypatch):
+    """One rank with bf16 compute (FSDP2 over one rank) keeps the parameters unsharded and sums the gradients
+    unsharded in float32 across an update's micro-batches (`ONE_RANK_UNSHARDED_ACCUMULATION`): against the
+    per-micro-batch reduce and reshard, the same metrics and bitwise the same parameters over three updates,
+    one with a forward-only micro-batch last (its units must be resharded) and one with only that."""
+    import rl.workers.trainer_worker as trainer_worker
+    from rl.workers import InProcessWorkerGroup
+
+    common = dict(model_dir=tiny_qwen2_dir, bf16=True, learning_rate=1e-3, weight_decay=0.1, temperature=0.9)
+    groups = {on: InProcessWorkerGroup(WorkerSettings(**common)) for on in (True, False)}
+    loss = dict(aggregation="token-mean", beta=0.0, eps_low=0.2, eps_high=0.28)
+    try:
+        mbs = synthetic_micro_batches(seed=12)
+        last_zero = [MicroBatch(mb.prompt_ids, mb.completion_ids, [0.0] * len(mb) if i == len(mbs) - 1 else mb.advantages,
+                                trained=mb.trained) for i, mb in enumerate(mbs)]
+        for batch, skipped in ((mbs, 0.0), (last_zero, 1 / len(mbs)), (last_zero[-1:], 1.0)):
+            metrics = {}
+            for on, group in groups.items():
+                monkeypatch.setattr(trainer_worker, "ONE_RANK_UNSHARDED_ACCUMULATION", on)
+                metrics[on] = group.update(batch, loss)
+            assert metrics[True]["skipped_backward"] == metrics[False]["skipped_backward"] == skipped
+            assert metrics[True] == metrics[False]
+            assert_same_tensors(groups[True].full_state_dict(), groups[False].full_state_dict())
+    finally:
+        for group in groups.values():
+            group.shutdown()

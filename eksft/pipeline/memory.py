@@ -413,6 +413,8 @@ class TrainerSetup:
     dtype. ``weight_dtype``: the stored policy weights without LoRA (float32 master weights; SFT: model.dtype).
     ``lora_base_dtype``: the frozen LoRA base (GRPO ``rl.lora.base_dtype``; None: ``weight_dtype``).
     ``reference``: none | copy (a second, frozen, sharded model) | adapter (the LoRA base with adapters off: free).
+    ``unsharded_accumulation``: the GRPO update at one rank keeps every decoder layer gathered from its first
+    forward to its last backward (`rl.workers.trainer_worker.ONE_RANK_UNSHARDED_ACCUMULATION`).
     """
 
     workers: int = 1
@@ -423,6 +425,7 @@ class TrainerSetup:
     reference: str = "none"
     activation_checkpointing: bool = False
     cpu_offload: bool = False
+    unsharded_accumulation: bool = False
 
     def __post_init__(self):
         if self.reference not in ("none", "copy", "adapter"):
@@ -513,9 +516,14 @@ def trainer_estimate(shape: ModelShape, setup: TrainerSetup, batch: MicroBatchSh
             items.append(Item("reference root unit, gathered", root * ref_bytes,
                               f"{_n(root)} x {ref_bytes} B (kept after its no-grad forward)"))
         adapters_text = f" + LoRA {_n(lora_layer)} x {lora_gather} B" if lora_layer else ""
-        items.append(Item("decoder layers, gathered (current + prefetched)",
-                          2 * (layer * gather + lora_layer * lora_gather),
-                          f"2 x (P_layer {_n(layer)} x {gather} B{adapters_text})", STEP))
+        if W == 1 and setup.unsharded_accumulation:
+            items.append(Item("decoder layers, gathered (all: one rank keeps them across the update)",
+                              shape.layers * (layer * gather + lora_layer * lora_gather),
+                              f"{shape.layers} x (P_layer {_n(layer)} x {gather} B{adapters_text})", STEP))
+        else:
+            items.append(Item("decoder layers, gathered (current + prefetched)",
+                              2 * (layer * gather + lora_layer * lora_gather),
+                              f"2 x (P_layer {_n(layer)} x {gather} B{adapters_text})", STEP))
 
     def activations(checkpointing: bool) -> int:
         return activation_bytes(shape, batch, b, checkpointing=checkpointing, lora=setup.lora)

@@ -444,7 +444,8 @@ def _trainer_setup(recipe, kind: str, arm, precision: dict[str, str], shape: Mod
     reference = "adapter" if lora is not None and arm.objective is None else "copy"
     setup = TrainerSetup(workers=rl.workers, bf16=precision["rl"] == "bfloat16", weight_dtype="float32", lora=lora,
                          lora_base_dtype=rl.lora.base_dtype if lora else None, reference=reference,
-                         activation_checkpointing=rl.activation_checkpointing, cpu_offload=rl.cpu_offload)
+                         activation_checkpointing=rl.activation_checkpointing, cpu_offload=rl.cpu_offload,
+                         unsharded_accumulation=rl.workers == 1)
     batch, assumes = rl_micro_batch(shape, setup, rl, prompt_tokens, resolve_packing(rl.packing, device_kind))
     return setup, batch, rl.workers, assumes
 

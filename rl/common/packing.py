@@ -38,7 +38,7 @@ from torch import Tensor
 
 from rl.common.token_stats import takes_logits_to_keep
 
-__all__ = ["LAYOUTS", "MAX_PACKED_LENGTH", "PACKING_BY_DEVICE", "SDPA_CALL_PAIRS", "CompletionBucket", "Packing",
+__all__ = ["LAYOUTS", "MAX_PACKED_LENGTH", "PACKING_BY_DEVICE", "SDPA_CALL_PAIRS", "CPU_ATTENTION_DTYPE", "CompletionBucket", "Packing",
            "PackedSequences", "SEGMENT_ATTENTION", "SegmentLayout", "completion_buckets", "attention_implementation",
            "pack_sequences", "packed_length", "packed_logits",
            "packing_units", "resolve_packing", "segment_attention", "sft_packed", "use_segment_attention"]
@@ -201,6 +201,12 @@ def pack_sequences(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence
 # `completion_buckets`: measured on 2 AVX2 cores (benchmarks/results/segment_attention_cpu-avx2.md).
 SDPA_CALL_PAIRS = 16384
 
+# The dtype `segment_attention` computes in on a CPU when the model computes in bf16 / fp16. SDPA's CPU kernels
+# are about twice as slow in bf16 as in float32 at GRPO's shapes (forward + backward, native-bf16 Xeon:
+# benchmarks/results/segment_attention_cpu-avx512-bf16.md), so the attention casts up and rounds its output back
+# (more exact than bf16 SDPA, which rounds the probabilities). None: the query's dtype. Accelerators are unaffected.
+CPU_ATTENTION_DTYPE: torch.dtype | None = torch.float32
+
 
 def completion_buckets(lengths: Sequence[int], prompt_width: int, call_pairs: int | None = None) -> list[list[int]]:
     """The completions (by index into ``lengths``) split into buckets, one SDPA call each in `segment_attention`.
@@ -314,7 +320,8 @@ def segment_attention(module, query: Tensor, key: Tensor, value: Tensor, attenti
     Here each prompt attends causally to itself (one SDPA call over the prompts, ``is_causal``) and each
     completion to its prompt and causally to itself (one SDPA call per bucket of completions of similar length,
     each padded to its longest: `completion_buckets`).
-    The same softmax over the same keys: equal to the masked SDPA up to float rounding (tested).
+    The same softmax over the same keys: equal to the masked SDPA up to float rounding (tested). On a CPU a bf16 /
+    fp16 row attends in `CPU_ATTENTION_DTYPE` (float32) and returns its own dtype.
     Registered as `SEGMENT_ATTENTION`; without ``packed_layout`` it is transformers' SDPA."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -324,6 +331,8 @@ def segment_attention(module, query: Tensor, key: Tensor, value: Tensor, attenti
     layout = packed_layout
     groups = query.shape[1] // key.shape[1]  # grouped-query attention: key/value heads repeated as transformers does
     q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)  # [L, heads, head_dim]
+    if query.device.type == "cpu" and CPU_ATTENTION_DTYPE is not None and query.dtype in (torch.bfloat16, torch.float16):
+        q, k, v = q.to(CPU_ATTENTION_DTYPE), k.to(CPU_ATTENTION_DTYPE), v.to(CPU_ATTENTION_DTYPE)
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     dropout = dropout if module.training else 0.0
@@ -345,7 +354,7 @@ def segment_attention(module, query: Tensor, key: Tensor, value: Tensor, attenti
         ks, vs = gather(k, bucket.key_index), gather(v, bucket.key_index)  # [S, heads, P + C, head_dim]
         out = sdpa(qs, ks, vs, attn_mask=bucket.key_mask, dropout_p=dropout, scale=scaling)
         outputs.append(valid(out, bucket.query_rows))
-    return torch.cat(outputs).index_select(0, layout.order)[None], None
+    return torch.cat(outputs).index_select(0, layout.order).to(query.dtype)[None], None
 
 
 SEGMENT_ATTENTION = "sdpa_packed_segments"  # the name `segment_attention` is registered under in transformers

@@ -39,6 +39,9 @@ __all__ = ["TrainerWorker", "WorkerSettings", "default_process_group_timeout_s",
 # collectives may wait for slow model loading / compilation, hence the longer bound.
 CPU_PROCESS_GROUP_TIMEOUT_S = 120.0
 GPU_PROCESS_GROUP_TIMEOUT_S = 600.0
+# One rank: keep the compute-dtype parameters unsharded and the gradients unsharded (float32) across an update's
+# micro-batches (`_one_rank_accumulation`). Read per update.
+ONE_RANK_UNSHARDED_ACCUMULATION = True
 
 
 def default_process_group_timeout_s(device_type: str) -> float:
@@ -357,6 +360,36 @@ class TrainerWorker:
         return out
 
     @contextlib.contextmanager
+    def _one_rank_accumulation(self, backward: list[bool]):
+        """Around an update's micro-batches on ONE rank: FSDP2 keeps the bf16 parameters unsharded from the first
+        forward to the last backward, and sums the micro-batches' gradients unsharded in float32 (its
+        ``set_requires_gradient_sync(False)``), reducing and resharding once, in the last backward; yields
+        ``before_backward(i)``, to call before micro-batch i's backward. With one rank there is nothing to
+        all-gather or reduce across ranks: the same values and the same float32 sums, without a parameter cast and
+        a gradient copy per micro-batch. Several ranks: a no-op (memory per rank is why they shard)."""
+        model = self.model
+        if not (ONE_RANK_UNSHARDED_ACCUMULATION and self.world_size == 1 and isinstance(model, FSDPModule)
+                and any(backward)):
+            yield lambda index: None
+            return
+        last = max(i for i, b in enumerate(backward) if b)
+
+        def before_backward(index: int) -> None:
+            model.set_requires_gradient_sync(index == last)
+            model.set_reshard_after_backward(index == last)
+
+        model.set_reshard_after_forward(False)
+        try:
+            yield before_backward
+        finally:
+            model.set_reshard_after_forward(True)
+            model.set_requires_gradient_sync(True)
+            model.set_reshard_after_backward(True)
+            for module in model.modules():  # forwards without a backward after the last one left units unsharded
+                if isinstance(module, FSDPModule):
+                    module.reshard()
+
+    @contextlib.contextmanager
     def reference_model(self):
         """The frozen reference to run forwards on: the sharded reference, or with LoRA the policy's modules with
         the adapters off (in eval mode: no dropout noise)."""
@@ -385,33 +418,35 @@ class TrainerWorker:
         gap, gap_tokens = [0.0] * engines, [0.0] * engines
         ratio_min, ratio_max = float("inf"), float("-inf")
         backward = self._needs_backward(micro_batches, loss_settings)
-        for mb, mb_backward in zip(micro_batches, backward):
-            with torch.set_grad_enabled(mb_backward):  # without: no activations kept, the forward is for the metrics
-                logp, entropy, mask = self._sequence_logprobs(self.model, mb, with_entropy=True)
-                trained = torch.tensor(mb.trained_mask(), device=mask.device)
-                mask = mask & trained[:, None]
-                old = logp.detach() if mb.old_logprobs is None else dense_rows(mb.old_logprobs, logp)
-                ref = None if mb.ref_logprobs is None else dense_rows(mb.ref_logprobs, logp)
-                advantages = torch.tensor(mb.advantages, dtype=torch.float32, device=logp.device)
-                loss, metrics = policy_loss(logp, old, advantages, mask, ref_logp=ref, entropy=entropy,
-                                            num_tokens=max(num_tokens, 1.0), num_seqs=max(num_seqs, 1.0),
-                                            **loss_settings)
-            if mb_backward:
-                loss.backward()
-            if mb.engine_logprobs is not None:
-                engine = dense_rows(mb.engine_logprobs, logp)
-                row_gap, row_tokens = ((logp.detach() - engine).abs() * mask).sum(-1).tolist(), mask.sum(-1).tolist()
-                for e, g, t in zip(mb.engine_ids or [0] * len(mb), row_gap, row_tokens):
-                    gap[e] += g
-                    gap_tokens[e] += t
-            n = float(trained.sum())
-            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
-            for k, v in metrics.items():
-                if k not in ("num_tokens", "num_seqs", "ratio_min", "ratio_max"):
-                    sums[k] = sums.get(k, 0.0) + float(v) * n
-            if mask.any():
-                ratio_min, ratio_max = min(ratio_min, float(metrics["ratio_min"])), max(ratio_max, float(metrics["ratio_max"]))
-            weight += n
+        with self._one_rank_accumulation(backward) as before_backward:
+            for index, (mb, mb_backward) in enumerate(zip(micro_batches, backward)):
+                with torch.set_grad_enabled(mb_backward):  # without: no activations kept, the forward is for the metrics
+                    logp, entropy, mask = self._sequence_logprobs(self.model, mb, with_entropy=True)
+                    trained = torch.tensor(mb.trained_mask(), device=mask.device)
+                    mask = mask & trained[:, None]
+                    old = logp.detach() if mb.old_logprobs is None else dense_rows(mb.old_logprobs, logp)
+                    ref = None if mb.ref_logprobs is None else dense_rows(mb.ref_logprobs, logp)
+                    advantages = torch.tensor(mb.advantages, dtype=torch.float32, device=logp.device)
+                    loss, metrics = policy_loss(logp, old, advantages, mask, ref_logp=ref, entropy=entropy,
+                                                num_tokens=max(num_tokens, 1.0), num_seqs=max(num_seqs, 1.0),
+                                                **loss_settings)
+                if mb_backward:
+                    before_backward(index)
+                    loss.backward()
+                if mb.engine_logprobs is not None:
+                    engine = dense_rows(mb.engine_logprobs, logp)
+                    row_gap, row_tokens = ((logp.detach() - engine).abs() * mask).sum(-1).tolist(), mask.sum(-1).tolist()
+                    for e, g, t in zip(mb.engine_ids or [0] * len(mb), row_gap, row_tokens):
+                        gap[e] += g
+                        gap_tokens[e] += t
+                n = float(trained.sum())
+                sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+                for k, v in metrics.items():
+                    if k not in ("num_tokens", "num_seqs", "ratio_min", "ratio_max"):
+                        sums[k] = sums.get(k, 0.0) + float(v) * n
+                if mask.any():
+                    ratio_min, ratio_max = min(ratio_min, float(metrics["ratio_min"])), max(ratio_max, float(metrics["ratio_max"]))
+                weight += n
         if not backward[-1] and isinstance(self.model, FSDPModule):
             # FSDP2 keeps a root module unsharded after its forward until a backward reshards it: without one, the
             # module would still hold the full tensors, not the sharded parameters that carry the gradients.
