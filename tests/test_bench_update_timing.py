@@ -45,12 +45,16 @@ def test_synthetic_micro_batches_have_the_asked_shape(load_benchmark):
     assert tokens == sum(len(c) for mb in batches for c in mb.completion_ids)
 
 
+def run_on_the_tiny_model(load_benchmark, name: str, out, *flags: str) -> tuple[dict, str]:
+    """``benchmarks/<name>.py`` on tiny:qwen2 with 5-token prompts, one run per setting: its record and table."""
+    load_benchmark(name).main(["--model", "tiny:qwen2", "--prompt-tokens", "5", "--min-tokens", "2", "--reps", "1",
+                               *flags, "--out", str(out)])
+    return json.loads(out.read_text()), out.with_suffix(".md").read_text()
+
+
 def test_segment_attention_benchmark_records_every_call_cost(tmp_path, tiny_qwen2_dir, load_benchmark):
-    bench = load_benchmark("segment_attention")
-    out = tmp_path / "s.json"
-    bench.main(["--model", "tiny:qwen2", "--groups", "2", "--group", "3", "--prompt-tokens", "5", "--min-tokens", "2",
-                "--max-tokens", "40", "--costs", "64", "--reps", "1", "--no-bf16", "--out", str(out)])
-    record = json.loads(out.read_text())
+    record, table = run_on_the_tiny_model(load_benchmark, "segment_attention", tmp_path / "s.json", "--groups", "2",
+                                          "--group", "3", "--max-tokens", "40", "--costs", "64", "--no-bf16")
     alone = record["attention_alone"]
     assert set(alone) == {"0", "64", str(record["default_call_pairs"]), "one"}
     # one call per packed row at "one"; at cost 0 a bucket per distinct length, so at least as many calls
@@ -58,29 +62,23 @@ def test_segment_attention_benchmark_records_every_call_cost(tmp_path, tiny_qwen
     assert alone["0"]["completion_pairs"] <= alone["one"]["completion_pairs"]
     assert set(record["update"]) == {"one", str(record["default_call_pairs"])} and not record["attention_dtype"]["update"]
     assert all(len(v["seconds"]) == 1 and v["seconds"][0] > 0 for v in record["update"].values())
-    assert "default / one call" in out.with_suffix(".md").read_text()
+    assert "default / one call" in table
 
 
 def test_token_stats_chunks_benchmark_records_every_chunk(tmp_path, tiny_qwen2_dir, load_benchmark):
-    bench = load_benchmark("token_stats_chunks")
-    out = tmp_path / "t.json"
-    bench.main(["--model", "tiny:qwen2", "--groups", "2", "--group", "2", "--prompt-tokens", "5", "--min-tokens", "2",
-                "--max-tokens", "9", "--positions", "40", "--chunks", "8", "--reps", "1", "--out", str(out)])
-    record = json.loads(out.read_text())
+    record, table = run_on_the_tiny_model(load_benchmark, "token_stats_chunks", tmp_path / "t.json", "--groups", "2",
+                                          "--group", "2", "--max-tokens", "9", "--positions", "40", "--chunks", "8")
     assert str(record["cpu_default_chunk"]) in record["statistics_alone"] and "8" in record["statistics_alone"]
     assert all(v["median_s"] > 0 for v in record["statistics_alone"].values())
     assert set(record["update"]) == {"cpu", "accelerator"}
     assert record["update"]["cpu"]["chunk_positions"] == record["cpu_default_chunk"]
-    assert "CPU chunks / largest" in out.with_suffix(".md").read_text()
+    assert "CPU chunks / largest" in table
 
 
 def test_segment_attention_benchmark_at_bf16_compares_the_attention_dtypes(tmp_path, tiny_qwen2_dir, load_benchmark):
-    bench = load_benchmark("segment_attention")
-    out = tmp_path / "s.json"
-    bench.main(["--model", "tiny:qwen2", "--groups", "2", "--group", "2", "--prompt-tokens", "5", "--min-tokens", "2",
-                "--max-tokens", "20", "--costs", "64", "--reps", "1", "--bf16", "--out", str(out)])
-    record = json.loads(out.read_text())
+    record, table = run_on_the_tiny_model(load_benchmark, "segment_attention", tmp_path / "s.json", "--groups", "2",
+                                          "--group", "2", "--max-tokens", "20", "--costs", "64", "--bf16")
     assert record["precision"]["trainer"] == "bfloat16"
     assert set(record["attention_dtype"]["alone"]) == set(record["attention_dtype"]["update"]) == {"float32", "bf16"}
     assert record["ratios"]["update_float32_attention_over_bf16"] > 0
-    assert "float32 / bf16 attention" in out.with_suffix(".md").read_text()
+    assert "float32 / bf16 attention" in table

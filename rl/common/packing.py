@@ -38,9 +38,9 @@ from torch import Tensor
 
 from rl.common.token_stats import takes_logits_to_keep
 
-__all__ = ["LAYOUTS", "MAX_PACKED_LENGTH", "PACKING_BY_DEVICE", "SDPA_CALL_PAIRS", "CPU_ATTENTION_DTYPE", "CompletionBucket", "Packing",
-           "PackedSequences", "SEGMENT_ATTENTION", "SegmentLayout", "completion_buckets", "attention_implementation",
-           "pack_sequences", "packed_length", "packed_logits",
+__all__ = ["LAYOUTS", "MAX_PACKED_LENGTH", "PACKING_BY_DEVICE", "SDPA_CALL_PAIRS", "CPU_ATTENTION_DTYPE",
+           "CompletionBucket", "Packing", "PackedSequences", "SEGMENT_ATTENTION", "SegmentLayout",
+           "completion_buckets", "attention_implementation", "pack_sequences", "packed_length", "packed_logits",
            "packing_units", "resolve_packing", "segment_attention", "sft_packed", "use_segment_attention"]
 
 # A packed row longer than this runs as the padded batch: its [L, L] mask (and attention without a fused kernel
