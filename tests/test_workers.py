@@ -449,6 +449,8 @@ def test_one_rank_accumulates_unsharded_and_updates_bitwise_the_same(tiny_qwen2_
     unsharded in float32 across an update's micro-batches (`ONE_RANK_UNSHARDED_ACCUMULATION`): against the
     per-micro-batch reduce and reshard, the same metrics and bitwise the same parameters over three updates,
     one with a forward-only micro-batch last (its units must be resharded) and one with only that."""
+    from torch.distributed.fsdp import FSDPModule
+
     import rl.workers.trainer_worker as trainer_worker
     from rl.workers import InProcessWorkerGroup
 
@@ -467,6 +469,13 @@ def test_one_rank_accumulates_unsharded_and_updates_bitwise_the_same(tiny_qwen2_
             assert metrics[True]["skipped_backward"] == metrics[False]["skipped_backward"] == skipped
             assert metrics[True] == metrics[False]
             assert_same_tensors(groups[True].full_state_dict(), groups[False].full_state_dict())
+            # FSDP2's own settings again: the root keeps its parameters after a forward, the layers reshard
+            # (a post-forward mesh of None means no resharding), and every unit is sharded between updates
+            model = groups[True].worker.model
+            for unit in (m for m in model.modules() if isinstance(m, FSDPModule)):
+                group_state = unit._get_fsdp_state()._fsdp_param_groups[0]
+                assert (group_state.post_forward_mesh_info is None) == (unit is model)
+                assert group_state.is_sharded
     finally:
         for group in groups.values():
             group.shutdown()

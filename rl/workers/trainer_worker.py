@@ -382,12 +382,13 @@ class TrainerWorker:
         try:
             yield before_backward
         finally:
-            model.set_reshard_after_forward(True)
             model.set_requires_gradient_sync(True)
             model.set_reshard_after_backward(True)
-            for module in model.modules():  # forwards without a backward after the last one left units unsharded
-                if isinstance(module, FSDPModule):
-                    module.reshard()
+            units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+            for unit in units:  # FSDP2's defaults again: the root stays gathered after its forward, the rest reshard
+                unit.set_reshard_after_forward(unit is not model, recurse=False)
+            for unit in units:  # forwards without a backward after the last one left units unsharded
+                unit.reshard()
 
     @contextlib.contextmanager
     def reference_model(self):
