@@ -122,19 +122,18 @@ def run(args) -> dict[str, Any]:
     loss_settings = GRPOConfig().policy_loss_kwargs()
     cost_of = {_cost_name(c): c for c in (ONE_CALL, default)}
 
-    def measure_cost(name: str) -> dict[str, Any]:
-        packing.SDPA_CALL_PAIRS = cost_of[name]  # read when each micro-batch's layout is made
-        return {"seconds": timed(lambda: group.update(batches, loss_settings))[0]}
-
-    def measure_dtype(name: str) -> dict[str, Any]:
-        packing.CPU_ATTENTION_DTYPE = dtypes[name]  # read by every segment_attention call
-        return {"seconds": timed(lambda: group.update(batches, loss_settings))[0]}
+    def updates_with(setting: str, values: dict[str, Any], tag: str) -> dict[str, Any]:
+        """The update timed per value of ``packing.<setting>`` (read by every layout / segment_attention call)."""
+        def measure(name: str) -> dict[str, Any]:
+            setattr(packing, setting, values[name])
+            return {"seconds": timed(lambda: group.update(batches, loss_settings))[0]}
+        return alternate(values, args.reps, measure, tag=tag)
 
     try:
         group.update(batches, loss_settings)  # warm-up
-        update = alternate(cost_of, args.reps, measure_cost, tag="segment_attention update, call cost")
+        update = updates_with("SDPA_CALL_PAIRS", cost_of, "segment_attention update, call cost")
         packing.SDPA_CALL_PAIRS = default
-        update_by_dtype = alternate(dtypes, args.reps, measure_dtype, tag="segment_attention update, attention in")
+        update_by_dtype = updates_with("CPU_ATTENTION_DTYPE", dtypes, "segment_attention update, attention in")
     finally:
         packing.SDPA_CALL_PAIRS, packing.CPU_ATTENTION_DTYPE = default, attention_dtype
         group.shutdown()

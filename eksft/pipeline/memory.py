@@ -516,14 +516,12 @@ def trainer_estimate(shape: ModelShape, setup: TrainerSetup, batch: MicroBatchSh
             items.append(Item("reference root unit, gathered", root * ref_bytes,
                               f"{_n(root)} x {ref_bytes} B (kept after its no-grad forward)"))
         adapters_text = f" + LoRA {_n(lora_layer)} x {lora_gather} B" if lora_layer else ""
-        if W == 1 and setup.unsharded_accumulation:
-            items.append(Item("decoder layers, gathered (all: one rank keeps them across the update)",
-                              shape.layers * (layer * gather + lora_layer * lora_gather),
-                              f"{shape.layers} x (P_layer {_n(layer)} x {gather} B{adapters_text})", STEP))
-        else:
-            items.append(Item("decoder layers, gathered (current + prefetched)",
-                              2 * (layer * gather + lora_layer * lora_gather),
-                              f"2 x (P_layer {_n(layer)} x {gather} B{adapters_text})", STEP))
+        all_layers = W == 1 and setup.unsharded_accumulation
+        gathered = shape.layers if all_layers else 2
+        items.append(Item("decoder layers, gathered " + ("(all: one rank keeps them across the update)" if all_layers
+                                                          else "(current + prefetched)"),
+                          gathered * (layer * gather + lora_layer * lora_gather),
+                          f"{gathered} x (P_layer {_n(layer)} x {gather} B{adapters_text})", STEP))
 
     def activations(checkpointing: bool) -> int:
         return activation_bytes(shape, batch, b, checkpointing=checkpointing, lora=setup.lora)
