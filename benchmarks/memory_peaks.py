@@ -103,7 +103,7 @@ def measure_sft() -> dict:
     group.train_step([batch], loss, learning_rate=recipe.sft.learning_rate)
     measured = hwm() - base
     setup = TrainerSetup(workers=1, bf16=bf16, weight_dtype=recipe.model.dtype, reference="copy",
-                         activation_checkpointing=recipe.sft.gradient_checkpointing)
+                         activation_checkpointing=recipe.sft.gradient_checkpointing, unsharded_accumulation=True)
     shape_mb = MicroBatchShape(rows, length, logit_positions=length - prompt, padded=False, reference_logits=True,
                                chunk_rows=default_chunk_size(shape.vocab, "cpu"))
     estimate = trainer_estimate(shape, setup, shape_mb)

@@ -1,5 +1,5 @@
-"""benchmarks/_update_timing.py (the alternation every update benchmark times its settings with) and the two
-benchmarks built on it that have no other test: segment_attention and token_stats_chunks.
+"""benchmarks/_update_timing.py (the alternation every update benchmark times its settings with) and the
+benchmarks built on it that have no other test: segment_attention, token_stats_chunks and one_rank_accumulation.
 
 No timing assertions: the benchmarks run on the tiny model and their records are checked for shape and content.
 """
@@ -82,3 +82,18 @@ def test_segment_attention_benchmark_at_bf16_compares_the_attention_dtypes(tmp_p
     assert set(record["attention_dtype"]["alone"]) == set(record["attention_dtype"]["update"]) == {"float32", "bf16"}
     assert record["ratios"]["update_float32_attention_over_bf16"] > 0
     assert "float32 / bf16 attention" in table
+
+
+def test_one_rank_accumulation_benchmark_times_both_steps_with_the_setting_restored(tmp_path, tiny_qwen2_dir,
+                                                                                     load_benchmark):
+    import rl.workers.trainer_worker as trainer_worker
+
+    record, table = run_on_the_tiny_model(load_benchmark, "one_rank_accumulation", tmp_path / "a.json", "--groups",
+                                          "2", "--group", "2", "--max-tokens", "9", "--sft-micro-batches", "2")
+    for part in ("grpo_update", "sft_step"):
+        assert set(record[part]) == {"unsharded", "per_micro_batch"}
+        assert all(len(v["seconds"]) == 1 and v["seconds"][0] > 0 for v in record[part].values())
+        assert record["ratios"][f"{part}_unsharded_over_per_micro_batch"] > 0
+        assert record["unsharded_faster_pairs"][part] in (0, 1)
+    assert record["sft_tokens"] > 0 and trainer_worker.ONE_RANK_UNSHARDED_ACCUMULATION is True
+    assert "cold-start step" in table

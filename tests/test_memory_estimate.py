@@ -177,14 +177,17 @@ def test_trainer_full_fine_tune_state_w8_vs_w1():
 
 
 def test_one_rank_update_keeps_every_decoder_layer_gathered():
-    """`unsharded_accumulation` (the GRPO update at one rank): all 36 of Qwen3-8B's layers gathered in bf16 instead
-    of the current and the prefetched one; several ranks ignore it (they reshard), so does float32 at one rank."""
+    """`unsharded_accumulation` (an optimizer step at one rank: the GRPO update, the cold start's step): all 36 of
+    Qwen3-8B's layers gathered in bf16 instead of the current and the prefetched one; several ranks ignore it (they
+    reshard), so do float32 at one rank (no FSDP) and CPU offload (the worker does not keep them then)."""
     kept = qwen3_8b_estimate(workers=1, unsharded_accumulation=True)
     assert kept.item("decoder layers, gathered (all: one rank keeps them across the update)").bytes == 36 * QWEN3_8B_LAYER * 2
     plain = qwen3_8b_estimate(workers=1)
     assert kept.peak() - plain.peak() == (36 - 2) * QWEN3_8B_LAYER * 2
     assert qwen3_8b_estimate(workers=8, unsharded_accumulation=True) == qwen3_8b_estimate(workers=8)
     assert qwen3_8b_estimate(workers=1, bf16=False, unsharded_accumulation=True) == qwen3_8b_estimate(workers=1, bf16=False)
+    assert qwen3_8b_estimate(workers=1, cpu_offload=True, unsharded_accumulation=True) == \
+        qwen3_8b_estimate(workers=1, cpu_offload=True)
 
 
 def test_one_float32_rank_runs_without_fsdp():

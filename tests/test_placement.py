@@ -212,6 +212,12 @@ def test_packed_micro_batches_are_planned_as_the_packed_row():
     # the cold start: 8 x 256 tokens in one row of at most 2048 positions (no shared prefix assumed)
     sft_rank = device(stage(report, "sft"), "node 0 host memory").processes[0].estimate
     assert sft_rank.title.endswith("1 x 2048 tokens)")
+    # one bf16 cold-start rank keeps its layers gathered across the step too (sft.workers 1)
+    bf16 = plan_memory(load_recipe(QUICKSTART, ["sft.bf16=true"]), Cluster.cpu(23.5))
+    assert bf16.precision["sft"] == "bfloat16"
+    gathered = device(stage(bf16, "sft"), "node 0 host memory").processes[0].estimate.item(
+        "decoder layers, gathered (all: one rank keeps them across the update)")
+    assert gathered.bytes == shape.layers * shape.layer_parameters * 2
     off = plan_memory(load_recipe(QUICKSTART, ["rl.packing=off", "sft.packing=off"]), Cluster.cpu(23.5))
     rl_off = device(stage(off, "rl"), "node 0 host memory").processes[0].estimate
     assert rl_off == trainer_estimate(shape, setup, MicroBatchShape(16, 512 + 96, 97))

@@ -479,3 +479,42 @@ def test_one_rank_accumulates_unsharded_and_updates_bitwise_the_same(tiny_qwen2_
     finally:
         for group in groups.values():
             group.shutdown()
+
+
+def test_one_rank_cold_start_step_accumulates_unsharded_bitwise_the_same(tiny_qwen2_dir, monkeypatch):
+    """The cold start's optimizer step (`TrainerWorker.train_step`, the EKSFT objective with its frozen reference)
+    over three micro-batches at one bf16 rank: with `ONE_RANK_UNSHARDED_ACCUMULATION` the same metrics and bitwise
+    the same parameters as with a reduce and reshard per micro-batch, over two steps; every unit sharded after."""
+    from torch.distributed.fsdp import FSDPModule
+
+    import rl.workers.trainer_worker as trainer_worker
+    from eksft.config import load_recipe
+    from eksft.data import build_sft_dataset
+    from eksft.models import load_tokenizer
+    from eksft.sft.run import worker_settings
+    from eksft.sft.step import ObjectiveStepLoss, SFTMicroBatch
+    from rl.workers import InProcessWorkerGroup
+
+    recipe = load_recipe(None, ["model.name=tiny:qwen2", "data.sft.num_examples=6", "data.max_length=96",
+                                "sft.bf16=true", "sft.learning_rate=1e-3"])
+    tokenizer = load_tokenizer(tiny_qwen2_dir)
+    examples, _ = build_sft_dataset(recipe, tokenizer)
+    batches = [SFTMicroBatch.of(examples[i:i + 2]) for i in (0, 2, 4)]
+    loss = ObjectiveStepLoss(recipe.arm("eksft").objective, tokenizer.pad_token_id, with_reference=True)
+    groups = {on: InProcessWorkerGroup(worker_settings(recipe, tiny_qwen2_dir, with_reference=True))
+              for on in (True, False)}
+    try:
+        for _ in range(2):
+            metrics = {}
+            for on, group in groups.items():
+                monkeypatch.setattr(trainer_worker, "ONE_RANK_UNSHARDED_ACCUMULATION", on)
+                metrics[on] = group.train_step(batches, loss, learning_rate=1e-3)
+            assert metrics[True] == metrics[False] and metrics[True]["grad_norm"] > 0
+            assert_same_tensors(groups[True].full_state_dict(), groups[False].full_state_dict())
+            model = groups[True].worker.model
+            assert isinstance(model, FSDPModule)  # bf16 compute: FSDP2 over the one rank
+            assert all(unit._get_fsdp_state()._fsdp_param_groups[0].is_sharded
+                       for unit in model.modules() if isinstance(unit, FSDPModule))
+    finally:
+        for group in groups.values():
+            group.shutdown()

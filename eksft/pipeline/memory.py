@@ -413,8 +413,10 @@ class TrainerSetup:
     dtype. ``weight_dtype``: the stored policy weights without LoRA (float32 master weights; SFT: model.dtype).
     ``lora_base_dtype``: the frozen LoRA base (GRPO ``rl.lora.base_dtype``; None: ``weight_dtype``).
     ``reference``: none | copy (a second, frozen, sharded model) | adapter (the LoRA base with adapters off: free).
-    ``unsharded_accumulation``: the GRPO update at one rank keeps every decoder layer gathered from its first
-    forward to its last backward (`rl.workers.trainer_worker.ONE_RANK_UNSHARDED_ACCUMULATION`).
+    ``unsharded_accumulation``: an optimizer step at one rank (the GRPO update, the cold start's step) keeps every
+    decoder layer gathered from its first forward to its last backward, except with ``cpu_offload``
+    (`rl.workers.trainer_worker.ONE_RANK_UNSHARDED_ACCUMULATION`). Its float32 gradients, unsharded until the last
+    backward, take the place of the sharded ones (one rank: the same size), which exist only after it.
     """
 
     workers: int = 1
@@ -516,7 +518,7 @@ def trainer_estimate(shape: ModelShape, setup: TrainerSetup, batch: MicroBatchSh
             items.append(Item("reference root unit, gathered", root * ref_bytes,
                               f"{_n(root)} x {ref_bytes} B (kept after its no-grad forward)"))
         adapters_text = f" + LoRA {_n(lora_layer)} x {lora_gather} B" if lora_layer else ""
-        all_layers = W == 1 and setup.unsharded_accumulation
+        all_layers = W == 1 and setup.unsharded_accumulation and not setup.cpu_offload
         gathered = shape.layers if all_layers else 2
         items.append(Item("decoder layers, gathered " + ("(all: one rank keeps them across the update)" if all_layers
                                                           else "(current + prefetched)"),

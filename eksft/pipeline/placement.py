@@ -427,7 +427,8 @@ def _trainer_setup(recipe, kind: str, arm, precision: dict[str, str], shape: Mod
         lora = LoraShape.from_settings(cfg.lora) if cfg.lora.enabled else None
         reference = "none" if not wants else cfg.reference
         setup = TrainerSetup(workers=cfg.workers, bf16=precision["sft"] == "bfloat16", weight_dtype=recipe.model.dtype,
-                             lora=lora, reference=reference, activation_checkpointing=cfg.gradient_checkpointing)
+                             lora=lora, reference=reference, activation_checkpointing=cfg.gradient_checkpointing,
+                             unsharded_accumulation=cfg.workers == 1)
         padded = MicroBatchShape(cfg.batch_size, recipe.data.max_length, reference_logits=wants)
         assumes = f"sft.batch_size {cfg.batch_size} x data.max_length {recipe.data.max_length}"
         if not sft_packed(cfg.packing, device_kind) or cfg.batch_size == 1:

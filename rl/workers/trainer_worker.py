@@ -39,8 +39,8 @@ __all__ = ["TrainerWorker", "WorkerSettings", "default_process_group_timeout_s",
 # collectives may wait for slow model loading / compilation, hence the longer bound.
 CPU_PROCESS_GROUP_TIMEOUT_S = 120.0
 GPU_PROCESS_GROUP_TIMEOUT_S = 600.0
-# One rank: keep the compute-dtype parameters unsharded and the gradients unsharded (float32) across an update's
-# micro-batches (`_one_rank_accumulation`). Read per update.
+# One rank: keep the compute-dtype parameters unsharded and the gradients unsharded (float32) across an optimizer
+# step's micro-batches, in the GRPO update and the cold start's step (`_one_rank_accumulation`). Read per step.
 ONE_RANK_UNSHARDED_ACCUMULATION = True
 
 
@@ -342,13 +342,15 @@ class TrainerWorker:
         totals = self._sum_across_ranks(step_loss.weights(micro_batches))
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum, sums, weight = 0.0, {}, 0.0
-        for mb in micro_batches:
-            loss, metric_sums, mb_weight = step_loss(self, mb, totals)
-            loss.backward()
-            loss_sum += float(loss.detach())
-            for k, v in metric_sums.items():
-                sums[k] = sums.get(k, 0.0) + v
-            weight += mb_weight
+        with self._one_rank_accumulation([True] * len(micro_batches)) as before_backward:
+            for index, mb in enumerate(micro_batches):
+                loss, metric_sums, mb_weight = step_loss(self, mb, totals)
+                before_backward(index)
+                loss.backward()
+                loss_sum += float(loss.detach())
+                for k, v in metric_sums.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                weight += mb_weight
         grad_norm = clip_grad_norm_(self.model.parameters(), s.max_grad_norm)
         self.optimizer.step()
         # Every rank must all-reduce the same keys in the same order: the union of names is fixed by the loss.
@@ -361,15 +363,17 @@ class TrainerWorker:
 
     @contextlib.contextmanager
     def _one_rank_accumulation(self, backward: list[bool]):
-        """Around an update's micro-batches on ONE rank: FSDP2 keeps the bf16 parameters unsharded from the first
-        forward to the last backward, and sums the micro-batches' gradients unsharded in float32 (its
-        ``set_requires_gradient_sync(False)``), reducing and resharding once, in the last backward; yields
-        ``before_backward(i)``, to call before micro-batch i's backward. With one rank there is nothing to
-        all-gather or reduce across ranks: the same values and the same float32 sums, without a parameter cast and
-        a gradient copy per micro-batch. Several ranks: a no-op (memory per rank is why they shard)."""
+        """Around an optimizer step's micro-batches on ONE rank (``backward[i]``: whether micro-batch i runs a
+        backward): FSDP2 keeps the bf16 parameters unsharded from the first forward to the last backward, and sums
+        the micro-batches' gradients unsharded in float32 (its ``set_requires_gradient_sync(False)``), reducing and
+        resharding once, in the last backward; yields ``before_backward(i)``, to call before micro-batch i's
+        backward. With one rank there is nothing to all-gather or reduce across ranks: the same values and the same
+        float32 sums, without a parameter cast and a gradient copy per micro-batch. A no-op for several ranks and
+        with ``cpu_offload`` (memory per device is why they shard or offload: here every layer and its float32
+        gradient would stay on the device)."""
         model = self.model
         if not (ONE_RANK_UNSHARDED_ACCUMULATION and self.world_size == 1 and isinstance(model, FSDPModule)
-                and any(backward)):
+                and not self.settings.cpu_offload and any(backward)):
             yield lambda index: None
             return
         last = max(i for i, b in enumerate(backward) if b)
