@@ -46,3 +46,11 @@ def write_results(path: str | Path, result: dict[str, Any], table: str) -> tuple
     md_path = json_path.with_suffix(".md")
     _write(md_path, table)
     return json_path, md_path
+
+
+def write_and_print(name: str, result: dict[str, Any], table: str, out: str | None) -> None:
+    """`write_results` to ``out``, or to ``results/<name>_<capability tag>.json`` (the tag from
+    ``result["hardware"]``); prints the table and both paths."""
+    paths = write_results(out or default_path(name, result["hardware"]["tag"]), result, table)
+    print(table)
+    print("wrote", *paths)

@@ -155,10 +155,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     result = run(args)
-    default = _results.default_path("one_rank_accumulation", result["hardware"]["tag"])
-    paths = _results.write_results(args.out or default, result, markdown(result))
-    print(markdown(result))
-    print("wrote", *paths)
+    _results.write_and_print("one_rank_accumulation", result, markdown(result), args.out)
 
 
 if __name__ == "__main__":

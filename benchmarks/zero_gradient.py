@@ -115,10 +115,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     result = run(args)
-    default = _results.default_path("zero_gradient", result["hardware"]["tag"])
-    paths = _results.write_results(args.out or default, result, markdown(result))
-    print(markdown(result))
-    print("wrote", *paths)
+    _results.write_and_print("zero_gradient", result, markdown(result), args.out)
 
 
 if __name__ == "__main__":
