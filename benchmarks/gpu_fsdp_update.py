@@ -21,6 +21,11 @@ sequences of ``--sft-prompt-len`` prompt + ``--sft-response-len`` trained tokens
 ``--sft-micro-batch`` (the paper's per-GPU batch 1 x accumulation 8 by default). It needs pydantic (the objectives'
 settings): without it, it is recorded as skipped.
 
+Both steps are timed with the worker's default, one rank accumulating unsharded
+(`rl.workers.trainer_worker.ONE_RANK_UNSHARDED_ACCUMULATION`: the bf16 parameters kept gathered, the gradients
+summed unsharded, one reduce and reshard in the last backward), then again with it off (a reshard and a reduce
+per micro-batch) into ``accumulation_off``: its time and peak memory (``--no-compare-accumulation`` skips that).
+
 Imports: the script checks that neither ray nor vllm is imported. ``rl.grpo`` (imported by the worker for its
 loss) imports pydantic through its package ``__init__``; where pydantic is missing (the GPU image), the pure
 modules are loaded from their files without the packages' ``__init__`` (``--module-files`` forces that path).
@@ -127,6 +132,8 @@ def main(argv=None) -> dict:
     p.add_argument("--sft-response-len", type=int, default=2048)
     p.add_argument("--module-files", action="store_true", help="load rl's pure modules from their files (as "
                                                                "where pydantic is missing)")
+    p.add_argument("--compare-accumulation", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time both steps with the one-rank unsharded accumulation off")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     if args.device == "cpu":
@@ -168,13 +175,16 @@ def main(argv=None) -> dict:
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     try:
         times, metrics = timed(lambda: worker.update(mbs, loss), args.warmup, args.steps, device, sync)
+        peak = peak_memory_gib(device)
+        if args.compare_accumulation:
+            result["accumulation_off"] = accumulation_off(TrainerWorker, lambda: worker.update(mbs, loss), args,
+                                                          device, sync)
     finally:
         worker.shutdown()
     tokens = args.sequences * args.completion_len
     result.update(update_s=times, update_s_median=statistics.median(times), warmup=args.warmup,
                   trained_tokens_per_update=tokens, tokens_per_s=tokens / statistics.median(times),
-                  last_metrics={k: float(v) for k, v in metrics.items()},
-                  peak_memory_gib=(torch.cuda.max_memory_allocated() / 2**30) if device == "cuda" else None,
+                  last_metrics={k: float(v) for k, v in metrics.items()}, peak_memory_gib=peak,
                   ray_imported="ray" in sys.modules, vllm_imported="vllm" in sys.modules,
                   pydantic_imported="pydantic" in sys.modules)
     result["sft"] = cold_start_step(args, TrainerWorker, WorkerSettings, tmp, shape, device, sync) if args.sft else "skipped (--no-sft)"
@@ -190,18 +200,44 @@ def main(argv=None) -> dict:
                f"[{result['precision']}], {args.sequences} x ({args.prompt_len}+{args.completion_len}) tokens, "
                f"micro-batch {args.micro_batch}, packing {result['packing']}: update {result['update_s_median']:.3f} s (median of "
                f"{args.steps}), {result['tokens_per_s']:.0f} completion tokens/s, peak memory {peak}")
-    out.with_suffix(".txt").write_text(summary + "\n")
+    if "accumulation_off" in result:
+        summary += f"; {describe_off(result['accumulation_off'])}"
     if isinstance(result["sft"], dict):
         sft = result["sft"]
         sft_peak = "n/a (CPU)" if sft["peak_memory_gib"] is None else f"{sft['peak_memory_gib']:.2f} GiB"
         summary += (f"\ncold start (eksft, reference copy): {args.sft_sequences} x ({args.sft_prompt_len}+"
                     f"{args.sft_response_len}) tokens, micro-batch {args.sft_micro_batch}: step {sft['step_s_median']:.3f} s "
                     f"(median of {args.steps}), {sft['tokens_per_s']:.0f} trained tokens/s, peak memory {sft_peak}")
+        if "accumulation_off" in sft:
+            summary += f"; {describe_off(sft['accumulation_off'])}"
     else:
         summary += f"\ncold start: {result['sft']}"
     out.with_suffix(".txt").write_text(summary + "\n")
     print(summary, flush=True)
     return result
+
+
+def peak_memory_gib(device: str) -> float | None:
+    """The peak GPU memory allocated since the last reset (`timed` resets it after the warm-up); None on a CPU."""
+    return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+
+
+def accumulation_off(TrainerWorker, step, args, device: str, sync) -> dict:
+    """``step`` timed as `timed` does with the worker module's ``ONE_RANK_UNSHARDED_ACCUMULATION`` off (a reshard
+    and a reduce per micro-batch), restored after: the times, their median and the peak memory."""
+    module = sys.modules[TrainerWorker.__module__]  # rl.workers.trainer_worker, however it was imported
+    before = module.ONE_RANK_UNSHARDED_ACCUMULATION
+    module.ONE_RANK_UNSHARDED_ACCUMULATION = False
+    try:
+        times, _ = timed(step, args.warmup, args.steps, device, sync)
+    finally:
+        module.ONE_RANK_UNSHARDED_ACCUMULATION = before
+    return dict(step_s=times, step_s_median=statistics.median(times), peak_memory_gib=peak_memory_gib(device))
+
+
+def describe_off(off: dict) -> str:
+    peak = "" if off["peak_memory_gib"] is None else f", peak memory {off['peak_memory_gib']:.2f} GiB"
+    return f"accumulation off: {off['step_s_median']:.3f} s{peak}"
 
 
 def timed(step, warmup: int, steps: int, device: str, sync) -> tuple[list[float], dict]:
@@ -243,17 +279,21 @@ def cold_start_step(args, TrainerWorker, WorkerSettings, model_dir: str, shape: 
         rows.append({"input_ids": ids, "labels": [-100] * args.sft_prompt_len + ids[args.sft_prompt_len:]})
     mbs = [SFTMicroBatch.of(rows[k:k + args.sft_micro_batch]) for k in range(0, len(rows), args.sft_micro_batch)]
     loss = ObjectiveStepLoss(EKSFTSettings(), pad_token_id=0, with_reference=True)
+    step = lambda: worker.train_step(mbs, loss, learning_rate=1e-5)  # noqa: E731
     try:
-        times, metrics = timed(lambda: worker.train_step(mbs, loss, learning_rate=1e-5), args.warmup, args.steps,
-                               device, sync)
+        times, metrics = timed(step, args.warmup, args.steps, device, sync)
+        peak = peak_memory_gib(device)
+        off = accumulation_off(TrainerWorker, step, args, device, sync) if args.compare_accumulation else None
     finally:
         worker.shutdown()
     tokens = args.sft_sequences * args.sft_response_len
-    return dict(objective="eksft (defaults), reference: sharded frozen copy", sequences=args.sft_sequences,
-                micro_batch=args.sft_micro_batch, prompt_len=args.sft_prompt_len, response_len=args.sft_response_len,
-                step_s=times, step_s_median=statistics.median(times), tokens_per_s=tokens / statistics.median(times),
-                last_metrics={k: float(v) for k, v in metrics.items()},
-                peak_memory_gib=(torch.cuda.max_memory_allocated() / 2**30) if device == "cuda" else None)
+    out = dict(objective="eksft (defaults), reference: sharded frozen copy", sequences=args.sft_sequences,
+               micro_batch=args.sft_micro_batch, prompt_len=args.sft_prompt_len, response_len=args.sft_response_len,
+               step_s=times, step_s_median=statistics.median(times), tokens_per_s=tokens / statistics.median(times),
+               last_metrics={k: float(v) for k, v in metrics.items()}, peak_memory_gib=peak)
+    if off is not None:
+        out["accumulation_off"] = off
+    return out
 
 
 if __name__ == "__main__":

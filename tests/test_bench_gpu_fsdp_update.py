@@ -25,10 +25,14 @@ def test_gpu_fsdp_update_tiny_on_cpu(tmp_path, extra):
     assert result["device"] == "cpu" and len(result["update_s"]) == 1 and result["update_s"][0] > 0
     assert not result["ray_imported"] and not result["vllm_imported"]
     assert result["last_metrics"]["num_seqs"] == 8 and result["last_metrics"]["grad_norm"] > 0
+    # both steps timed again with the one-rank unsharded accumulation off
+    assert len(result["accumulation_off"]["step_s"]) == 1 and result["accumulation_off"]["step_s"][0] > 0
     if extra:
         assert result["imports"].startswith("module files") and not result["pydantic_imported"]
     else:  # the cold-start step: eksft on a fresh worker with its sharded reference
         sft = result["sft"]
         assert len(sft["step_s"]) == 1 and sft["step_s"][0] > 0 and sft["last_metrics"]["grad_norm"] > 0
         assert sft["last_metrics"]["kl_mean"] > 0 and 0 < sft["last_metrics"]["removed_fraction"] < 1  # after the warm-up step
-    assert out.with_suffix(".txt").read_text().startswith("gpu_fsdp_update:")
+        assert sft["accumulation_off"]["step_s"][0] > 0
+    summary = out.with_suffix(".txt").read_text()
+    assert summary.startswith("gpu_fsdp_update:") and "accumulation off:" in summary
