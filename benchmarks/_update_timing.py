@@ -2,7 +2,8 @@
 
 `synthetic_micro_batches` makes rollouts of `benchmarks/grpo_step.py`'s shape (groups of completions of random
 tokens after one prompt each, one group per micro-batch); `add_rollout_arguments` adds their shape to a parser.
-Used by `host_memory.py`, `zero_gradient.py`, `segment_attention.py` and `token_stats_chunks.py`.
+Used by `host_memory.py`, `zero_gradient.py`, `segment_attention.py`, `token_stats_chunks.py` and
+`one_rank_accumulation.py`; the last three switch a module constant through `alternate_module_setting`.
 
 These machines are noisy (other tenants, clock changes), so a benchmark never compares times across runs: it runs
 every setting in one process, repetition 0 in the given order, repetition 1 reversed, and so on, so that drift
@@ -36,6 +37,22 @@ def alternate(names: Sequence[str], reps: int, measure: Callable[[str], dict[str
     for v in out.values():
         v["median_s"] = statistics.median(v["seconds"])
     return out
+
+
+def alternate_module_setting(module, name: str, values: dict[str, Any], step: Callable[[], Any], reps: int,
+                             tag: str | None = None) -> dict[str, dict[str, Any]]:
+    """`alternate` over the values of ``module.<name>``, a module constant the code reads on every call: ``step()``
+    timed with ``module.<name> = values[key]`` per key; the constant is restored after."""
+    before = getattr(module, name)
+
+    def measure(key: str) -> dict[str, Any]:
+        setattr(module, name, values[key])
+        return {"seconds": timed(step)[0]}
+
+    try:
+        return alternate(values, reps, measure, tag=tag)
+    finally:
+        setattr(module, name, before)
 
 
 def timed(fn: Callable[[], Any], digits: int = 3) -> tuple[float, Any]:

@@ -175,7 +175,7 @@ def main(argv=None) -> dict:
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     try:
         times, metrics = timed(lambda: worker.update(mbs, loss), args.warmup, args.steps, device, sync)
-        peak = peak_memory_gib(device)
+        update_peak = peak_memory_gib(device)
         if args.compare_accumulation:
             result["accumulation_off"] = accumulation_off(TrainerWorker, lambda: worker.update(mbs, loss), args,
                                                           device, sync)
@@ -184,7 +184,7 @@ def main(argv=None) -> dict:
     tokens = args.sequences * args.completion_len
     result.update(update_s=times, update_s_median=statistics.median(times), warmup=args.warmup,
                   trained_tokens_per_update=tokens, tokens_per_s=tokens / statistics.median(times),
-                  last_metrics={k: float(v) for k, v in metrics.items()}, peak_memory_gib=peak,
+                  last_metrics={k: float(v) for k, v in metrics.items()}, peak_memory_gib=update_peak,
                   ray_imported="ray" in sys.modules, vllm_imported="vllm" in sys.modules,
                   pydantic_imported="pydantic" in sys.modules)
     result["sft"] = cold_start_step(args, TrainerWorker, WorkerSettings, tmp, shape, device, sync) if args.sft else "skipped (--no-sft)"

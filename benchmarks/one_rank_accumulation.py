@@ -40,27 +40,18 @@ except ImportError:  # pragma: no cover - depends on the environment
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _results  # noqa: E402
-from _update_timing import add_rollout_arguments, alternate, synthetic_micro_batches, timed  # noqa: E402
+from _update_timing import add_rollout_arguments, alternate_module_setting, synthetic_micro_batches  # noqa: E402
 
 SETTINGS = {"unsharded": True, "per_micro_batch": False}
 
 
 def alternate_setting(step, reps: int, tag: str) -> dict[str, Any]:
-    """``step()`` once to warm up, then ``reps`` times per setting of `ONE_RANK_UNSHARDED_ACCUMULATION`,
-    alternating; the setting is restored after."""
+    """``step()`` once to warm up, then ``reps`` times per setting of `ONE_RANK_UNSHARDED_ACCUMULATION` (read by
+    every step), alternating; the setting is restored after."""
     import rl.workers.trainer_worker as trainer_worker
 
-    before = trainer_worker.ONE_RANK_UNSHARDED_ACCUMULATION
-
-    def measure(name: str) -> dict[str, Any]:
-        trainer_worker.ONE_RANK_UNSHARDED_ACCUMULATION = SETTINGS[name]  # read by every step
-        return {"seconds": timed(step)[0]}
-
-    try:
-        step()
-        return alternate(SETTINGS, reps, measure, tag=tag)
-    finally:
-        trainer_worker.ONE_RANK_UNSHARDED_ACCUMULATION = before
+    step()
+    return alternate_module_setting(trainer_worker, "ONE_RANK_UNSHARDED_ACCUMULATION", SETTINGS, step, reps, tag)
 
 
 def run(args) -> dict[str, Any]:

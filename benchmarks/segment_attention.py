@@ -41,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _precision  # noqa: E402
 import _results  # noqa: E402
-from _update_timing import add_rollout_arguments, alternate, synthetic_micro_batches, timed  # noqa: E402
+from _update_timing import (  # noqa: E402
+    add_rollout_arguments, alternate, alternate_module_setting, synthetic_micro_batches, timed)
 
 ONE_CALL = 10**15  # a call cost no split can beat: every row's completions in one SDPA call
 
@@ -124,18 +125,14 @@ def run(args) -> dict[str, Any]:
 
     def updates_with(setting: str, values: dict[str, Any], tag: str) -> dict[str, Any]:
         """The update timed per value of ``packing.<setting>`` (read by every layout / segment_attention call)."""
-        def measure(name: str) -> dict[str, Any]:
-            setattr(packing, setting, values[name])
-            return {"seconds": timed(lambda: group.update(batches, loss_settings))[0]}
-        return alternate(values, args.reps, measure, tag=tag)
+        return alternate_module_setting(packing, setting, values, lambda: group.update(batches, loss_settings),
+                                        args.reps, tag)
 
     try:
         group.update(batches, loss_settings)  # warm-up
         update = updates_with("SDPA_CALL_PAIRS", cost_of, "segment_attention update, call cost")
-        packing.SDPA_CALL_PAIRS = default
         update_by_dtype = updates_with("CPU_ATTENTION_DTYPE", dtypes, "segment_attention update, attention in")
     finally:
-        packing.SDPA_CALL_PAIRS, packing.CPU_ATTENTION_DTYPE = default, attention_dtype
         group.shutdown()
     ratios = {"attention_default_over_one_call": alone[_cost_name(default)]["median_s"] / alone["one"]["median_s"],
               "update_default_over_one_call": update[_cost_name(default)]["median_s"] / update["one"]["median_s"]}

@@ -32,7 +32,8 @@ except ImportError:  # pragma: no cover - depends on the environment
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _results  # noqa: E402
-from _update_timing import add_rollout_arguments, alternate, synthetic_micro_batches, timed  # noqa: E402
+from _update_timing import (  # noqa: E402
+    add_rollout_arguments, alternate, alternate_module_setting, synthetic_micro_batches, timed)
 
 
 def statistics_alone(vocab: int, positions: int, chunks: list[int], reps: int) -> dict[str, Any]:
@@ -82,18 +83,15 @@ def run(args) -> dict[str, Any]:
     group = make_worker_group(WorkerSettings(model_dir=model_dir, learning_rate=1e-6, bf16=False,
                                              packing="shared_prompt"), 1)
     loss_settings = GRPOConfig().policy_loss_kwargs()
-    cpu_elements = token_stats.CPU_CHUNK_ELEMENTS
-    settings = {"cpu": cpu_elements, "accelerator": token_stats.DEFAULT_CHUNK_ELEMENTS}
-
-    def measure(name: str) -> dict[str, Any]:
-        token_stats.CPU_CHUNK_ELEMENTS = settings[name]  # read by every token_statistics call
-        return {"seconds": timed(lambda: group.update(batches, loss_settings))[0]}
+    settings = {"cpu": token_stats.CPU_CHUNK_ELEMENTS, "accelerator": token_stats.DEFAULT_CHUNK_ELEMENTS}
 
     try:
         group.update(batches, loss_settings)  # warm-up
-        update = alternate(settings, args.reps, measure, tag="token_stats_chunks update, chunks")
+        # CPU_CHUNK_ELEMENTS is read by every token_statistics call
+        update = alternate_module_setting(token_stats, "CPU_CHUNK_ELEMENTS", settings,
+                                          lambda: group.update(batches, loss_settings), args.reps,
+                                          "token_stats_chunks update, chunks")
     finally:
-        token_stats.CPU_CHUNK_ELEMENTS = cpu_elements
         group.shutdown()
     for name, v in update.items():
         v["chunk_positions"] = settings[name] // vocab

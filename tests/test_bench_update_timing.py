@@ -7,6 +7,8 @@ No timing assertions: the benchmarks run on the tiny model and their records are
 import json
 import statistics
 
+import pytest
+
 
 def test_alternate_reverses_the_order_every_repetition_and_keeps_every_key(load_benchmark):
     timing = load_benchmark("_update_timing")
@@ -25,6 +27,24 @@ def test_alternate_reverses_the_order_every_repetition_and_keeps_every_key(load_
     assert out["c"]["tag"] == ["C", "C", "C"]
     even = timing.alternate(["x", "y"], 2, lambda name: {"seconds": {"x": 1.0, "y": 3.0}[name]})
     assert even["x"]["median_s"] == statistics.median([1.0, 1.0]) and even["y"]["seconds"] == [3.0, 3.0]
+
+
+def test_alternate_module_setting_times_each_value_and_restores_the_constant(load_benchmark):
+    import types
+
+    timing = load_benchmark("_update_timing")
+    module = types.SimpleNamespace(SETTING="original")
+    seen = []
+    out = timing.alternate_module_setting(module, "SETTING", {"a": 1, "b": 2}, lambda: seen.append(module.SETTING), 2)
+    assert seen == [1, 2, 2, 1]  # the value each call read, repetition 1 reversed
+    assert set(out) == {"a", "b"} and all(len(v["seconds"]) == 2 for v in out.values())
+    assert module.SETTING == "original"
+
+    def fails():
+        raise RuntimeError("step failed")
+    with pytest.raises(RuntimeError, match="step failed"):
+        timing.alternate_module_setting(module, "SETTING", {"a": 1}, fails, 1)
+    assert module.SETTING == "original"  # restored on an error too
 
 
 def test_synthetic_micro_batches_have_the_asked_shape(load_benchmark):
