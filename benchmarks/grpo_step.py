@@ -52,6 +52,11 @@ once per completion); ``ours`` runs ``packing: auto``, which `rl.common.packing.
 device. ``--profile`` also times the trainer's own update on the last step's rollouts with packing off and on
 (alternating, ``--packing-reps`` each) and counts the positions the forwards compute (``update_by_packing``).
 
+``ours-compiled`` is ``ours`` with ``rollout.enforce_eager: false``: vLLM runs the model through torch.compile
+(on a CPU, inductor's C++ kernels; the default there is eager). Its row's ``init_s`` includes the compilation (the
+caches of the machine as they are: cold in a fresh environment); the ratios give its generation throughput and its
+step rate against TRL's next to those of ``ours``.
+
 ``ours-workers2`` is ``ours`` with ``rl.workers: 2`` (two FSDP2 ranks as Ray actors inside the same CPU budget,
 one thread each): with ``ours`` it gives the scaling row, step time and per-worker memory: the bytes each rank
 holds for parameter shards, gradient shards and AdamW state (`rl.workers.TrainerWorker.local_storage_bytes`),
@@ -100,7 +105,7 @@ import _child  # noqa: E402  benchmarks/_child.py: run one phase in a fresh subp
 import _precision  # noqa: E402  benchmarks/_precision.py: --bf16 / --rollout-dtype resolved as the trainers do
 import _results  # noqa: E402  benchmarks/_results.py: the JSON record and its markdown table
 
-SYSTEMS = ("ours", "ours-padded", "trl", "trl-vllm", "engine")  # also: ours-workers2, ours-engines2 (scaling rows),
+SYSTEMS = ("ours", "ours-padded", "trl", "trl-vllm", "engine")  # also: ours-compiled, ours-workers2, ours-engines2 (scaling rows),
 # ours-reload, ours-engines2-reload (sync rows), plain-default
 ONCE = ("engine", "plain-default")  # rollout-only sections: once, not per --rounds
 
@@ -242,7 +247,7 @@ def merge_rounds(system: str, rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_ours(args: argparse.Namespace, workers: int = 1, engines: int = 1, weight_sync: str = "transfer",
-             system: str | None = None, packing: str = "auto") -> dict[str, Any]:
+             system: str | None = None, packing: str = "auto", enforce_eager: bool | None = None) -> dict[str, Any]:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     import torch
 
@@ -262,7 +267,8 @@ def run_ours(args: argparse.Namespace, workers: int = 1, engines: int = 1, weigh
                      # measures that saving by share of such groups).
                      skip_zero_gradient=False)
     rollout = RolloutConfig(engine="vllm", dtype=args.rollout_dtype, max_model_len=args.max_model_len,
-                            kv_cache_gib=args.kv_cache_gib, num_engines=engines, weight_sync=weight_sync)
+                            kv_cache_gib=args.kv_cache_gib, num_engines=engines, weight_sync=weight_sync,
+                            enforce_eager=enforce_eager)
     # engine actors (engines > 1) share this run's CPUs: rollout.num_cpus unset
     threads_before = torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="grpo_step_ours_") as tmp:
@@ -308,7 +314,8 @@ def run_ours(args: argparse.Namespace, workers: int = 1, engines: int = 1, weigh
             controller_peak_rss = peak_rss_bytes(os.getpid())
             # the profile's replicas train the in-process rank's model: workers 1 only
             profile = (profile_update(trainer, captured["groups"], args)
-                       if args.profile and workers == 1 and engines == 1 and packing == "auto" else None)
+                       if args.profile and workers == 1 and engines == 1 and packing == "auto"
+                       and enforce_eager is None else None)
         finally:
             trainer.engine.shutdown()
             trainer.workers.shutdown()
@@ -317,7 +324,7 @@ def run_ours(args: argparse.Namespace, workers: int = 1, engines: int = 1, weigh
         "weight_transfer": trainer.weight_transfer, "worker_memory": memory, "controller_peak_rss_bytes": controller_peak_rss,
         "torch_threads": [threads_before, torch.get_num_threads()],
         "settings": {"engine": "vllm (in-process)" if engines == 1 else f"vllm, {engines} Ray actors",
-                     "rollout_dtype": args.rollout_dtype,
+                     "rollout_dtype": args.rollout_dtype, "enforce_eager": enforce_eager,
                      "trainer_precision": "bf16 (FSDP2 mixed precision)" if args.bf16 else "float32",
                      "micro_batch_size": args.micro_batch, "beta_kl": 0.0, "kl_metric": False,
                      "aggregation": cfg.aggregation, "packing": packing, "skip_zero_gradient": False,
@@ -800,6 +807,7 @@ def run_plain_default(args: argparse.Namespace) -> dict[str, Any]:
 
 CHILDREN = {"ours": run_ours, "ours-workers2": lambda args: run_ours(args, workers=2),
             "ours-padded": lambda args: run_ours(args, packing="off", system="ours-padded"),
+            "ours-compiled": lambda args: run_ours(args, enforce_eager=False, system="ours-compiled"),
             "trl-vllm": lambda args: run_trl(args, use_vllm=True),
             "ours-reload": lambda args: run_ours(args, weight_sync="reload", system="ours-reload"),
             "ours-engines2": lambda args: run_ours(args, engines=2, system="ours-engines2"),
@@ -827,6 +835,7 @@ def _get(rows, system):
 def compute_ratios(rows: list[dict]) -> dict[str, float | None]:
     ours, trl, engine, plain = _get(rows, "ours"), _get(rows, "trl"), _get(rows, "engine"), _get(rows, "plain-default")
     ours2, padded, trl_vllm = _get(rows, "ours-workers2"), _get(rows, "ours-padded"), _get(rows, "trl-vllm")
+    compiled = _get(rows, "ours-compiled")
     engines2, engines2_store = _get(rows, "ours-engines2"), _get(rows, "ours-engines2-reload")
 
     def ratio(a, b):
@@ -835,12 +844,17 @@ def compute_ratios(rows: list[dict]) -> dict[str, float | None]:
     split = lambda r, k: (r or {}).get("time_split_s", {}).get(k)  # noqa: E731
     by_round = {f"ours_steps_per_s_over_{name}_by_round": ratios_by_round(other, ours)
                 for name, other in (("trl", trl), ("trl_vllm", trl_vllm), ("padded", padded))}
+    by_round["ours_compiled_steps_per_s_over_trl_by_round"] = ratios_by_round(trl, compiled)
     return {
         "ours_steps_per_s_over_trl": ratio((trl or {}).get("step_time_s"), (ours or {}).get("step_time_s")),
         "ours_steps_per_s_over_trl_vllm": ratio((trl_vllm or {}).get("step_time_s"), (ours or {}).get("step_time_s")),
         "ours_steps_per_s_over_padded": ratio((padded or {}).get("step_time_s"), (ours or {}).get("step_time_s")),
         "ours_train_time_over_padded": ratio(split(ours, "train"), split(padded, "train")),
         "padded_steps_per_s_over_trl": ratio((trl or {}).get("step_time_s"), (padded or {}).get("step_time_s")),
+        "ours_compiled_steps_per_s_over_trl": ratio((trl or {}).get("step_time_s"), (compiled or {}).get("step_time_s")),
+        "ours_compiled_over_ours_generate_tokens_per_s": ratio((compiled or {}).get("generate_tokens_per_s"),
+                                                               (ours or {}).get("generate_tokens_per_s")),
+        "ours_compiled_over_ours_init_time": ratio((compiled or {}).get("init_s"), (ours or {}).get("init_s")),
         "ours_steps_per_s_over_trl_min_step": ratio((trl or {}).get("step_time_s_min"),
                                                     (ours or {}).get("step_time_s_min")),
         "ours_over_trl_per_completion_token": ratio((trl or {}).get("s_per_1k_completion_tokens"),
@@ -893,7 +907,7 @@ def markdown(result: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        if r.get("system") not in ("ours", "ours-padded", "ours-workers2", "ours-engines2", "ours-reload",
+        if r.get("system") not in ("ours", "ours-padded", "ours-compiled", "ours-workers2", "ours-engines2", "ours-reload",
                                    "ours-engines2-reload", "trl", "trl-vllm"):
             continue
         if r.get("status") != "ok":
@@ -906,6 +920,10 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{_f(s['train'])} | {_f(s['sync'])} | {_f(s['other'])} | {_f(r['completion_tokens_per_step'])} | "
                      f"{_f(r['s_per_1k_completion_tokens'])} | {_f(r['generate_tokens_per_s'], 0)} | "
                      f"{_f(r['reward_mean'], 3)} | {others} |")
+    started = [r for r in rows if r.get("status") == "ok" and r.get("init_s") is not None and "time_split_s" in r]
+    if started:
+        lines += ["", "Start-up s (trainer and rollout engine built, before the first step; first round): "
+                  + "; ".join(f"{r['system']} {_f(r['init_s'], 1)}" for r in started) + "."]
     rounds = [r for r in rows if r.get("rounds")]
     if rounds:
         lines += ["", f"Rounds ({c['rounds']}, the order reversed every other round; each row above pools the timed "

@@ -131,6 +131,45 @@ def test_vllm_engine_serves_synced_weights(embedded_dir):
     assert synced < 1e-3, synced
 
 
+def fresh_compile_caches(monkeypatch, where: Path) -> Path:
+    """Compile caches of this test only: a kernel cached under another CPU capability (this machine with its ISA
+    restricted, as the README's AVX2 runs do) must not be loaded. Returns inductor's, whose filling shows that
+    vLLM compiled the model."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(where / "inductor"))
+    monkeypatch.setenv("VLLM_CACHE_ROOT", str(where / "vllm"))
+    return where / "inductor"
+
+
+@pytest.mark.slow
+def test_compiled_vllm_engine_serves_synced_weights(tmp_path, tiny_qwen2_dir, monkeypatch):
+    """``rollout.enforce_eager: false`` (vLLM's torch.compile): the weights it compiled with do not stay baked in.
+    Tiny Qwen2 ties its output head, the CPU build's reload corner case."""
+    inductor = fresh_compile_caches(monkeypatch, tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir, dtype=torch.float32)
+    engine = make_engine("vllm", tiny_qwen2_dir, dtype="float32", max_model_len=512, enforce_eager=False)
+    try:
+        fresh, stale, synced = sync_check(engine, model, AutoTokenizer.from_pretrained(tiny_qwen2_dir))
+    finally:
+        engine.shutdown()
+    assert any(inductor.rglob("*.py")), "vLLM did not compile the model"
+    assert fresh < 1e-3 and synced < 1e-3 and stale > 1e-2, (fresh, stale, synced)
+
+
+@pytest.mark.slow
+def test_grpo_with_a_compiled_engine_samples_each_update(tmp_path, embedded_dir, monkeypatch):
+    """The GRPO trainer's sync through vLLM's weight-transfer API (cpu_gloo, layerwise reload) into a compiled
+    engine: step 2 is sampled from step 1's update."""
+    inductor = fresh_compile_caches(monkeypatch, tmp_path)
+    # 1e-4: step 1 moves the policy well beyond the gap allowed (kl), so stale weights would show
+    cfg = GRPOConfig(steps=2, prompts_per_step=4, group_size=4, max_new_tokens=48, learning_rate=1e-4,
+                     format_weight=0.1, answer_fallback="last_number", micro_batch_size=8, save_every=10, **FLOAT32)
+    run_grpo(embedded_dir, rows(), cfg, outputs(tmp_path / "run"),
+             rollout=RolloutConfig(dtype="float32", enforce_eager=False))
+    assert any(inductor.rglob("*.py")), "vLLM did not compile the model"
+    metrics = read_metrics(tmp_path / "run")
+    assert metrics[1]["kl"] > 1e-3 and metrics[1]["logprob_gap_engine_trainer"] < 1e-3, metrics[1]
+
+
 def test_hf_engine_serves_synced_weights(tiny_qwen2_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir, dtype=torch.float32)
     engine = make_engine("hf", tiny_qwen2_dir, dtype="float32")

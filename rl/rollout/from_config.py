@@ -19,6 +19,8 @@ def engine_from_config(cfg: RolloutConfig, model_dir: str, *, seed: int = 0, tru
     gpu = cfg.num_gpus > 0 or _sees_gpu()
     kwargs = dict(dtype=cfg.dtype, seed=seed, trust_remote_code=trust_remote_code,
                   max_model_len=cfg.max_model_len, kv_cache_gib=cfg.kv_cache_gib)
+    if cfg.engine == "vllm":
+        kwargs["enforce_eager"] = cfg.enforce_eager
     if cfg.engine == "vllm" and cfg.weight_sync == "transfer" and (cfg.in_ray_actors or not gpu):
         from rl.rollout.weight_transfer import transfer_backend
 

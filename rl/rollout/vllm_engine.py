@@ -9,18 +9,30 @@ from rl.rollout.base import Sample, SamplingConfig, Weights, weight_items
 
 
 def make_llm(model_dir: str, *, dtype: str = "float32", max_model_len: int = 2048, seed: int = 0,
-             kv_cache_gib: float = 1.0, trust_remote_code: bool = False, **kwargs):
+             kv_cache_gib: float = 1.0, trust_remote_code: bool = False, enforce_eager: bool | None = None,
+             **kwargs):
     """A ``vllm.LLM`` sized for this machine.
 
     * The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so that weight
       updates reach the model directly; callers wanting isolation run the engine inside a Ray actor.
     * The KV cache is sized explicitly: vLLM-CPU's default subtracts this process's RSS from a
       fraction of host RAM, which fails as soon as a trainer shares the process.
+    * ``enforce_eager`` None: eager on a CPU, vLLM's compiled model (torch.compile; CUDA graphs) elsewhere. On a
+      CPU compiling costs each engine start ~80 s cold and ~45 s with inductor's cache warm (embedded SmolLM2,
+      2 cores) for ~1.4x the bf16 generation throughput: a loss for a short run whose every stage starts an
+      engine (the quickstart), a gain for a long one (``rollout.enforce_eager: false``).
     """
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM
     from vllm.platforms import current_platform
 
+    if enforce_eager is None:
+        enforce_eager = current_platform.is_cpu()
+    if current_platform.is_cpu() and not enforce_eager:
+        # vLLM-CPU 0.32 saves its AOT-compiled model but cannot load it back ("'function' object has no attribute
+        # 'finalize_loading'") and compiles again at every start; inductor's own cache does load (a warm start
+        # ~45 s instead of ~80 s for the embedded model on 2 cores).
+        os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
     if current_platform.is_cpu():
         # vLLM-CPU 0.32 fails on seeded requests whose prefill is chunked ("CPU Generator does not use
         # offset": a partial prefill rewinds the request's generator, which CPU generators cannot do).
@@ -39,7 +51,7 @@ def make_llm(model_dir: str, *, dtype: str = "float32", max_model_len: int = 204
         max_model_len=max_model_len,
         seed=seed,
         kv_cache_memory_bytes=int(kv_cache_gib * 2**30),
-        enforce_eager=True,
+        enforce_eager=enforce_eager,
         trust_remote_code=trust_remote_code,
         **kwargs,
     )
