@@ -95,7 +95,7 @@ class RolloutConfig(BaseModel):
     kv_cache_gib: float = Field(1.0, gt=0, description="vLLM KV-cache size (on CPU: host RAM)")
     enforce_eager: bool | None = Field(
         None, description="vLLM without torch.compile (and without CUDA graphs). None: eager on a CPU, where "
-                          "compiling adds ~45-80 s to every engine start for ~1.4x the generation throughput "
+                          "compiling adds ~35-100 s to every engine start for 1.25-1.4x the bf16 generation throughput "
                           "(worth it in long runs: set false), compiled on a GPU (vLLM's default)")
     num_engines: int = Field(1, ge=1, description="engine replicas (Ray actors, num_cpus/num_gpus each); a batch's "
                                                   "prompts are dealt across them by expected tokens")

@@ -18,9 +18,9 @@ def make_llm(model_dir: str, *, dtype: str = "float32", max_model_len: int = 204
     * The KV cache is sized explicitly: vLLM-CPU's default subtracts this process's RSS from a
       fraction of host RAM, which fails as soon as a trainer shares the process.
     * ``enforce_eager`` None: eager on a CPU, vLLM's compiled model (torch.compile; CUDA graphs) elsewhere. On a
-      CPU compiling costs each engine start ~80 s cold and ~45 s with inductor's cache warm (embedded SmolLM2,
-      2 cores) for ~1.4x the bf16 generation throughput: a loss for a short run whose every stage starts an
-      engine (the quickstart), a gain for a long one (``rollout.enforce_eager: false``).
+      CPU compiling makes each engine start ~60-100 s longer cold and ~35 s longer with inductor's cache warm
+      (embedded SmolLM2, 2 cores), for 1.25-1.4x the bf16 generation throughput: a loss for a short run whose
+      every stage starts an engine (the quickstart), a gain for a long one (``rollout.enforce_eager: false``).
     """
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM
@@ -31,7 +31,7 @@ def make_llm(model_dir: str, *, dtype: str = "float32", max_model_len: int = 204
     if current_platform.is_cpu() and not enforce_eager:
         # vLLM-CPU 0.32 saves its AOT-compiled model but cannot load it back ("'function' object has no attribute
         # 'finalize_loading'") and compiles again at every start; inductor's own cache does load (a warm start
-        # ~45 s instead of ~80 s for the embedded model on 2 cores).
+        # ~45 s instead of ~90 s for the embedded model on 2 cores).
         os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
     if current_platform.is_cpu():
         # vLLM-CPU 0.32 fails on seeded requests whose prefill is chunked ("CPU Generator does not use
