@@ -105,8 +105,8 @@ import _child  # noqa: E402  benchmarks/_child.py: run one phase in a fresh subp
 import _precision  # noqa: E402  benchmarks/_precision.py: --bf16 / --rollout-dtype resolved as the trainers do
 import _results  # noqa: E402  benchmarks/_results.py: the JSON record and its markdown table
 
-SYSTEMS = ("ours", "ours-padded", "trl", "trl-vllm", "engine")  # also: ours-compiled, ours-workers2, ours-engines2 (scaling rows),
-# ours-reload, ours-engines2-reload (sync rows), plain-default
+SYSTEMS = ("ours", "ours-padded", "trl", "trl-vllm", "engine")  # also: ours-compiled, ours-workers2,
+# ours-engines2 (scaling rows), ours-reload, ours-engines2-reload (sync rows), plain-default
 ONCE = ("engine", "plain-default")  # rollout-only sections: once, not per --rounds
 
 

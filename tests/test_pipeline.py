@@ -202,8 +202,9 @@ def test_rollout_cpus_left_unset_keep_the_stage_keys_of_the_old_default():
 
 
 def test_packing_at_its_default_keeps_the_stage_keys():
-    """``rl.packing`` / ``rl.micro_batch_tokens`` / ``rl.skip_zero_gradient`` / ``sft.packing`` came later: at their
-    defaults every key stays (the pinned ones above hold); set otherwise, the stages they change get new keys."""
+    """``rl.packing`` / ``rl.micro_batch_tokens`` / ``rl.skip_zero_gradient`` / ``sft.packing`` /
+    ``rollout.enforce_eager`` came later: at their defaults every key stays (the pinned ones above hold); set
+    otherwise, the stages they change get new keys."""
     hardware = {k: NATIVE for k in ("sft", "rl", "eval")}
     keys = {s.name: s.key for s in plan(load_recipe(MINI), Path("/tmp/x"), hardware)}
     explicit = ["rl.packing=auto", "sft.packing=auto", "rl.skip_zero_gradient=true"]
@@ -217,6 +218,9 @@ def test_packing_at_its_default_keeps_the_stage_keys():
     every_backward = {s.name: s.key for s in plan(load_recipe(MINI, ["rl.skip_zero_gradient=false"]), Path("/tmp/x"),
                                                   hardware)}
     assert every_backward["sft/rl"] != keys["sft/rl"] and every_backward["sft/sft"] == keys["sft/sft"]
+    compiled = {s.name: s.key for s in plan(load_recipe(MINI, ["rollout.enforce_eager=false"]), Path("/tmp/x"),
+                                            hardware)}
+    assert compiled["sft/rl"] != keys["sft/rl"] and compiled["sft/sft"] == keys["sft/sft"]
 
 
 def test_engine_actors_that_cannot_all_be_placed_are_refused_before_any_stage(tmp_path):

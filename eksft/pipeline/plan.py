@@ -55,7 +55,7 @@ ADDED_KEY_DEFAULTS = {"revision": None, "revisions": {}, "selection": "first", "
                       "global_batch": None, "workers": 1, "worker_cpus": None, "worker_timeout_s": 3600.0,
                       "activation_checkpointing": False, "cpu_offload": False, "num_engines": 1,
                       "tensor_parallel_size": 1, "placement": "colocated", "weight_sync": "transfer", "bucket_mb": 64.0,
-                      "packing": "auto"}
+                      "packing": "auto", "enforce_eager": None}
 # The ``rl`` section is hashed whole (it predates ADDED_KEY_DEFAULTS): only the keys added since are left out.
 # ``skip_zero_gradient`` at its default gives the update the full backward gives, summed in another order.
 RL_ADDED_KEY_DEFAULTS = {"packing": "auto", "micro_batch_tokens": None, "skip_zero_gradient": True}
