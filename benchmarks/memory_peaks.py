@@ -53,6 +53,17 @@ def hwm() -> int:
     return status_kib("VmHWM") * 1024
 
 
+def reclaimed_pages() -> int:
+    """Pages the kernel has reclaimed since boot (``pgsteal_*`` in /proc/vmstat; 0 where unreadable). Reclaim while
+    a child measures can evict its file-backed pages (the mapped weights) and lower its high-water mark below the
+    peak it would have on its own: such a measurement says so (``reclaimed_pages``) and a caller can repeat it."""
+    try:
+        lines = Path("/proc/vmstat").read_text().splitlines()
+    except OSError:
+        return 0
+    return sum(int(line.split()[1]) for line in lines if line.startswith("pgsteal_"))
+
+
 def reset_hwm() -> bool:
     """Reset the high-water mark to the current resident set (Linux >= 4.0); False where it cannot."""
     try:
@@ -224,7 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="write the results as JSON (and a .md table beside it)")
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(CHILDREN[args.child]()))
+        before = reclaimed_pages()
+        result = CHILDREN[args.child]()
+        print(json.dumps({**result, "reclaimed_pages": reclaimed_pages() - before}))
         return 0
     rows = [run_child(name) for name in args.only]
     print(table(rows))
