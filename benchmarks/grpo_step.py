@@ -907,8 +907,8 @@ def markdown(result: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        if r.get("system") not in ("ours", "ours-padded", "ours-compiled", "ours-workers2", "ours-engines2", "ours-reload",
-                                   "ours-engines2-reload", "trl", "trl-vllm"):
+        if r.get("system") not in ("ours", "ours-padded", "ours-compiled", "ours-workers2", "ours-engines2",
+                                   "ours-reload", "ours-engines2-reload", "trl", "trl-vllm"):
             continue
         if r.get("status") != "ok":
             error = " ".join(str(r.get("error", "")).split())[-300:].replace("|", "/")

@@ -16,7 +16,7 @@ def test_estimate_within_25_percent_of_the_measured_peak(name, embedded_dir, loa
     run short (sft 0.72 beside it, 0.90 alone): a measurement during which the kernel reclaimed pages is repeated,
     up to three times."""
     bench = load_benchmark("memory_peaks")
-    for attempt in range(3):  # a measurement during which the kernel reclaimed pages is taken again
+    for _ in range(3):
         result = bench.run_child(name, timeout=600)
         print(f"[memory] {name}: estimate {result['estimate_bytes'] / 2**30:.3f} GiB, measured "
               f"{result['measured_bytes'] / 2**30:.3f} GiB, ratio {result['ratio']:.2f}, pages reclaimed meanwhile "

