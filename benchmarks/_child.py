@@ -41,12 +41,13 @@ class ChildResult:
 
 
 def run_child(script: str | Path, task: str, argv: list[str], *, timeout_s: float,
-              echo: Callable[[str], bool] = lambda line: False) -> ChildResult:
-    """``python script *argv --child task --json-out TMP``; lines for which ``echo`` is true are printed live."""
+              echo: Callable[[str], bool] = lambda line: False, env: dict[str, str] | None = None) -> ChildResult:
+    """``python script *argv --child task --json-out TMP``, with ``env`` over this process's environment; lines for
+    which ``echo`` is true are printed live."""
     with tempfile.TemporaryDirectory(prefix=f"{Path(script).stem}_") as tmp:
         out = Path(tmp) / "out.json"
         cmd = [sys.executable, str(Path(script).resolve()), *argv, "--child", task, "--json-out", str(out)]
-        env = {**os.environ,
+        env = {**os.environ, **(env or {}),
                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
         log: list[str] = []
         t = time.perf_counter()
