@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _child  # noqa: E402
 import _results  # noqa: E402
 from _update_timing import add_rollout_arguments, alternate, synthetic_micro_batches, timed  # noqa: E402
+from memory_peaks import rss  # noqa: E402
 
 from rl.common import host_memory  # noqa: E402
 
@@ -77,6 +78,13 @@ def update_setup(args):
     return group, GRPOConfig().policy_loss_kwargs(), batches, completion_tokens
 
 
+def timed_update(group, batches, loss_settings) -> tuple[float, int]:
+    """(seconds, minor page faults) of one update."""
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    seconds, _ = timed(lambda: group.update(batches, loss_settings))
+    return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+
+
 def run(args) -> dict[str, Any]:
     if not sys.platform.startswith("linux"):
         raise SystemExit("glibc's malloc settings: Linux only")
@@ -84,9 +92,8 @@ def run(args) -> dict[str, Any]:
 
     def measure(name: str) -> dict[str, Any]:
         set_malloc(name)
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        seconds, _ = timed(lambda: group.update(batches, loss_settings))
-        return {"seconds": seconds, "page_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults}
+        seconds, faults = timed_update(group, batches, loss_settings)
+        return {"seconds": seconds, "page_faults": faults}
 
     try:
         set_malloc("heap_reuse")
@@ -108,10 +115,6 @@ def run(args) -> dict[str, Any]:
                            out["heap_reuse"]["median_page_faults"] / max(out["glibc_default"]["median_page_faults"], 1)}}
 
 
-def _rss_bytes() -> int:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
-
-
 def mapped_malloc() -> str:
     """The file name of a malloc library mapped into this process (tcmalloc, jemalloc, mimalloc, glibc's debugging
     malloc), else ``glibc``."""
@@ -130,11 +133,10 @@ def run_malloc_child(args) -> dict[str, Any]:
     try:
         group.update(batches, loss_settings)  # warm-up
         for _ in range(args.reps):
-            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            seconds, _ = timed(lambda: group.update(batches, loss_settings))
+            seconds, faults = timed_update(group, batches, loss_settings)
             record["seconds"].append(seconds)
-            record["page_faults"].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
-            record["rss_after_mb"].append(_rss_bytes() >> 20)
+            record["page_faults"].append(faults)
+            record["rss_after_mb"].append(rss() >> 20)
     finally:
         group.shutdown()
     record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10
@@ -163,12 +165,10 @@ def run_malloc(args) -> dict[str, Any]:
             runs[name].append(child.result)
     out = {}
     for name, records in runs.items():
-        seconds = [x for r in records for x in r["seconds"]]
-        out[name] = {"malloc": [r["malloc"] for r in records], "seconds": seconds,
-                     "median_s": statistics.median(seconds),
-                     "page_faults": [x for r in records for x in r["page_faults"]],
-                     "median_page_faults": statistics.median([x for r in records for x in r["page_faults"]]),
-                     "rss_after_mb": [x for r in records for x in r["rss_after_mb"]],
+        pooled = {key: [x for r in records for x in r[key]] for key in ("seconds", "page_faults", "rss_after_mb")}
+        out[name] = {"malloc": [r["malloc"] for r in records], **pooled,
+                     "median_s": statistics.median(pooled["seconds"]),
+                     "median_page_faults": statistics.median(pooled["page_faults"]),
                      "peak_rss_mb": [r["peak_rss_mb"] for r in records]}
     ratios = {"preloaded_over_glibc_time": out["preloaded"]["median_s"] / out["glibc"]["median_s"],
               "preloaded_over_glibc_page_faults":

@@ -27,7 +27,6 @@ def test_host_memory_benchmark_records_both_settings(tmp_path, tiny_qwen2_dir, l
     assert "heap_reuse / glibc_default" in out.with_suffix(".md").read_text()
 
 
-
 STAND_IN = Path("/usr/lib/x86_64-linux-gnu/libc_malloc_debug.so.0")  # glibc >= 2.34's own preloadable malloc
 
 
