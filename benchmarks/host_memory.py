@@ -143,8 +143,9 @@ def run_malloc_child(args) -> dict[str, Any]:
     return record
 
 
-def run_malloc(args) -> dict[str, Any]:
-    """``--malloc``: a fresh process per malloc library and round, in alternating order."""
+def run_malloc(args, argv: list[str]) -> dict[str, Any]:
+    """``--malloc``: a fresh process per malloc library and round, in alternating order; each child gets this
+    process's command line ``argv`` (the updates' shape and count; ``--child`` makes it run one process's share)."""
     from rl.common.precision import detect_hardware
 
     library = Path(args.malloc)
@@ -153,8 +154,6 @@ def run_malloc(args) -> dict[str, Any]:
                          "libtcmalloc_minimal.so.4 from Debian's libtcmalloc-minimal4)")
     envs = {"glibc": {"LD_PRELOAD": ""}, "preloaded": {"LD_PRELOAD": str(library.resolve())}}
     runs: dict[str, list[dict]] = {name: [] for name in envs}
-    argv = [f"--{k.replace('_', '-')}={getattr(args, k)}"  # the updates' shape and count, for every child alike
-            for k in ("model", "groups", "group", "prompt_tokens", "min_tokens", "max_tokens", "reps", "seed")]
     for rnd in range(args.rounds):
         for name in (list(envs) if rnd % 2 == 0 else list(envs)[::-1]):
             print(f"[host_memory] {name}, round {rnd + 1}/{args.rounds}", flush=True)
@@ -235,11 +234,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.child:
         _results.write_json(args.json_out, run_malloc_child(args))
     elif args.malloc:
-        result = run_malloc(args)
+        result = run_malloc(args, argv)
         _results.write_and_print("host_memory_malloc", result, markdown_malloc(result), args.out)
     else:
         result = run(args)

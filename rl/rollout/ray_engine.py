@@ -103,7 +103,7 @@ class RayEngine:
                                f"all be placed within {ready_timeout_s:g} s (cluster: {ray.cluster_resources()}); "
                                "lower rollout.num_engines, rollout.num_cpus or rollout.num_gpus") from None
         # Ray sets an actor's OMP_NUM_THREADS from its reservation; an engine on a token share (TOKEN_CPU) gets its
-        # part of the stage's threads instead
+        # part of the stage's threads instead.
         env = {"runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads)}}} if threads else {}
         actor_cls = ray.remote(_EngineActor)
         self.actors = [
